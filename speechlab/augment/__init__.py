@@ -1,0 +1,1 @@
+"""Batch augmentations (WavLM utterance mixing)."""

@@ -1,0 +1,1 @@
+"""Checkpoint formats: our pretrained directory, Hugging Face and fairseq/unilm import/export."""

@@ -1,0 +1,1 @@
+"""Data pipeline: manifests, audio datasets, length-bucketed sampling, collation, text units."""

@@ -1,0 +1,1 @@
+"""Model architectures (nn.Modules with a config dataclass and named presets)."""
