@@ -1,0 +1,71 @@
+"""Behaviour every task shares: optimiser from ``OptimConfig``, and non-finite losses/gradients skipped."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import lightning as L
+import torch
+
+from speechlab.optim import OptimConfig, build_optimizer
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class SpeechTask(L.LightningModule):
+    """Base LightningModule: subclasses define the model and ``compute_loss``; this class owns the optimiser.
+
+    A step whose loss or gradients are not finite is skipped (no weight update) and counted in
+    ``nonfinite_steps`` (logged as ``train/nonfinite_steps``). After ``max_nonfinite_steps`` consecutive skipped
+    steps, training stops with :class:`NonFiniteError` telling what to check.
+    """
+
+    def __init__(self, optim: OptimConfig | None = None, max_nonfinite_steps: int = 20) -> None:
+        super().__init__()
+        self.optim_config = optim or OptimConfig()
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.nonfinite_steps = 0
+        self._consecutive_nonfinite = 0
+
+    def configure_optimizers(self) -> dict:
+        total = self.optim_config.total_steps or int(self.trainer.estimated_stepping_batches)
+        return build_optimizer(self.named_parameters(), self.optim_config, total_steps=max(1, total))
+
+    def check_finite_loss(self, loss: torch.Tensor) -> torch.Tensor | None:
+        """Return ``loss`` if finite; otherwise count the skip and return None (Lightning then skips the step)."""
+        if torch.isfinite(loss).all():
+            self._consecutive_nonfinite = 0
+            return loss
+        self._register_nonfinite("loss")
+        return None
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        if math.isfinite(norm.item()):
+            return
+        # Dropping the gradients makes AdamW leave every parameter (and its moments) untouched this step.
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        self._register_nonfinite("gradient")
+
+    def _register_nonfinite(self, what: str) -> None:
+        self.nonfinite_steps += 1
+        self._consecutive_nonfinite += 1
+        log.warning(
+            "non-finite %s at step %d: step skipped (%d so far)", what, self.global_step, self.nonfinite_steps
+        )
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps), rank_zero_only=True)
+        if self._consecutive_nonfinite >= self.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"{self._consecutive_nonfinite} consecutive steps had a non-finite {what}; stopping. Lower the "
+                "learning rate, check the input data for NaN/inf or silent clips, or use bf16 instead of fp16."
+            )

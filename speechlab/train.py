@@ -1,0 +1,101 @@
+"""The one Trainer factory every task trains through.
+
+``build_trainer`` (Python) and ``trainer_defaults`` (the ``speechlab fit`` CLI) give the same setup: precision
+(``bf16-mixed`` on GPU, 32 on CPU), ``last.ckpt`` + best-k checkpoints written atomically, CSV + TensorBoard logs,
+a progress bar, learning-rate logging, the resolved config saved with every run, and Lightning's own DDP.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write checkpoints to a temporary file in the same folder, fsync, then rename over the target.
+
+    A run killed at any moment leaves either the previous complete file or the new complete file, never a
+    truncated ``last.ckpt``.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
+    ) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp_name, path)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+
+
+def default_precision() -> str:
+    """``bf16-mixed`` where a CUDA GPU supports it, else full fp32."""
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def default_callbacks(monitor: str | None = None, mode: str = "min", save_top_k: int = 2) -> list[Callback]:
+    """``last.ckpt`` every ``every_n_train_steps`` plus the best-k by ``monitor``, LR logging, a progress bar."""
+    callbacks: list[Callback] = [
+        ModelCheckpoint(
+            filename="step{step:07d}" if monitor is None else "best-{step:07d}-{" + monitor + ":.4f}",
+            auto_insert_metric_name=False,
+            monitor=monitor,
+            mode=mode,
+            save_top_k=save_top_k if monitor else 1,
+            save_last=True,
+            every_n_train_steps=None,
+        ),
+        LearningRateMonitor(logging_interval="step"),
+        TQDMProgressBar(refresh_rate=10),
+    ]
+    return callbacks
+
+
+def trainer_defaults(
+    default_root_dir: str = "exp",
+    monitor: str | None = None,
+    mode: str = "min",
+    save_top_k: int = 2,
+) -> dict[str, Any]:
+    """Keyword arguments for ``lightning.Trainer`` shared by every task (the CLI's ``trainer_defaults``)."""
+    return {
+        "default_root_dir": default_root_dir,
+        "precision": default_precision(),
+        "callbacks": default_callbacks(monitor=monitor, mode=mode, save_top_k=save_top_k),
+        "logger": [
+            CSVLogger(default_root_dir, name="logs"),
+            TensorBoardLogger(default_root_dir, name="tensorboard", default_hp_metric=False),
+        ],
+        "plugins": [AtomicCheckpointIO()],
+        # Our data modules shard the length-bucketed batch sampler per rank themselves.
+        "use_distributed_sampler": False,
+        "gradient_clip_val": 10.0,
+        "log_every_n_steps": 10,
+    }
+
+
+def build_trainer(
+    default_root_dir: str = "exp", monitor: str | None = None, mode: str = "min", **overrides: Any
+) -> L.Trainer:
+    """The Trainer every task trains through; ``overrides`` are ``lightning.Trainer`` arguments."""
+    kwargs = trainer_defaults(default_root_dir, monitor=monitor, mode=mode)
+    kwargs.update(overrides)
+    return L.Trainer(**kwargs)
