@@ -51,51 +51,67 @@ def default_precision() -> str:
     return "32-true"
 
 
-def default_callbacks(monitor: str | None = None, mode: str = "min", save_top_k: int = 2) -> list[Callback]:
-    """``last.ckpt`` every ``every_n_train_steps`` plus the best-k by ``monitor``, LR logging, a progress bar."""
-    callbacks: list[Callback] = [
+def default_callbacks(
+    default_root_dir: str, monitor: str | None = None, mode: str = "min", save_top_k: int = 2
+) -> list[Callback]:
+    """``<root>/checkpoints/last.ckpt`` plus the best-k by ``monitor``, LR logging and a progress bar.
+
+    The checkpoint folder does not depend on the logger version, so ``--ckpt_path last`` finds the last checkpoint
+    of an interrupted run.
+    """
+    return [
         ModelCheckpoint(
-            filename="step{step:07d}" if monitor is None else "best-{step:07d}-{" + monitor + ":.4f}",
+            dirpath=str(Path(default_root_dir) / "checkpoints"),
+            filename="step{step:07d}" if monitor is None else "best-step{step:07d}",
             auto_insert_metric_name=False,
             monitor=monitor,
             mode=mode,
             save_top_k=save_top_k if monitor else 1,
             save_last=True,
-            every_n_train_steps=None,
         ),
         LearningRateMonitor(logging_interval="step"),
         TQDMProgressBar(refresh_rate=10),
     ]
-    return callbacks
 
 
-def trainer_defaults(
-    default_root_dir: str = "exp",
-    monitor: str | None = None,
-    mode: str = "min",
-    save_top_k: int = 2,
-) -> dict[str, Any]:
-    """Keyword arguments for ``lightning.Trainer`` shared by every task (the CLI's ``trainer_defaults``)."""
-    return {
-        "default_root_dir": default_root_dir,
-        "precision": default_precision(),
-        "callbacks": default_callbacks(monitor=monitor, mode=mode, save_top_k=save_top_k),
-        "logger": [
-            CSVLogger(default_root_dir, name="logs"),
-            TensorBoardLogger(default_root_dir, name="tensorboard", default_hp_metric=False),
-        ],
-        "plugins": [AtomicCheckpointIO()],
-        # Our data modules shard the length-bucketed batch sampler per rank themselves.
-        "use_distributed_sampler": False,
-        "gradient_clip_val": 10.0,
-        "log_every_n_steps": 10,
-    }
+def default_loggers(default_root_dir: str) -> list:
+    """CSV (easy to plot or grep) and TensorBoard logs under ``<root>/logs`` and ``<root>/tensorboard``."""
+    return [
+        CSVLogger(default_root_dir, name="logs"),
+        TensorBoardLogger(default_root_dir, name="tensorboard", default_hp_metric=False),
+    ]
+
+
+# Trainer arguments every task shares; run-specific parts (loggers, checkpoint folder, monitored metric) are
+# added by ``build_trainer`` and the CLI from the run's root folder and the task's ``checkpoint_monitor``.
+BASE_TRAINER_ARGS: dict[str, Any] = {
+    "plugins": [AtomicCheckpointIO()],
+    # Our data modules shard the length-bucketed batch sampler per rank themselves.
+    "use_distributed_sampler": False,
+    "gradient_clip_val": 10.0,
+    "log_every_n_steps": 10,
+}
+
+
+def task_monitor(task: L.LightningModule) -> tuple[str | None, str]:
+    """The metric a task wants best-k checkpoints ranked by: its ``checkpoint_monitor`` attribute."""
+    return getattr(task, "checkpoint_monitor", (None, "min"))
 
 
 def build_trainer(
-    default_root_dir: str = "exp", monitor: str | None = None, mode: str = "min", **overrides: Any
+    task: L.LightningModule | None = None, default_root_dir: str = "exp", **overrides: Any
 ) -> L.Trainer:
     """The Trainer every task trains through; ``overrides`` are ``lightning.Trainer`` arguments."""
-    kwargs = trainer_defaults(default_root_dir, monitor=monitor, mode=mode)
+    monitor, mode = task_monitor(task) if task is not None else (None, "min")
+    kwargs: dict[str, Any] = {
+        **BASE_TRAINER_ARGS,
+        "plugins": [AtomicCheckpointIO()],
+        "precision": default_precision(),
+        "default_root_dir": default_root_dir,
+        "callbacks": default_callbacks(default_root_dir, monitor, mode),
+        "logger": default_loggers(default_root_dir),
+    }
+    if getattr(task, "automatic_optimization", True) is False:
+        kwargs.pop("gradient_clip_val")  # manual optimisation clips inside the task
     kwargs.update(overrides)
     return L.Trainer(**kwargs)

@@ -1,0 +1,113 @@
+"""The ``speechlab`` command.
+
+``speechlab fit|validate|test --config conf.yaml`` train and evaluate any task through LightningCLI (one Trainer
+setup for every task, see :mod:`speechlab.train`); the other subcommands are tools (feature extraction, k-means
+units, codec tokenization, checkpoint conversion), each implemented next to what it uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Any
+
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from speechlab.train import (
+    BASE_TRAINER_ARGS,
+    default_callbacks,
+    default_loggers,
+    default_precision,
+    task_monitor,
+)
+
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+# Modules that register one tool subcommand each through ``add_parser(subparsers)``.
+TOOL_MODULES = (
+    "speechlab.extract",
+    "speechlab.convert",
+    "speechlab.kmeans",
+    "speechlab.codec_tokens",
+    "speechlab.codec_eval",
+)
+
+
+class SpeechLabCLI(LightningCLI):
+    """LightningCLI with speechlab's trainer setup: loggers, checkpoint folder and monitor follow the run."""
+
+    def __init__(self, args: list[str] | None = None) -> None:
+        super().__init__(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            trainer_defaults={
+                **BASE_TRAINER_ARGS,
+                "precision": default_precision(),
+                "default_root_dir": "exp",
+            },
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            args=args,
+        )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        config = self._get(self.config_init, "trainer", default={})
+        root = config.get("default_root_dir") or "exp"
+        if config.get("logger") in (None, True):
+            kwargs["logger"] = default_loggers(root)
+        user_callbacks = list(config.get("callbacks") or [])
+        if not any(isinstance(cb, ModelCheckpoint) for cb in user_callbacks):
+            monitor, mode = task_monitor(self.model)
+            user_callbacks += default_callbacks(root, monitor, mode)
+        kwargs["callbacks"] = user_callbacks
+        if getattr(self.model, "automatic_optimization", True) is False:
+            kwargs["gradient_clip_val"] = None  # manual optimisation clips inside the task
+        return super().instantiate_trainer(**kwargs)
+
+
+def _tool_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="speechlab",
+        description=(
+            "speechlab: WavLM, UniSpeech and neural-codec training and tools.\n\n"
+            "Training: speechlab fit|validate|test --config CONF.yaml [--ckpt_path last] "
+            "(see 'speechlab fit --help')."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in LIGHTNING_SUBCOMMANDS[:3]:
+        subparsers.add_parser(
+            name, help=f"{name} a task from a YAML config (LightningCLI; --help for options)"
+        )
+    for module_name in TOOL_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name != module_name:
+                raise
+            continue
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
+        SpeechLabCLI(args=argv)
+        return 0
+    parser = _tool_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 0 if not argv else 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

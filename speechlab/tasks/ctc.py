@@ -1,0 +1,233 @@
+"""CTC speech recognition (training from scratch or fine-tuning a pretrained encoder) with WER/CER/PER via jiwer."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jiwer
+import torch
+import torch.nn.functional as F
+
+from speechlab.data.text import load_tokenizer
+from speechlab.models.ctc import CTCModel, ctc_greedy_decode
+from speechlab.models.presets import encoder_config
+from speechlab.nn.masking import span_mask
+from speechlab.optim import OptimConfig
+from speechlab.tasks.base import SpeechTask
+
+log = logging.getLogger(__name__)
+
+
+class CTCTask(SpeechTask):
+    """Train ``CTCModel`` with CTC loss; validate with greedy decoding and jiwer error rates.
+
+    The unit inventory (characters, sentencepiece pieces or phonemes) comes from the data module's tokenizer
+    and is stored inside every checkpoint, so a checkpoint alone can transcribe.
+
+    Args:
+        encoder: encoder preset name (see :mod:`speechlab.models.wavlm`), e.g. ``wavlm_tiny`` or ``wavlm_base``.
+        encoder_overrides: fields of ``SSLEncoderConfig`` to change (``{"num_layers": 4}``).
+        mask_prob, mask_length: SpecAugment-style time masking with the learned mask embedding (training only).
+        init_from: pretrained encoder to fine-tune: a Lightning ``.ckpt`` of any speechlab task, or any source
+            ``speechlab.load`` accepts (our pretrained dir, Hugging Face dir, fairseq/unilm ``.pt``).
+        freeze_feature_encoder: keep the conv feature encoder frozen for the whole run.
+        freeze_encoder_steps: train only the CTC head for this many optimiser steps, then everything.
+        layerwise_lr_decay: if set (e.g. 0.9), layer ``i`` of ``L`` gets ``lr * decay ** (L - i)``.
+    """
+
+    def __init__(
+        self,
+        encoder: str = "wavlm_tiny",
+        encoder_overrides: dict[str, Any] | None = None,
+        head_dropout: float = 0.1,
+        mask_prob: float = 0.0,
+        mask_length: int = 10,
+        init_from: str | None = None,
+        freeze_feature_encoder: bool = False,
+        freeze_encoder_steps: int = 0,
+        layerwise_lr_decay: float | None = None,
+        optim: OptimConfig | None = None,
+        max_nonfinite_steps: int = 20,
+    ) -> None:
+        super().__init__(optim=optim, max_nonfinite_steps=max_nonfinite_steps)
+        self.save_hyperparameters()
+        self.encoder_config = encoder_config(encoder, encoder_overrides)
+        self.tokenizer = None
+        self.model: CTCModel | None = None
+
+    # -- model construction: the vocabulary is known only once the data module has built the tokenizer --------
+    def setup(self, stage: str) -> None:
+        if self.model is not None:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError(
+                "CTCTask needs a tokenizer: set data.tokenizer to 'char', 'sentencepiece' or 'phoneme' "
+                "(or data.tokenizer_dir) in the config"
+            )
+        self._build(tokenizer)
+        if self.hparams.init_from:
+            self._load_pretrained_encoder(self.hparams.init_from)
+
+    def _build(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.model = CTCModel(self.encoder_config, tokenizer.vocab_size, self.hparams.head_dropout)
+        if self.hparams.freeze_feature_encoder:
+            self.model.encoder.feature_encoder.requires_grad_(False)
+
+    def _load_pretrained_encoder(self, source: str) -> None:
+        from speechlab.checkpoints.encoder_weights import load_encoder_state_dict
+
+        state = load_encoder_state_dict(source)
+        missing, unexpected = self.model.encoder.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if not k.startswith("mask_emb")]:
+            raise ValueError(
+                f"{source}: encoder weights do not match encoder preset {self.hparams.encoder!r} "
+                f"(missing: {missing[:8]}, unexpected: {unexpected[:8]}); set model.encoder to the preset the "
+                "checkpoint was trained with"
+            )
+        log.info("initialised the encoder from %s", source)
+
+    # -- checkpoints carry the tokenizer ------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            self.tokenizer.save(tmp)
+            checkpoint["tokenizer_files"] = {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.model is not None:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, data in checkpoint["tokenizer_files"].items():
+                (Path(tmp) / name).write_bytes(data)
+            self._build(load_tokenizer(tmp))
+
+    # -- optimisation -------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict:
+        decay = self.hparams.layerwise_lr_decay
+        lr_scale = None
+        if decay:
+            num_layers = self.encoder_config.num_layers
+            lr_scale = {"model.encoder.": decay ** (num_layers + 1)}
+            lr_scale.update(
+                {f"model.encoder.encoder.layers.{i}.": decay ** (num_layers - i) for i in range(num_layers)}
+            )
+        from speechlab.optim import build_optimizer
+
+        total = self.optim_config.total_steps or int(self.trainer.estimated_stepping_batches)
+        return build_optimizer(self.named_parameters(), self.optim_config, max(1, total), lr_scale=lr_scale)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        frozen = self.global_step < self.hparams.freeze_encoder_steps
+        for name, param in self.model.encoder.named_parameters():
+            if self.hparams.freeze_feature_encoder and name.startswith("feature_encoder."):
+                continue
+            param.requires_grad_(not frozen)
+
+    # -- steps --------------------------------------------------------------------------------------------------
+    def _ctc_loss(self, batch: Any, frame_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Any, Any]:
+        logits, frame_lengths = self.model(batch.audio, batch.lengths, frame_mask=frame_mask)
+        log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # (T, B, V), CTC in fp32
+        targets = batch.targets.clamp_min(0)
+        loss = F.ctc_loss(
+            log_probs,
+            targets,
+            frame_lengths,
+            batch.target_lengths,
+            blank=self.tokenizer.blank_id,
+            reduction="sum",
+            zero_infinity=True,
+        )
+        return loss / batch.target_lengths.sum().clamp_min(1), logits, frame_lengths
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        frame_mask = None
+        if self.hparams.mask_prob > 0:
+            frame_lengths = self.model.encoder.frame_lengths(batch.lengths)
+            frame_mask = span_mask(
+                frame_lengths, self.hparams.mask_prob, self.hparams.mask_length, min_masks=0
+            ).to(batch.audio.device)
+        loss, _, _ = self._ctc_loss(batch, frame_mask)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        return self.check_finite_loss(loss)
+
+    def on_validation_epoch_start(self) -> None:
+        self._error_counts = torch.zeros(4, dtype=torch.float64)  # word errors, words, char errors, chars
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_error_rates("val")
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_error_rates("test")
+
+    def transcribe(self, audio: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+        """audio: (B, S), lengths: (B,) -> greedy transcripts (phoneme strings for a phoneme tokenizer)."""
+        logits, frame_lengths = self.model(audio, lengths)
+        return [
+            self.tokenizer.decode(ids)
+            for ids in ctc_greedy_decode(logits, frame_lengths, self.tokenizer.blank_id)
+        ]
+
+    def _evaluate(self, batch: Any, stage: str) -> None:
+        loss, logits, frame_lengths = self._ctc_loss(batch)
+        self.log(f"{stage}/loss", loss, batch_size=len(batch), sync_dist=True)
+        hyps = [
+            self.tokenizer.decode(ids)
+            for ids in ctc_greedy_decode(logits, frame_lengths, self.tokenizer.blank_id)
+        ]
+        refs = [
+            self.tokenizer.decode(t[:n].tolist())
+            for t, n in zip(batch.targets, batch.target_lengths, strict=True)
+        ]
+        self._error_counts += error_counts(refs, hyps)
+
+    def _log_error_rates(self, stage: str) -> None:
+        counts = self._error_counts.to(self.device)
+        if self.trainer.world_size > 1:
+            counts = self.all_gather(counts).sum(0)
+        word_rate = (counts[0] / counts[1].clamp_min(1)).item()
+        char_rate = (counts[2] / counts[3].clamp_min(1)).item()
+        if self.tokenizer.field == "phonemes":
+            self.log(f"{stage}/per", word_rate, rank_zero_only=True)
+        else:
+            self.log(f"{stage}/wer", word_rate, rank_zero_only=True)
+            self.log(f"{stage}/cer", char_rate, rank_zero_only=True)
+        # One name to monitor whatever the units are: PER for phonemes, WER otherwise.
+        self.log(f"{stage}/error_rate", word_rate, prog_bar=True, rank_zero_only=True)
+
+
+def error_counts(refs: list[str], hyps: list[str]) -> torch.Tensor:
+    """(word errors, reference words, char errors, reference chars) via jiwer; phoneme strings count phones as words.
+
+    Empty references are skipped: they have no error rate (and jiwer refuses them).
+    """
+    pairs = [(r, h) for r, h in zip(refs, hyps, strict=True) if r.strip()]
+    if not pairs:
+        return torch.zeros(4, dtype=torch.float64)
+    refs, hyps = [r for r, _ in pairs], [h for _, h in pairs]
+    words = jiwer.process_words(refs, hyps)
+    chars = jiwer.process_characters(refs, hyps)
+    word_errors = words.substitutions + words.deletions + words.insertions
+    char_errors = chars.substitutions + chars.deletions + chars.insertions
+    return torch.tensor(
+        [
+            word_errors,
+            words.hits + words.substitutions + words.deletions,
+            char_errors,
+            chars.hits + chars.substitutions + chars.deletions,
+        ],
+        dtype=torch.float64,
+    )
