@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 from pathlib import Path
@@ -53,7 +54,9 @@ class CTCTask(SpeechTask):
         max_nonfinite_steps: int = 20,
     ) -> None:
         super().__init__(optim=optim, max_nonfinite_steps=max_nonfinite_steps)
-        self.save_hyperparameters()
+        # Plain containers only, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(ignore=["optim"])
+        self.hparams["optim"] = dataclasses.asdict(self.optim_config)
         self.encoder_config = encoder_config(encoder, encoder_overrides)
         self.tokenizer = None
         self.model: CTCModel | None = None
