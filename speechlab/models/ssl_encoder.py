@@ -1,0 +1,227 @@
+"""The shared SSL backbone: wav2vec 2.0 / HuBERT / WavLM / UniSpeech encoder (spec §1, §2, §6.4).
+
+waveform (B, S) -> [per-utterance normalisation] -> conv feature encoder (B, C, T) -> LayerNorm(C) -> Linear(C, D)
+-> dropout -> [mask_emb at masked frames] -> Transformer (conv positional embedding, post-LN or pre-LN layers,
+optional WavLM gated relative position bias) -> (B, T, D).
+
+Padding: ``lengths`` gives valid samples; frames are valid up to the conv formula (:func:`conv_output_lengths`), the
+same convention as ``transformers``. With ``conv_norm="layer"`` (Large) a padded batch gives, on valid frames, the
+same result as each utterance alone (within float error). With ``conv_norm="group"`` (Base) it does **not**: the
+GroupNorm of conv block 0 normalises each channel over the whole padded time axis, so zero padding changes the
+statistics and thus every valid frame (spec §10.8; ~10-30 % relative change on random weights). This is what the
+released Base checkpoints and the reference implementations do; bucket by length or run unpadded when exact
+Base features matter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from speechlab.nn.feature_encoder import ConvFeatureEncoder, Fp32LayerNorm, conv_output_lengths
+from speechlab.nn.transformer import TransformerEncoder
+
+
+def _default_conv_layers() -> list[tuple[int, int, int]]:
+    return [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
+
+
+@dataclass
+class SSLEncoderConfig:
+    """Backbone hyper-parameters; defaults are the Base model (WavLM/HuBERT/wav2vec 2.0 Base, 94 M parameters)."""
+
+    conv_layers: list[tuple[int, int, int]] = field(
+        default_factory=_default_conv_layers
+    )  # (channels, kernel, stride)
+    conv_norm: str = (
+        "group"  # "group" (Base: GroupNorm in block 0) | "layer" (Large: LayerNorm in every block)
+    )
+    conv_bias: bool = False
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    ffn_size: int = 3072
+    layer_norm_first: bool = False  # pre-LN (Large) vs post-LN (Base)
+    pos_conv_kernel: int = 128
+    pos_conv_groups: int = 16
+    relative_position_bias: bool = False  # WavLM gated relative position bias
+    num_buckets: int = 320
+    max_distance: int = 800
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    activation_dropout: float = 0.0
+    feature_dropout: float = 0.1  # fairseq dropout_input / HF feat_proj_dropout
+    layerdrop: float = 0.05
+    mask_prob: float = 0.65
+    mask_length: int = 10
+    normalize_waveform: bool = False  # per-utterance zero mean / unit variance over valid samples
+    feature_grad_mult: float = 1.0
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        self.conv_layers = [tuple(int(v) for v in spec) for spec in self.conv_layers]
+        if self.conv_norm not in ("group", "layer"):
+            raise ValueError(f"SSLEncoderConfig.conv_norm must be 'group' or 'layer', got {self.conv_norm!r}")
+        if self.hidden_size % self.num_heads != 0:
+            raise ValueError(
+                f"SSLEncoderConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if self.num_buckets % 4 != 0:
+            raise ValueError(f"SSLEncoderConfig.num_buckets must be a multiple of 4, got {self.num_buckets}")
+
+
+@dataclass
+class SSLEncoderOutput:
+    last_hidden_state: Tensor  # (B, T, D); pre-LN models: after the final LayerNorm
+    padding_mask: Tensor  # (B, T) bool, True at padded frames
+    frame_lengths: Tensor  # (B,) int64
+    features: Tensor  # (B, T, C) CNN features after the feature LayerNorm, before projection, unmasked
+    feature_penalty: (
+        Tensor  # scalar: mean(cnn_features ** 2) over valid frames (raw CNN output, before the LN)
+    )
+    hidden_states: (
+        tuple[Tensor, ...] | None
+    )  # L+1 states (B, T, D) when requested (see speechlab.nn.transformer)
+
+
+class _GradMultiply(torch.autograd.Function):
+    """Identity forward; gradient scaled by ``scale`` (fairseq GradMultiply, for feature_grad_mult)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:  # noqa: D102
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: D102
+        return grad * ctx.scale, None
+
+
+def normalize_waveform(audio: Tensor, lengths: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+    """Zero mean / unit variance per utterance over its valid samples; padding stays 0.
+
+    audio: (batch, samples) float; lengths: (batch,) int64 valid samples (None = all valid).
+    """
+    if lengths is None:
+        valid = torch.ones_like(audio, dtype=torch.bool)
+    else:
+        valid = torch.arange(audio.shape[1], device=audio.device)[None, :] < lengths.to(audio.device)[:, None]
+    x = audio.float()
+    count = valid.sum(-1, keepdim=True).clamp(min=1)
+    mean = (x * valid).sum(-1, keepdim=True) / count
+    var = (((x - mean) * valid) ** 2).sum(-1, keepdim=True) / count
+    return (((x - mean) / torch.sqrt(var + eps)) * valid).to(audio.dtype)
+
+
+class SSLEncoder(nn.Module):
+    """wav2vec 2.0 / HuBERT / WavLM backbone (no pretraining head). See module docstring for the data flow."""
+
+    def __init__(self, config: SSLEncoderConfig):
+        super().__init__()
+        self.config = config
+        self.feature_encoder = ConvFeatureEncoder(config.conv_layers, config.conv_norm, config.conv_bias)
+        channels = self.feature_encoder.out_channels
+        self.feature_norm = Fp32LayerNorm(channels, eps=config.layer_norm_eps)
+        self.feature_projection = nn.Linear(channels, config.hidden_size)
+        bound = channels**-0.5
+        nn.init.uniform_(self.feature_projection.weight, -bound, bound)
+        nn.init.uniform_(self.feature_projection.bias, -bound, bound)
+        self.feature_dropout = nn.Dropout(config.feature_dropout)
+        self.mask_emb = nn.Parameter(torch.rand(config.hidden_size))
+        self.encoder = TransformerEncoder(
+            dim=config.hidden_size,
+            num_layers=config.num_layers,
+            num_heads=config.num_heads,
+            ffn_size=config.ffn_size,
+            dropout=config.dropout,
+            attention_dropout=config.attention_dropout,
+            activation_dropout=config.activation_dropout,
+            layer_norm_first=config.layer_norm_first,
+            pos_conv_kernel=config.pos_conv_kernel,
+            pos_conv_groups=config.pos_conv_groups,
+            relative_position_bias=config.relative_position_bias,
+            num_buckets=config.num_buckets,
+            max_distance=config.max_distance,
+            layerdrop=config.layerdrop,
+            layer_norm_eps=config.layer_norm_eps,
+        )
+
+    @property
+    def receptive_field(self) -> int:
+        """Samples needed for one output frame (400 for the standard 7-layer stack)."""
+        field, hop = 1, 1
+        for _, kernel, stride in self.config.conv_layers:
+            field += (kernel - 1) * hop
+            hop *= stride
+        return field
+
+    def frame_lengths(self, lengths: Tensor) -> Tensor:
+        """lengths: (batch,) int64 samples -> (batch,) int64 frames (conv formula, 320-sample hop)."""
+        return conv_output_lengths(lengths, self.config.conv_layers)
+
+    def _cnn(self, audio: Tensor) -> Tensor:
+        """(B, S) -> (B, C, T) with feature_grad_mult applied (0 = frozen, run without autograd)."""
+        scale = self.config.feature_grad_mult
+        if self.training and scale == 0.0:
+            with torch.no_grad():
+                return self.feature_encoder(audio)
+        features = self.feature_encoder(audio)
+        if self.training and scale != 1.0 and features.requires_grad:
+            features = _GradMultiply.apply(features, scale)
+        return features
+
+    def forward(
+        self,
+        audio: Tensor,
+        lengths: Tensor | None = None,
+        *,
+        frame_mask: Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> SSLEncoderOutput:
+        """audio: (batch, samples) float32 in [-1, 1], zero-padded; lengths: (batch,) int64 valid samples
+        (None = no padding); frame_mask: (batch, T) bool, frames replaced by ``mask_emb`` (e.g. from
+        :func:`speechlab.nn.masking.span_mask`)."""
+        if audio.dim() != 2:
+            raise ValueError(f"audio must be (batch, samples), got shape {tuple(audio.shape)}")
+        if int(self.frame_lengths(torch.tensor([audio.shape[1]]))[0]) < 1:
+            raise ValueError(
+                f"audio too short: {audio.shape[1]} samples give 0 frames; the conv receptive field needs at least "
+                f"{self.receptive_field} samples"
+            )
+        if self.config.normalize_waveform:
+            audio = normalize_waveform(audio, lengths)
+        cnn = self._cnn(audio)  # (B, C, T)
+        batch, _, num_frames = cnn.shape
+
+        if lengths is None:
+            frame_lengths = torch.full((batch,), num_frames, dtype=torch.long, device=audio.device)
+            padding_mask = torch.zeros(batch, num_frames, dtype=torch.bool, device=audio.device)
+            attn_padding = None
+        else:
+            frame_lengths = self.frame_lengths(lengths.to(audio.device)).clamp(max=num_frames)
+            padding_mask = torch.arange(num_frames, device=audio.device)[None, :] >= frame_lengths[:, None]
+            attn_padding = padding_mask if bool(padding_mask.any()) else None
+
+        valid = (~padding_mask).unsqueeze(1)  # (B, 1, T)
+        penalty = (cnn.float().pow(2) * valid).sum() / (valid.sum() * cnn.shape[1]).clamp(min=1)
+
+        features = self.feature_norm(cnn.transpose(1, 2))  # (B, T, C)
+        x = self.feature_dropout(self.feature_projection(features))
+        if frame_mask is not None:
+            if frame_mask.shape != (batch, num_frames):
+                raise ValueError(
+                    f"frame_mask must be (batch, frames)={(batch, num_frames)}, got {tuple(frame_mask.shape)}"
+                )
+            x = torch.where(frame_mask.unsqueeze(-1), self.mask_emb.to(x.dtype), x)
+
+        last, hidden_states = self.encoder(x, attn_padding, output_hidden_states)
+        return SSLEncoderOutput(
+            last_hidden_state=last,
+            padding_mask=padding_mask,
+            frame_lengths=frame_lengths,
+            features=features,
+            feature_penalty=penalty,
+            hidden_states=hidden_states,
+        )

@@ -1,0 +1,112 @@
+"""Convolutional waveform feature encoder shared by wav2vec 2.0, HuBERT, WavLM and UniSpeech (spec §1.2).
+
+Seven 1-D convolutions (no padding) turn 16 kHz audio into 50 Hz frames. Two normalisation layouts:
+
+- ``"group"`` (Base models): only block 0 has a ``GroupNorm(C, C)``, i.e. a per-channel normalisation over *time*.
+  Its statistics include padded samples, so a padded batch is not equal to running each utterance alone.
+- ``"layer"`` (Large models): every block has a ``LayerNorm(C)`` over channels, per frame (padding-invariant).
+
+Norms always run in fp32 (like fairseq's ``Fp32GroupNorm`` / ``Fp32LayerNorm``) and cast back to the input dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ConvSpec = tuple[int, int, int]  # (out_channels, kernel, stride)
+
+
+def conv_output_lengths(lengths: Tensor, conv_layers: Sequence[ConvSpec]) -> Tensor:
+    """Number of output frames of an unpadded conv stack.
+
+    lengths: (batch,) int64 valid samples -> (batch,) int64 frames, ``L <- floor((L - k) / s) + 1`` per block,
+    clamped at 0 (an input shorter than the receptive field gives 0 frames: 399 samples -> 0, 400 -> 1).
+    """
+    lengths = torch.as_tensor(lengths, dtype=torch.long)
+    for _, kernel, stride in conv_layers:
+        lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
+        lengths = lengths.clamp(min=0)
+    return lengths
+
+
+class Fp32GroupNorm(nn.GroupNorm):
+    """GroupNorm computed in fp32 (also under autocast), output in the input dtype."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            out = F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps)
+        return out.to(x.dtype)
+
+
+class Fp32LayerNorm(nn.LayerNorm):
+    """LayerNorm over the last axis computed in fp32 (also under autocast), output in the input dtype."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            out = F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps)
+        return out.to(x.dtype)
+
+
+class ConvBlock(nn.Module):
+    """Conv1d -> [norm] -> GELU.  x: (batch, in_channels, time) -> (batch, out_channels, time')."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int, norm: str, bias: bool):
+        super().__init__()
+        self.conv = nn.Conv1d(in_channels, out_channels, kernel_size=kernel, stride=stride, bias=bias)
+        nn.init.kaiming_normal_(self.conv.weight)
+        self.norm_kind = norm
+        if norm == "group":
+            self.norm: nn.Module | None = Fp32GroupNorm(out_channels, out_channels, affine=True)
+        elif norm == "layer":
+            self.norm = Fp32LayerNorm(out_channels)
+        elif norm == "none":
+            self.norm = None
+        else:
+            raise ValueError(f"ConvBlock norm must be 'group', 'layer' or 'none', got {norm!r}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv(x)
+        if self.norm_kind == "layer":
+            x = self.norm(x.transpose(1, 2)).transpose(1, 2)
+        elif self.norm_kind == "group":
+            x = self.norm(x)
+        return F.gelu(x)
+
+
+class ConvFeatureEncoder(nn.Module):
+    """Raw waveform -> CNN features.
+
+    Args:
+        conv_layers: (channels, kernel, stride) per block, e.g. ``[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2``.
+        norm: ``"group"`` (GroupNorm in block 0 only) or ``"layer"`` (LayerNorm in every block).
+        bias: conv bias (False for HuBERT / WavLM, True for wav2vec 2.0 Large and UniSpeech).
+    """
+
+    def __init__(self, conv_layers: Sequence[ConvSpec], norm: str = "group", bias: bool = False):
+        super().__init__()
+        if norm not in ("group", "layer"):
+            raise ValueError(f"conv_norm must be 'group' (Base) or 'layer' (Large), got {norm!r}")
+        self.conv_specs = [tuple(int(v) for v in spec) for spec in conv_layers]
+        blocks = []
+        in_channels = 1
+        for i, (channels, kernel, stride) in enumerate(self.conv_specs):
+            block_norm = norm if (norm == "layer" or i == 0) else "none"
+            blocks.append(ConvBlock(in_channels, channels, kernel, stride, block_norm, bias))
+            in_channels = channels
+        self.conv_layers = nn.ModuleList(blocks)
+        self.out_channels = in_channels
+
+    def output_lengths(self, lengths: Tensor) -> Tensor:
+        """lengths: (batch,) samples -> (batch,) frames."""
+        return conv_output_lengths(lengths, self.conv_specs)
+
+    def forward(self, audio: Tensor) -> Tensor:
+        """audio: (batch, samples) float -> features (batch, channels, frames)."""
+        x = audio.unsqueeze(1)
+        for block in self.conv_layers:
+            x = block(x)
+        return x

@@ -1,0 +1,160 @@
+"""Transformer encoder of the SSL backbone: conv positional embedding + post-LN or pre-LN layers (spec §1.5).
+
+- Post-LN (Base, ``layer_norm_first=False``): ``x = LN(x + pos_conv(x))`` -> dropout -> layers with
+  ``x = LN1(x + Drop(Attn(x)))``, ``x = LN2(x + FFN(x))``. No final LN.
+- Pre-LN (Large, ``layer_norm_first=True``): ``x = x + pos_conv(x)`` -> dropout -> layers with
+  ``x = x + Drop(Attn(LN1(x)))``, ``x = x + FFN(LN2(x))`` -> final LN.
+
+Hidden-state convention (matches ``transformers``' WavLM/HuBERT/wav2vec2 ``hidden_states``): L+1 states,
+``hidden_states[0]`` = encoder input after the conv positional embedding (and after the input LN for post-LN),
+``hidden_states[i]`` = output of layer i. For pre-LN the states are *before* the final LN, which is applied only to
+``last_hidden_state``; for post-LN ``hidden_states[-1] is last_hidden_state``. A layer skipped by LayerDrop repeats
+the previous state so the tuple always has L+1 entries.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from speechlab.nn.attention import MultiHeadSelfAttention
+from speechlab.nn.position import ConvPositionalEmbedding, RelativePositionBias
+
+
+class FeedForward(nn.Module):
+    """Linear(D, F) -> GELU -> Dropout(activation_dropout) -> Linear(F, D) -> Dropout(dropout)."""
+
+    def __init__(self, dim: int, ffn_size: int, dropout: float, activation_dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, ffn_size)
+        self.fc2 = nn.Linear(ffn_size, dim)
+        for linear in (self.fc1, self.fc2):
+            nn.init.normal_(linear.weight, std=0.02)
+            nn.init.zeros_(linear.bias)
+        self.activation_dropout = nn.Dropout(activation_dropout)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.fc2(self.activation_dropout(F.gelu(self.fc1(x)))))
+
+
+class TransformerEncoderLayer(nn.Module):
+    """One encoder layer. x: (batch, T, D) -> (batch, T, D)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        ffn_size: int,
+        dropout: float = 0.1,
+        attention_dropout: float = 0.1,
+        activation_dropout: float = 0.0,
+        layer_norm_first: bool = False,
+        gated_relative_bias: bool = False,
+        layer_norm_eps: float = 1e-5,
+    ):
+        super().__init__()
+        self.layer_norm_first = layer_norm_first
+        self.attention = MultiHeadSelfAttention(dim, num_heads, attention_dropout, gated_relative_bias)
+        self.attention_norm = nn.LayerNorm(dim, eps=layer_norm_eps)
+        self.dropout = nn.Dropout(dropout)
+        self.feed_forward = FeedForward(dim, ffn_size, dropout, activation_dropout)
+        self.ffn_norm = nn.LayerNorm(dim, eps=layer_norm_eps)
+
+    def forward(
+        self, x: Tensor, padding_mask: Tensor | None = None, position_bias: Tensor | None = None
+    ) -> Tensor:
+        if self.layer_norm_first:
+            # The WavLM gate reads the attention input, i.e. the LN1 output here (spec §2.3).
+            x = x + self.dropout(self.attention(self.attention_norm(x), padding_mask, position_bias))
+            return x + self.feed_forward(self.ffn_norm(x))
+        x = self.attention_norm(x + self.dropout(self.attention(x, padding_mask, position_bias)))
+        return self.ffn_norm(x + self.feed_forward(x))
+
+
+class TransformerEncoder(nn.Module):
+    """Positional conv + L layers (+ WavLM relative bias shared from one table).
+
+    LayerDrop skips whole layers in training with probability ``layerdrop`` but never layer 0 (WavLM's bias table
+    belongs to layer 0 in every checkpoint; spec §2.5). Here the bias is built once at encoder level, so it is
+    available to every layer regardless.
+    """
+
+    def __init__(
+        self,
+        dim: int = 768,
+        num_layers: int = 12,
+        num_heads: int = 12,
+        ffn_size: int = 3072,
+        dropout: float = 0.1,
+        attention_dropout: float = 0.1,
+        activation_dropout: float = 0.0,
+        layer_norm_first: bool = False,
+        pos_conv_kernel: int = 128,
+        pos_conv_groups: int = 16,
+        relative_position_bias: bool = False,
+        num_buckets: int = 320,
+        max_distance: int = 800,
+        layerdrop: float = 0.0,
+        layer_norm_eps: float = 1e-5,
+    ):
+        super().__init__()
+        self.layer_norm_first = layer_norm_first
+        self.layerdrop = layerdrop
+        self.pos_conv = ConvPositionalEmbedding(dim, pos_conv_kernel, pos_conv_groups)
+        self.layer_norm = nn.LayerNorm(dim, eps=layer_norm_eps)
+        self.dropout = nn.Dropout(dropout)
+        self.relative_position_bias = (
+            RelativePositionBias(num_heads, num_buckets, max_distance) if relative_position_bias else None
+        )
+        self.layers = nn.ModuleList(
+            TransformerEncoderLayer(
+                dim,
+                num_heads,
+                ffn_size,
+                dropout,
+                attention_dropout,
+                activation_dropout,
+                layer_norm_first,
+                relative_position_bias,
+                layer_norm_eps,
+            )
+            for _ in range(num_layers)
+        )
+
+    def layers_to_run(self) -> Tensor:
+        """(num_layers,) bool: which layers run this step. Layer 0 always runs."""
+        keep = torch.ones(len(self.layers), dtype=torch.bool)
+        if self.training and self.layerdrop > 0.0 and len(self.layers) > 1:
+            keep[1:] = torch.rand(len(self.layers) - 1) >= self.layerdrop
+        return keep
+
+    def forward(
+        self, x: Tensor, padding_mask: Tensor | None = None, output_hidden_states: bool = False
+    ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+        """x: (batch, T, D) projected features; padding_mask: (batch, T) bool, True at padded frames.
+
+        Returns ``(last_hidden_state, hidden_states)``; hidden_states has L+1 entries when requested (see module doc).
+        """
+        if padding_mask is not None:
+            # Zero padded frames so the positional conv sees what it would see at a real boundary (zero padding).
+            x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+        x = x + self.pos_conv(x)
+        if not self.layer_norm_first:
+            x = self.layer_norm(x)
+        x = self.dropout(x)
+
+        position_bias = None
+        if self.relative_position_bias is not None:
+            position_bias = self.relative_position_bias(x.shape[1])
+
+        states: list[Tensor] = [x]
+        for layer, run in zip(self.layers, self.layers_to_run().tolist(), strict=True):
+            if run:
+                x = layer(x, padding_mask, position_bias)
+            if output_hidden_states:
+                states.append(x)
+        if self.layer_norm_first:
+            x = self.layer_norm(x)
+        return x, (tuple(states) if output_hidden_states else None)
