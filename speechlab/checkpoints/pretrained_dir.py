@@ -1,0 +1,364 @@
+"""speechlab's pretrained directory: ``config.json`` + ``model.safetensors`` (+ tokenizer files) + ``README.md``.
+
+Layout::
+
+    my-model/
+      config.json          {"family": "wavlm", "speechlab_version": "0.1.0", "config": {every hyperparameter},
+                            "tokenizer": {"class": "speechlab.data.text.CharTokenizer"} (optional)}
+      model.safetensors    the model's state_dict (plain tensors, no pickle)
+      README.md            short model card
+      (tokenizer files)    written by the tokenizer's own save method
+
+Families map a name to a config dataclass + model class (:func:`register_family`). The SSL backbone families
+(``wavlm``, ``hubert``, ``wav2vec2``, ``ssl_encoder``) are built in; other model files register theirs.
+Loading validates config values, builds the model on the meta device to learn the expected tensor shapes, checks the
+safetensors header against them (missing / unexpected keys, shape mismatches: one error listing all), and only then
+allocates and loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import os
+import tempfile
+import types
+import typing
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from speechlab.checkpoints.safe_load import (
+    CheckpointError,
+    check_config_limits,
+    load_safetensors,
+    read_json,
+    tensor_infos,
+)
+
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "register_family",
+    "family_classes",
+    "config_to_dict",
+    "config_from_dict",
+    "build_model",
+    "save_pretrained",
+    "load_pretrained",
+    "read_pretrained_config",
+    "load_tokenizer",
+    "is_pretrained_dir",
+    "atomic_write",
+    "speechlab_version",
+]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+_SSL = ("speechlab.models.ssl_encoder", "SSLEncoderConfig", "SSLEncoder")
+# family -> (module, config class, model class); imported lazily so the registry costs nothing at import time
+_FAMILIES: dict[str, tuple[str, str, str] | tuple[type, type]] = {
+    "wavlm": _SSL,
+    "hubert": _SSL,
+    "wav2vec2": _SSL,
+    "ssl_encoder": _SSL,
+    "unispeech": ("speechlab.models.unispeech", "UniSpeechConfig", "UniSpeech"),
+}
+
+
+def register_family(
+    name: str, config_cls: type | str, model_cls: type | str, module: str | None = None
+) -> None:
+    """Register a model family for save/load: ``register_family("unispeech", UniSpeechConfig, UniSpeechModel)``
+    or lazily by names: ``register_family("codec", "CodecConfig", "Codec", module="speechlab.models.codec")``.
+    The model class must take the config as its only constructor argument and keep it as ``model.config``."""
+    if isinstance(config_cls, str) or isinstance(model_cls, str):
+        if module is None:
+            raise ValueError("register_family: give module=... when passing class names")
+        _FAMILIES[name] = (module, str(config_cls), str(model_cls))
+    else:
+        _FAMILIES[name] = (config_cls, model_cls)
+
+
+def family_classes(family: str, *, source: str = "") -> tuple[type, type]:
+    """``(config_cls, model_cls)`` of a registered family; unknown names are a clear error."""
+    entry = _FAMILIES.get(family)
+    if entry is None:
+        where = f"{source}: " if source else ""
+        raise CheckpointError(
+            f"{where}unknown model family {family!r}; known families: {', '.join(sorted(_FAMILIES))}. "
+            "Upgrade speechlab or register the family with speechlab.checkpoints.pretrained_dir.register_family."
+        )
+    if len(entry) == 2:
+        return entry  # type: ignore[return-value]
+    module = importlib.import_module(entry[0])
+    return getattr(module, entry[1]), getattr(module, entry[2])
+
+
+def speechlab_version() -> str:
+    """Installed speechlab version (package metadata, else ``speechlab.__version__``, else ``"0+unknown"``)."""
+    try:
+        from importlib.metadata import version
+
+        return version("speechlab")
+    except Exception:
+        import speechlab
+
+        return str(getattr(speechlab, "__version__", "0+unknown"))
+
+
+# --------------------------------------------------------------------------------------------------- config <-> json
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """Every field of a config dataclass as JSON-ready values (tuples become lists)."""
+    if not dataclasses.is_dataclass(config):
+        raise TypeError(f"expected a config dataclass, got {type(config).__name__}")
+    return dataclasses.asdict(config)
+
+
+def _coerce(value: Any, hint: Any, field: str, source: str) -> Any:
+    """Turn a JSON value back into the annotated type (lists -> tuples, nested dataclasses)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(value, non_none[0], field, source) if len(non_none) == 1 else value
+    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        return config_from_dict(hint, value, source=source, prefix=f"{field}.")
+    if origin in (list, tuple) and isinstance(value, list | tuple):
+        if origin is tuple and args and args[-1] is not Ellipsis and len(args) == len(value):
+            return tuple(_coerce(v, a, field, source) for v, a in zip(value, args, strict=True))
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, field, source) for v in value]
+        return tuple(items) if origin is tuple else items
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def config_from_dict(cls: type, data: dict[str, Any], *, source: str = "config", prefix: str = "") -> Any:
+    """Build config dataclass ``cls`` from a dict; unknown fields are an error naming them (never silently dropped)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise CheckpointError(
+            f"{source}: unknown {cls.__name__} field(s) {[prefix + k for k in unknown]}; this config was written "
+            f"by a different speechlab version or for another model family. Known fields: {sorted(fields)}."
+        )
+    hints = typing.get_type_hints(cls)
+    values = {k: _coerce(v, hints.get(k, Any), prefix + k, source) for k, v in data.items()}
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{source}: invalid {cls.__name__}: {err}") from err
+
+
+def build_model(family: str, config: Any, *, source: str = "") -> nn.Module:
+    """Instantiate a registered family's model from a config dataclass or dict (validated against limits)."""
+    config_cls, model_cls = family_classes(family, source=source)
+    if isinstance(config, dict):
+        check_config_limits(config, source=source or family)
+        config = config_from_dict(config_cls, config, source=source or family)
+    else:
+        check_config_limits(config_to_dict(config), source=source or family)
+    return model_cls(config)
+
+
+def _meta_model(family: str, config: Any, source: str) -> nn.Module | None:
+    """Build on the meta device (no memory) to learn the expected shapes; None if the model cannot be built there."""
+    try:
+        with torch.device("meta"):
+            return build_model(family, config, source=source)
+    except CheckpointError:
+        raise
+    except Exception:
+        return None
+
+
+# --------------------------------------------------------------------------------------------------- atomic writes
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it is renamed onto ``path`` (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------------- save / load
+
+
+def _model_card(family: str, config: dict[str, Any], num_params: int, version: str, name: str) -> str:
+    size = {k: config[k] for k in ("num_layers", "hidden_size", "num_heads", "ffn_size") if k in config}
+    sizes = ", ".join(f"{k}={v}" for k, v in size.items())
+    return (
+        f"# {name}\n\n"
+        f"A speechlab **{family}** model ({num_params / 1e6:.2f} M parameters{', ' + sizes if sizes else ''}), "
+        f"saved by speechlab {version}.\n\n"
+        "```python\nimport speechlab\n\n"
+        f'model = speechlab.load("{name}")\n'
+        "features = speechlab.FeatureExtractor(model)(waveform)  # waveform: (samples,) float32, 16 kHz\n```\n\n"
+        "Files: `config.json` (family + every hyperparameter), `model.safetensors` (weights). "
+        "Training data, licence and evaluation results: add them here.\n"
+    )
+
+
+def save_pretrained(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    family: str,
+    tokenizer: Any = None,
+    config: Any = None,
+    model_card: str | None = None,
+) -> Path:
+    """Write ``model`` as a speechlab pretrained directory (see module docstring). Returns the directory.
+
+    Args:
+        family: registered family name (``"wavlm"``, ``"hubert"``, ``"wav2vec2"``, ...), stored in config.json.
+        tokenizer: optional object with ``save_pretrained(directory)`` or ``save(directory)``; its class is
+            recorded so :func:`load_tokenizer` can restore it.
+        config: the config dataclass; default ``model.config``.
+        model_card: README.md text; default a short generated card.
+    """
+    family_classes(family)  # unknown family -> clear error before writing anything
+    config = config if config is not None else getattr(model, "config", None)
+    if config is None or not dataclasses.is_dataclass(config):
+        raise ValueError(f"save_pretrained: {type(model).__name__} has no config dataclass; pass config=...")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    version = speechlab_version()
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    with atomic_write(directory / WEIGHTS_NAME) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "family": family, "speechlab_version": version})
+
+    record: dict[str, Any] = {
+        "family": family,
+        "speechlab_version": version,
+        "config": config_to_dict(config),
+    }
+    if tokenizer is not None:
+        if hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(directory)
+        elif hasattr(tokenizer, "save"):
+            tokenizer.save(directory)
+        else:
+            raise TypeError(f"tokenizer {type(tokenizer).__name__} has neither save_pretrained() nor save()")
+        cls = type(tokenizer)
+        record["tokenizer"] = {"class": f"{cls.__module__}.{cls.__qualname__}"}
+
+    num_params = sum(t.numel() for t in state.values())
+    card = model_card or _model_card(family, record["config"], num_params, version, directory.name)
+    _write_text(directory / "README.md", card)
+    import json
+
+    # config.json last: its presence marks a complete directory
+    _write_text(directory / CONFIG_NAME, json.dumps(record, indent=2, sort_keys=False) + "\n")
+    return directory
+
+
+def is_pretrained_dir(directory: str | os.PathLike) -> bool:
+    """True when ``directory`` holds a speechlab config.json (``family`` + ``speechlab_version``)."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        return False
+    try:
+        data = read_json(path)
+    except CheckpointError:
+        return False
+    return "family" in data and "speechlab_version" in data
+
+
+def read_pretrained_config(directory: str | os.PathLike) -> tuple[str, Any]:
+    """``(family, config dataclass)`` from ``directory/config.json``, validated (limits, known fields)."""
+    path = Path(directory) / CONFIG_NAME
+    data = read_json(path)
+    for key in ("family", "config"):
+        if key not in data:
+            raise CheckpointError(
+                f"{path}: missing field {key!r}; this is not a speechlab pretrained directory."
+            )
+    family, values = data["family"], data["config"]
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path}: field 'config' must be an object.")
+    config_cls, _ = family_classes(family, source=str(path))
+    check_config_limits(values, source=str(path))
+    return family, config_from_dict(config_cls, values, source=str(path))
+
+
+def load_pretrained(
+    directory: str | os.PathLike, *, device: str | torch.device = "cpu", max_bytes: int | None = None
+) -> nn.Module:
+    """Load a speechlab pretrained directory; returns the model in eval mode on ``device``.
+
+    Raises :class:`CheckpointError` naming the file for: missing files, bad config values, truncated weights,
+    missing / unexpected keys and shape mismatches (all listed in one message).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory.")
+    family, config = read_pretrained_config(directory)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(
+            f"{weights}: missing; a pretrained directory needs {WEIGHTS_NAME} next to config.json."
+        )
+    meta = _meta_model(family, config, str(directory))
+    expected = tensor_infos(meta) if meta is not None else None
+    state = load_safetensors(weights, expected=expected, max_bytes=max_bytes)
+    model = build_model(family, config, source=str(directory))
+    load_state_checked(model, state, source=str(weights))
+    return model.to(device).eval()
+
+
+def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
+    """``model.load_state_dict(state, strict=True)`` with the one-message error of :func:`check_state_dict`."""
+    from speechlab.checkpoints.safe_load import check_state_dict
+
+    check_state_dict(state, model.state_dict(), source=source)
+    model.load_state_dict(state, strict=True)
+
+
+def load_tokenizer(directory: str | os.PathLike) -> Any:
+    """The tokenizer saved with the model, or None. Only classes inside the ``speechlab`` package are restored."""
+    data = read_json(Path(directory) / CONFIG_NAME)
+    spec = data.get("tokenizer")
+    if not spec:
+        return None
+    qualname = str(spec.get("class", ""))
+    module_name, _, cls_name = qualname.rpartition(".")
+    if not module_name.startswith("speechlab."):
+        raise CheckpointError(
+            f"{directory}: tokenizer class {qualname!r} is outside speechlab; refusing to import it."
+        )
+    cls: Callable[..., Any] = getattr(importlib.import_module(module_name), cls_name)
+    for loader in ("from_pretrained", "load"):
+        if hasattr(cls, loader):
+            return getattr(cls, loader)(Path(directory))
+    raise CheckpointError(
+        f"{directory}: tokenizer class {qualname} has neither from_pretrained() nor load()."
+    )
