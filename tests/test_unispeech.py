@@ -1,0 +1,213 @@
+"""UniSpeech model: the swap, eval determinism, padding, and parity with transformers' UniSpeech."""
+
+import pytest
+import torch
+from transformers import UniSpeechConfig as HFUniSpeechConfig
+from transformers import UniSpeechForPreTraining, UniSpeechModel
+
+from speechlab.checkpoints.hf_unispeech import config_from_hf, convert_state_dict, load_hf_unispeech
+from speechlab.models.unispeech import (
+    UniSpeech,
+    UniSpeechConfig,
+    unispeech_base,
+    unispeech_large,
+    unispeech_tiny,
+)
+
+
+def _no_dropout(config: UniSpeechConfig) -> UniSpeechConfig:
+    e = config.encoder
+    e.dropout = e.attention_dropout = e.activation_dropout = e.feature_dropout = e.layerdrop = 0.0
+    config.quantizer_dropout = config.final_dropout = 0.0
+    return config
+
+
+def _tiny(**overrides) -> UniSpeech:
+    torch.manual_seed(0)
+    config = _no_dropout(unispeech_tiny(num_ctc_classes=12))
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return UniSpeech(config)
+
+
+def test_swap_probability_zero_equals_plain_multitask():
+    model = _tiny(swap_prob=0.0).train()
+    audio = torch.randn(2, 8000)
+    out = model(audio, generator=torch.Generator().manual_seed(0))
+    # CTC reads the Transformer output itself: exactly ctc_proj(c), no frame swapped
+    torch.testing.assert_close(out.ctc_logits, model.ctc_proj(out.last_hidden_state), rtol=0, atol=0)
+    assert not out.swap_mask.any()
+    # and CTC gradients never reach the quantizer (plain multitask: CTC and contrastive share only the backbone)
+    model.zero_grad()
+    out.ctc_logits.logsumexp(-1).sum().backward()
+    assert (
+        model.quantizer.weight_proj.weight.grad is None
+        or model.quantizer.weight_proj.weight.grad.abs().sum() == 0
+    )
+    assert model.quantizer.codevectors.grad is None or model.quantizer.codevectors.grad.abs().sum() == 0
+    assert model.encoder.feature_projection.weight.grad.abs().sum() > 0
+
+
+def test_swap_probability_one_feeds_quantized_vectors_to_ctc_with_gradient_to_codebook():
+    model = _tiny(swap_prob=1.0).train()
+    out = model(torch.randn(2, 8000), generator=torch.Generator().manual_seed(0))
+    assert out.swap_mask.all()
+    # every frame's CTC input is a projected code vector: logits differ from the context-only logits
+    assert not torch.allclose(out.ctc_logits, model.ctc_proj(out.last_hidden_state))
+    out.ctc_logits.logsumexp(-1).sum().backward()
+    assert model.quantizer.codevectors.grad.abs().sum() > 0
+    assert model.quantizer.weight_proj.weight.grad.abs().sum() > 0  # straight-through reaches the logits
+
+
+def test_swap_is_bernoulli_per_frame_and_never_touches_padding():
+    model = _tiny(swap_prob=0.5).train()
+    audio = torch.randn(3, 32000)
+    lengths = torch.tensor([32000, 20000, 9000])
+    out = model(audio, lengths, generator=torch.Generator().manual_seed(1))
+    valid = ~out.padding_mask
+    fraction = out.swap_mask[valid].float().mean().item()
+    assert 0.35 < fraction < 0.65
+    assert not out.swap_mask[out.padding_mask].any()
+
+
+def test_eval_never_swaps_and_is_deterministic():
+    model = _tiny(swap_prob=1.0).eval()
+    audio = torch.randn(2, 8000)
+    a = model(audio, generator=torch.Generator().manual_seed(0))
+    b = model(audio, generator=torch.Generator().manual_seed(1))
+    assert not a.swap_mask.any()
+    torch.testing.assert_close(a.ctc_logits, model.ctc_proj(a.last_hidden_state), rtol=0, atol=0)
+    torch.testing.assert_close(a.targets, b.targets, rtol=0, atol=0)
+    torch.testing.assert_close(a.ctc_logits, b.ctc_logits, rtol=0, atol=0)
+
+
+def test_padded_frames_do_not_change_outputs_of_real_frames():
+    model = _tiny().eval()
+    audio = torch.randn(1, 12000)
+    alone = model(audio)
+    padded = model(torch.cat([audio, torch.zeros(1, 6000)], dim=1), torch.tensor([12000]))
+    t = alone.ctc_logits.shape[1]
+    assert int(padded.frame_lengths[0]) == t
+    torch.testing.assert_close(padded.ctc_logits[:, :t], alone.ctc_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded.targets[:, :t], alone.targets, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded.prob_perplexity, alone.prob_perplexity, atol=1e-5, rtol=1e-5)
+
+
+def test_presets_match_the_released_recipes():
+    large = unispeech_large()
+    assert (large.encoder.hidden_size, large.encoder.num_layers, large.encoder.num_heads) == (1024, 24, 16)
+    assert large.encoder.conv_bias and large.encoder.layer_norm_first and large.encoder.conv_norm == "layer"
+    assert (large.codevector_dim, large.proj_codevector_dim, large.swap_prob) == (768, 768, 0.5)
+    assert large.temperature == (2.0, 0.1, 0.999995) and large.encoder.mask_prob == 0.5
+    base = unispeech_base()
+    assert (base.encoder.hidden_size, base.codevector_dim) == (768, 256)
+    with pytest.raises(ValueError, match="swap_prob"):
+        UniSpeechConfig(swap_prob=1.5)
+
+
+# ---------------------------------------------------------------------------------------------------- HF parity
+def _hf_config(stable: bool) -> HFUniSpeechConfig:
+    return HFUniSpeechConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        conv_dim=(32, 32, 32),
+        conv_kernel=(10, 3, 2),
+        conv_stride=(5, 2, 2),
+        conv_bias=stable,
+        feat_extract_norm="layer" if stable else "group",
+        do_stable_layer_norm=stable,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+        num_codevector_groups=2,
+        num_codevectors_per_group=8,
+        codevector_dim=16,
+        proj_codevector_dim=12,
+        num_ctc_classes=10,
+        replace_prob=0.0,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        feat_proj_dropout=0.0,
+        feat_quantizer_dropout=0.0,
+        final_dropout=0.0,
+        layerdrop=0.0,
+        mask_time_prob=0.05,
+    )
+
+
+def _perturb(module: torch.nn.Module) -> None:
+    """Move LayerNorm affines and biases off their init so a swapped key would show."""
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                param.add_(0.1 * torch.randn_like(param))
+
+
+@pytest.mark.parametrize("stable", [False, True], ids=["base_post_ln_group_norm", "large_pre_ln_layer_norm"])
+def test_hidden_states_match_transformers_unispeech_model(tmp_path, stable):
+    torch.manual_seed(0)
+    hf = UniSpeechModel(_hf_config(stable)).eval()
+    _perturb(hf)
+    hf.save_pretrained(tmp_path)
+    ours = load_hf_unispeech(tmp_path).eval()
+    audio = torch.randn(2, 4000)
+    lengths = torch.tensor([4000, 2800])
+    mask = torch.arange(4000)[None] < lengths[:, None]
+    with torch.no_grad():
+        ref = hf(audio * mask, attention_mask=mask.long())
+        out = ours.encoder(audio * mask, lengths if stable else None)
+    if stable:  # layer-norm CNN: padding-invariant, compare valid frames with padding masks on both sides
+        valid = ~out.padding_mask
+        diff = (ref.last_hidden_state - out.last_hidden_state)[valid].abs().max()
+    else:  # group-norm CNN: HF ignores the sample mask in the CNN; compare the unpadded path
+        with torch.no_grad():
+            ref = hf(audio)
+            out = ours.encoder(audio)
+        diff = (ref.last_hidden_state - out.last_hidden_state).abs().max()
+        torch.testing.assert_close(out.features, ref.extract_features, atol=1e-5, rtol=0)
+    assert diff <= 1e-4, f"max abs diff {diff}"
+
+
+@pytest.mark.parametrize("stable", [False, True], ids=["base", "large"])
+def test_pretraining_heads_match_transformers_unispeech_for_pretraining(tmp_path, stable):
+    torch.manual_seed(1)
+    hf = UniSpeechForPreTraining(_hf_config(stable)).eval()
+    _perturb(hf)
+    hf.save_pretrained(tmp_path)
+    ours = load_hf_unispeech(tmp_path, require_heads=True).eval()
+    assert ours.config.swap_prob == 0.0 and ours.config.proj_codevector_dim == 12
+    audio = torch.randn(2, 4000)
+    with torch.no_grad():
+        ref = hf(audio)  # eval: argmax codevectors; replace_prob=0 -> CTC on the Transformer output
+        out = ours(audio)
+        ref_ctc = hf.ctc_proj(ref.projected_states)
+    # quantized targets (argmax codevectors -> project_q -> project_hid) and Transformer outputs
+    assert (ref.projected_quantized_states - out.targets).abs().max() <= 1e-4
+    assert (ref.projected_states - out.last_hidden_state).abs().max() <= 1e-4
+    assert (ref_ctc - out.ctc_logits).abs().max() <= 1e-4
+    # HF's eval perplexity is computed from hard assignments = our code perplexity
+    torch.testing.assert_close(out.code_perplexity, ref.codevector_perplexity, atol=1e-4, rtol=0)
+
+
+def test_config_from_hf_maps_every_architecture_field():
+    hf = _hf_config(True).to_dict()
+    ours = config_from_hf(hf)
+    assert ours.encoder.conv_layers == [(32, 10, 5), (32, 3, 2), (32, 2, 2)]
+    assert ours.encoder.layer_norm_first and ours.encoder.conv_bias and ours.encoder.conv_norm == "layer"
+    assert (ours.num_codevector_groups, ours.num_codevectors_per_group, ours.codevector_dim) == (2, 8, 16)
+    assert ours.num_ctc_classes == 10
+
+
+def test_weight_norm_old_spelling_is_mapped(tmp_path):
+    torch.manual_seed(0)
+    hf = UniSpeechForPreTraining(_hf_config(True)).eval()
+    state = dict(hf.state_dict())
+    g = state.pop("unispeech.encoder.pos_conv_embed.conv.parametrizations.weight.original0")
+    v = state.pop("unispeech.encoder.pos_conv_embed.conv.parametrizations.weight.original1")
+    state["unispeech.encoder.pos_conv_embed.conv.weight_g"] = g
+    state["unispeech.encoder.pos_conv_embed.conv.weight_v"] = v
+    converted = convert_state_dict(state)
+    assert torch.equal(converted["encoder.encoder.pos_conv.conv.parametrizations.weight.original0"], g)
+    assert torch.equal(converted["encoder.encoder.pos_conv.conv.parametrizations.weight.original1"], v)
