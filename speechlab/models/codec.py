@@ -1,0 +1,432 @@
+"""Neural audio codec: SEANet encoder -> (latent Transformer) -> residual VQ -> (Transformer) -> SEANet decoder.
+
+Presets (all 16 kHz mono):
+
+* :func:`codec_16khz` — 50 Hz frames (hop 320, aligned with WavLM/HuBERT frames), 8 x 1024 codes = 4 kbps, sized to
+  run >= 10x real time on 2 CPU threads (thin high-rate convs, capacity at the frame rate).
+* :func:`codec_16khz_low_rate` — 12.5 Hz frames (hop 1280), 8 x 2048 = 1.1 kbps, 4-layer latent Transformers.
+* :func:`codec_16khz_causal` — streaming variant of the 50 Hz model (causal convs and attention, explicit state).
+* :func:`codec_tiny` — for tests and CPU recipes.
+
+Tokens are ``codes: (B, n_q, frames) int64``; any prefix ``n_q`` of the levels decodes (quantizer dropout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from speechlab.nn.rvq import ResidualVectorQuantizer, RVQOutput
+from speechlab.nn.seanet import (
+    LatentTransformer,
+    SEANetConfig,
+    SEANetDecoder,
+    SEANetEncoder,
+    fold_weight_norm,
+)
+
+MODEL_TYPE = "speechlab-codec"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class CodecConfig:
+    """Every hyperparameter of :class:`Codec`. Defaults = :func:`codec_16khz`."""
+
+    sample_rate: int = 16000
+    # SEANet
+    n_filters: int = 32
+    ratios: list[int] = field(default_factory=lambda: [2, 4, 5, 8])
+    dimension: int = 256
+    n_residual_layers: int = 1
+    compress: int = 2
+    max_channels: int = 512
+    causal: bool = False
+    # latent Transformer (0 layers = none), one in the encoder and one in the decoder
+    transformer_layers: int = 2
+    transformer_heads: int = 4
+    transformer_ffn: int = 1024
+    transformer_context: int = 250  # causal sliding window in frames
+    # residual VQ
+    num_quantizers: int = 8
+    codebook_size: int = 1024
+    codebook_dim: int | None = None  # set (e.g. 8) for DAC-style factorized L2-normalised codebooks
+    ema_decay: float = 0.99
+    kmeans_iters: int = 50
+    dead_code_threshold: float = 2.0
+    quantizer_dropout: float = 0.5
+    # optional projection of RVQ level 0 to a teacher's hidden size (semantic distillation)
+    semantic_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        self.ratios = [int(r) for r in self.ratios]
+        if any(r < 1 for r in self.ratios):
+            raise ValueError(f"CodecConfig.ratios must be positive, got {self.ratios}")
+        if self.num_quantizers < 1 or self.codebook_size < 2:
+            raise ValueError("CodecConfig needs num_quantizers >= 1 and codebook_size >= 2")
+
+    @property
+    def hop_length(self) -> int:
+        hop = 1
+        for r in self.ratios:
+            hop *= r
+        return hop
+
+    @property
+    def frame_rate(self) -> float:
+        return self.sample_rate / self.hop_length
+
+    def bitrate(self, n_q: int | None = None) -> float:
+        """Bits per second without entropy coding: n_q * log2(K) * frame_rate."""
+        import math
+
+        return (n_q or self.num_quantizers) * math.log2(self.codebook_size) * self.frame_rate
+
+    def seanet(self) -> SEANetConfig:
+        return SEANetConfig(
+            dimension=self.dimension,
+            n_filters=self.n_filters,
+            ratios=list(self.ratios),
+            n_residual_layers=self.n_residual_layers,
+            compress=self.compress,
+            causal=self.causal,
+            max_channels=self.max_channels,
+        )
+
+
+def codec_16khz() -> CodecConfig:
+    return CodecConfig()
+
+
+def codec_16khz_low_rate() -> CodecConfig:
+    return CodecConfig(ratios=[2, 4, 5, 8, 4], transformer_layers=4, codebook_size=2048, dimension=256)
+
+
+def codec_16khz_causal() -> CodecConfig:
+    return CodecConfig(causal=True)
+
+
+def codec_tiny() -> CodecConfig:
+    return CodecConfig(
+        n_filters=8,
+        dimension=32,
+        max_channels=64,
+        transformer_layers=1,
+        transformer_heads=2,
+        transformer_ffn=64,
+        num_quantizers=4,
+        codebook_size=64,
+        kmeans_iters=10,
+    )
+
+
+PRESETS = {
+    "codec_16khz": codec_16khz,
+    "codec_16khz_low_rate": codec_16khz_low_rate,
+    "codec_16khz_causal": codec_16khz_causal,
+    "codec_tiny": codec_tiny,
+}
+
+
+@dataclass
+class CodecOutput:
+    audio: Tensor  # (B, S) reconstruction, same length as the input
+    codes: Tensor  # (B, n_q, T)
+    frame_lengths: Tensor  # (B,)
+    rvq: RVQOutput  # losses and codebook statistics
+    semantic: Tensor | None  # (B, T, semantic_dim) projected level-0 output when semantic_dim is set
+
+
+@dataclass
+class CodecStreamState:
+    """Explicit streaming state: conv/attention caches and not-yet-encoded samples."""
+
+    encoder: dict = field(default_factory=dict)
+    decoder: dict = field(default_factory=dict)
+    pending: Tensor | None = None  # (B, <hop) samples waiting for a full frame
+
+
+class Codec(nn.Module):
+    """``encode(audio, lengths, n_q) -> (codes, frame_lengths)``, ``decode(codes, frame_lengths) -> audio``."""
+
+    def __init__(self, config: CodecConfig | None = None, weight_norm: bool = True) -> None:
+        super().__init__()
+        self.config = config = config or codec_16khz()
+        seanet = config.seanet()
+        self.encoder = SEANetEncoder(seanet, norm=weight_norm)
+        self.decoder = SEANetDecoder(seanet, norm=weight_norm)
+        self.encoder_transformer = self.decoder_transformer = None
+        if config.transformer_layers:
+            args = (
+                config.dimension,
+                config.transformer_layers,
+                config.transformer_heads,
+                config.transformer_ffn,
+                config.causal,
+                config.transformer_context,
+            )
+            self.encoder_transformer = LatentTransformer(*args)
+            self.decoder_transformer = LatentTransformer(*args)
+        self.quantizer = ResidualVectorQuantizer(
+            config.dimension,
+            config.num_quantizers,
+            config.codebook_size,
+            config.codebook_dim,
+            config.ema_decay,
+            config.kmeans_iters,
+            config.dead_code_threshold,
+            config.quantizer_dropout,
+        )
+        self.semantic_proj = nn.Linear(config.dimension, config.semantic_dim) if config.semantic_dim else None
+
+    # --- geometry ---------------------------------------------------------------------------------------------
+    @property
+    def sample_rate(self) -> int:
+        return self.config.sample_rate
+
+    @property
+    def hop_length(self) -> int:
+        return self.config.hop_length
+
+    @property
+    def frame_rate(self) -> float:
+        return self.config.frame_rate
+
+    @property
+    def num_quantizers(self) -> int:
+        return self.config.num_quantizers
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
+
+    def frame_lengths(self, lengths: Tensor) -> Tensor:
+        """Valid samples ``(B,)`` -> valid frames ``(B,)``: ceil(lengths / hop)."""
+        return torch.div(lengths + self.hop_length - 1, self.hop_length, rounding_mode="floor")
+
+    def _check_audio(self, audio: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        if audio.dim() == 3 and audio.shape[1] == 1:
+            audio = audio[:, 0]
+        if audio.dim() != 2:
+            raise ValueError(f"audio must be (batch, samples) mono, got shape {tuple(audio.shape)}")
+        if lengths is not None:
+            lengths = lengths.to(device=audio.device, dtype=torch.long)
+            if (
+                lengths.shape != (audio.shape[0],)
+                or int(lengths.max()) > audio.shape[1]
+                or int(lengths.min()) < 1
+            ):
+                raise ValueError(f"lengths must be (batch,) in [1, {audio.shape[1]}], got {lengths.tolist()}")
+        pad = (-audio.shape[1]) % self.hop_length
+        if pad:
+            audio = nn.functional.pad(audio, (0, pad))
+        return audio, lengths
+
+    # --- encode / decode ----------------------------------------------------------------------------------------
+    def _encode(self, audio: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """-> latent (B, D, T), frame_lengths (B,), and the frame lengths to mask with (None: nothing padded)."""
+        num_samples = audio.shape[-1]
+        audio, lengths = self._check_audio(audio, lengths)
+        if lengths is None and audio.shape[-1] != num_samples:
+            # the hop padding is a padded tail too: mask it so a file alone == the same file inside a batch
+            lengths = torch.full((audio.shape[0],), num_samples, dtype=torch.long, device=audio.device)
+        if lengths is not None:
+            audio = audio * (torch.arange(audio.shape[1], device=audio.device)[None] < lengths[:, None])
+        latent = self.encoder(audio[:, None], lengths)
+        mask_lengths = None if lengths is None else self.frame_lengths(lengths)
+        if self.encoder_transformer is not None:
+            latent = self.encoder_transformer(latent, mask_lengths)
+        frame_lengths = mask_lengths
+        if frame_lengths is None:
+            frame_lengths = torch.full(
+                (audio.shape[0],), latent.shape[-1], dtype=torch.long, device=audio.device
+            )
+        return latent, frame_lengths, mask_lengths
+
+    def encode_latent(self, audio: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``audio: (B, S)`` -> continuous latent ``(B, D, T)`` and ``frame_lengths (B,)``."""
+        latent, frame_lengths, _ = self._encode(audio, lengths)
+        return latent, frame_lengths
+
+    @torch.no_grad()
+    def encode(
+        self, audio: Tensor, lengths: Tensor | None = None, n_q: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``audio: (B, S)`` float in [-1, 1] at ``sample_rate`` -> ``codes (B, n_q, T) int64, frame_lengths (B,)``.
+
+        Codes of padded frames are meaningless (ignore them using ``frame_lengths``).
+        """
+        latent, frame_lengths = self.encode_latent(audio, lengths)
+        return self.quantizer.encode(latent, frame_lengths, n_q), frame_lengths
+
+    def decode_latent(self, quantized: Tensor, frame_lengths: Tensor | None = None) -> Tensor:
+        if self.decoder_transformer is not None:
+            quantized = self.decoder_transformer(quantized, frame_lengths)
+        return self.decoder(quantized, frame_lengths)[:, 0]
+
+    @torch.no_grad()
+    def decode(self, codes: Tensor, frame_lengths: Tensor | None = None) -> Tensor:
+        """``codes: (B, n_q, T)`` (any ``n_q <= num_quantizers``) -> ``audio (B, T * hop)``; tails past
+        ``frame_lengths * hop`` are zero."""
+        if codes.dim() != 3:
+            raise ValueError(f"codes must be (batch, n_q, frames), got shape {tuple(codes.shape)}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
+            raise ValueError(
+                f"codes must be in [0, {self.codebook_size}), got [{int(codes.min())}, {int(codes.max())}]"
+            )
+        quantized = self.quantizer.decode(codes.long())
+        if frame_lengths is not None:
+            frame_lengths = frame_lengths.to(device=codes.device, dtype=torch.long)
+            quantized = quantized * (
+                torch.arange(codes.shape[-1], device=codes.device)[None] < frame_lengths[:, None]
+            )[:, None].to(quantized.dtype)
+        return self.decode_latent(quantized, frame_lengths)
+
+    def forward(self, audio: Tensor, lengths: Tensor | None = None, n_q: int | None = None) -> CodecOutput:
+        """Training/analysis pass: quantize (updating codebooks in training mode) and reconstruct.
+
+        ``audio: (B, S)`` -> :class:`CodecOutput` with ``audio (B, S)``.
+        """
+        num_samples = audio.shape[-1]
+        latent, frame_lengths, mask_lengths = self._encode(audio, lengths)
+        rvq = self.quantizer(latent, mask_lengths, n_q)
+        recon = self.decode_latent(rvq.quantized, mask_lengths)
+        semantic = None
+        if self.semantic_proj is not None:
+            semantic = self.semantic_proj(rvq.first_level.transpose(1, 2))
+        return CodecOutput(recon[:, :num_samples], rvq.codes, frame_lengths, rvq, semantic)
+
+    # --- streaming (causal configs) ------------------------------------------------------------------------------
+    def new_stream_state(self) -> CodecStreamState:
+        if not self.config.causal:
+            raise RuntimeError(
+                "streaming needs a causal codec (codec_16khz_causal() or CodecConfig(causal=True))"
+            )
+        return CodecStreamState()
+
+    @torch.no_grad()
+    def encode_chunk(
+        self, audio: Tensor, state: CodecStreamState, n_q: int | None = None, *, _valid: int | None = None
+    ) -> Tensor:
+        """Feed ``audio: (B, n)`` (any n); returns the codes ``(B, n_q, frames)`` of every frame completed so far.
+
+        Concatenating the outputs over chunks equals ``encode`` on the whole signal (zero-padded to a whole
+        frame), provided the last partial frame is flushed with :meth:`flush`.
+        """
+        if not self.config.causal:
+            raise RuntimeError(
+                "streaming needs a causal codec (codec_16khz_causal() or CodecConfig(causal=True))"
+            )
+        if state.pending is not None:
+            audio = torch.cat([state.pending, audio], dim=-1)
+        usable = audio.shape[-1] - audio.shape[-1] % self.hop_length
+        state.pending = audio[:, usable:]
+        audio = audio[:, :usable]
+        if usable == 0:
+            return torch.zeros(
+                audio.shape[0], n_q or self.num_quantizers, 0, dtype=torch.long, device=audio.device
+            )
+        lengths = None if _valid is None else torch.full((audio.shape[0],), _valid, device=audio.device)
+        latent = self.encoder(audio[:, None], lengths, cache=state.encoder)
+        if self.encoder_transformer is not None:
+            latent = self.encoder_transformer(latent, cache=state.encoder)
+        return self.quantizer.encode(latent, None, n_q)
+
+    @torch.no_grad()
+    def flush(self, state: CodecStreamState, n_q: int | None = None) -> Tensor:
+        """Encode the pending partial frame (zero-padded), as ``encode`` does at the end of a file."""
+        if state.pending is None or state.pending.shape[-1] == 0:
+            b = 0 if state.pending is None else state.pending.shape[0]
+            return torch.zeros(b, n_q or self.num_quantizers, 0, dtype=torch.long)
+        valid = state.pending.shape[-1]
+        pad = state.pending.new_zeros(state.pending.shape[0], self.hop_length - valid)
+        return self.encode_chunk(pad, state, n_q, _valid=valid)
+
+    @torch.no_grad()
+    def decode_chunk(self, codes: Tensor, state: CodecStreamState) -> Tensor:
+        """``codes: (B, n_q, frames)`` -> ``audio (B, frames * hop)``; chunks concatenate to ``decode``."""
+        if not self.config.causal:
+            raise RuntimeError(
+                "streaming needs a causal codec (codec_16khz_causal() or CodecConfig(causal=True))"
+            )
+        quantized = self.quantizer.decode(codes.long())
+        if self.decoder_transformer is not None:
+            quantized = self.decoder_transformer(quantized, cache=state.decoder)
+        return self.decoder(quantized, cache=state.decoder)[:, 0]
+
+    # --- export -------------------------------------------------------------------------------------------------
+    def fold_weight_norm(self) -> Codec:
+        """Fold weight norm into plain weights (faster inference; training should keep it)."""
+        fold_weight_norm(self)
+        return self
+
+    def codebook_hash(self) -> str:
+        """sha256 (16 hex digits) of the code -> vector tables: identifies a token vocabulary."""
+        digest = hashlib.sha256()
+        for tensor in self.quantizer.codebook_state():
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def model_version(self) -> str:
+        return f"{MODEL_TYPE}/{FORMAT_VERSION}"
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (weight norm folded) + a short ``README.md``."""
+        import copy
+
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        folded = copy.deepcopy(self).cpu().fold_weight_norm()
+        state = {k: v.detach().contiguous() for k, v in folded.state_dict().items()}
+        save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        meta = {
+            "model_type": MODEL_TYPE,
+            "format_version": FORMAT_VERSION,
+            "codebook_hash": self.codebook_hash(),
+            "config": asdict(self.config),
+        }
+        (directory / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        c = self.config
+        (directory / "README.md").write_text(
+            f"# speechlab codec\n\n{c.sample_rate} Hz mono, hop {c.hop_length} ({c.frame_rate:g} Hz frames), "
+            f"{c.num_quantizers} x {c.codebook_size} codes ({c.bitrate() / 1000:g} kbps at full n_q), "
+            f"{'causal/streaming' if c.causal else 'non-causal'}.\nCodebook hash `{self.codebook_hash()}`.\n\n"
+            "```python\nfrom speechlab.models.codec import Codec\ncodec = Codec.from_pretrained(path)\n"
+            "codes, frame_lengths = codec.encode(audio, lengths)\naudio = codec.decode(codes, frame_lengths)\n```\n"
+        )
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> Codec:
+        """Load a directory written by :meth:`save_pretrained` (safetensors only, no pickle)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config_path = directory / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(
+                f"{config_path} not found: expected a speechlab codec directory "
+                "(config.json + model.safetensors) written by Codec.save_pretrained"
+            )
+        meta = json.loads(config_path.read_text())
+        if meta.get("model_type") != MODEL_TYPE:
+            raise ValueError(
+                f"{config_path}: model_type is {meta.get('model_type')!r}, expected {MODEL_TYPE!r}"
+            )
+        known = {f.name for f in dataclasses.fields(CodecConfig)}
+        unknown = set(meta["config"]) - known
+        if unknown:
+            raise ValueError(
+                f"{config_path}: unknown CodecConfig fields {sorted(unknown)} (newer speechlab?)"
+            )
+        model = cls(CodecConfig(**meta["config"]), weight_norm=False)
+        model.load_state_dict(load_file(str(directory / "model.safetensors"), device=map_location))
+        return model.eval()
