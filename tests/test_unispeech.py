@@ -208,6 +208,6 @@ def test_weight_norm_old_spelling_is_mapped(tmp_path):
     v = state.pop("unispeech.encoder.pos_conv_embed.conv.parametrizations.weight.original1")
     state["unispeech.encoder.pos_conv_embed.conv.weight_g"] = g
     state["unispeech.encoder.pos_conv_embed.conv.weight_v"] = v
-    converted = convert_state_dict(state)
+    converted = convert_state_dict(state, config_from_hf(_hf_config(True).to_dict()))
     assert torch.equal(converted["encoder.encoder.pos_conv.conv.parametrizations.weight.original0"], g)
     assert torch.equal(converted["encoder.encoder.pos_conv.conv.parametrizations.weight.original1"], v)

@@ -4,32 +4,29 @@ Accepts the state dict of ``UniSpeechModel`` (backbone only, no prefix), ``UniSp
 backbone + ``quantizer``, ``project_q``, ``project_hid``, ``ctc_proj``) or ``UniSpeechForCTC`` (``unispeech.`` +
 ``lm_head``), from a ``save_pretrained`` directory (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``).
 
-Key map (spec §9.3): ``feature_extractor.conv_layers.i.{conv,layer_norm}`` -> ``encoder.feature_encoder.conv_layers.i.
-{conv,norm}``; ``feature_projection.layer_norm`` -> ``encoder.feature_norm``; ``feature_projection.projection`` ->
-``encoder.feature_projection``; ``masked_spec_embed`` -> ``encoder.mask_emb``; ``encoder.pos_conv_embed.conv`` ->
-``encoder.encoder.pos_conv.conv`` (both weight-norm spellings: ``weight_g/weight_v`` and
-``parametrizations.weight.original0/1``); per layer ``layer_norm`` -> ``attention_norm``, ``final_layer_norm`` ->
-``ffn_norm``, ``feed_forward.intermediate_dense/output_dense`` -> ``feed_forward.fc1/fc2``; heads
-``quantizer.{codevectors,weight_proj}``, ``project_q``, ``project_hid`` -> ``final_proj``, ``ctc_proj``.
+The backbone keys and config fields are mapped by :mod:`speechlab.checkpoints.hf_ssl` (shared with WavLM / HuBERT /
+wav2vec 2.0); this module adds the UniSpeech heads: ``quantizer.{codevectors,weight_proj}``, ``project_q``,
+``project_hid`` -> ``final_proj`` (Linear(proj_codevector_dim -> hidden), spec §10.13), ``ctc_proj``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
+from speechlab.checkpoints.hf_ssl import config_from_hf as ssl_config_from_hf
+from speechlab.checkpoints.hf_ssl import state_dict_from_hf as ssl_state_dict_from_hf
 from speechlab.checkpoints.safe_load import (
     CheckpointError,
     load_safetensors,
     load_torch_checkpoint,
     read_json,
 )
-from speechlab.models.ssl_encoder import SSLEncoderConfig
 from speechlab.models.unispeech import UniSpeech, UniSpeechConfig
 
 __all__ = [
@@ -40,13 +37,6 @@ __all__ = [
     "read_hf_directory",
 ]
 
-_LAYER_RENAMES = (
-    (r"\.layer_norm\.", ".attention_norm."),
-    (r"\.final_layer_norm\.", ".ffn_norm."),
-    (r"\.feed_forward\.intermediate_dense\.", ".feed_forward.fc1."),
-    (r"\.feed_forward\.output_dense\.", ".feed_forward.fc2."),
-)
-
 
 def _get(hf: Mapping[str, Any], key: str, default: Any) -> Any:
     value = hf.get(key, default)
@@ -54,45 +44,18 @@ def _get(hf: Mapping[str, Any], key: str, default: Any) -> Any:
 
 
 def config_from_hf(hf: Mapping[str, Any]) -> UniSpeechConfig:
-    """Map a HF ``UniSpeechConfig`` (``config.json`` dict or ``to_dict()``) to ours; unsupported choices raise."""
-    for key in ("hidden_act", "feat_extract_activation"):
-        if _get(hf, key, "gelu") != "gelu":
-            raise CheckpointError(f"HF config {key}={hf[key]!r} is not supported (speechlab uses GELU)")
-    if _get(hf, "add_adapter", False):
-        raise CheckpointError("HF config add_adapter=True is not supported (no adapter layers in speechlab)")
-    conv_dim = list(_get(hf, "conv_dim", [512] * 7))
-    conv_kernel = list(_get(hf, "conv_kernel", [10, 3, 3, 3, 3, 2, 2]))
-    conv_stride = list(_get(hf, "conv_stride", [5, 2, 2, 2, 2, 2, 2]))
-    if not len(conv_dim) == len(conv_kernel) == len(conv_stride):
-        raise CheckpointError(
-            f"HF config conv_dim/conv_kernel/conv_stride lengths differ: {len(conv_dim)}/{len(conv_kernel)}/"
-            f"{len(conv_stride)}"
-        )
-    norm = _get(hf, "feat_extract_norm", "group")
-    if norm not in ("group", "layer"):
-        raise CheckpointError(f"HF config feat_extract_norm={norm!r}; expected 'group' or 'layer'")
-    encoder = SSLEncoderConfig(
-        conv_layers=[
-            (int(c), int(k), int(s)) for c, k, s in zip(conv_dim, conv_kernel, conv_stride, strict=True)
-        ],
-        conv_norm=norm,
-        conv_bias=bool(_get(hf, "conv_bias", False)),
-        hidden_size=int(_get(hf, "hidden_size", 768)),
-        num_layers=int(_get(hf, "num_hidden_layers", 12)),
-        num_heads=int(_get(hf, "num_attention_heads", 12)),
-        ffn_size=int(_get(hf, "intermediate_size", 3072)),
-        layer_norm_first=bool(_get(hf, "do_stable_layer_norm", False)),
-        pos_conv_kernel=int(_get(hf, "num_conv_pos_embeddings", 128)),
-        pos_conv_groups=int(_get(hf, "num_conv_pos_embedding_groups", 16)),
-        dropout=float(_get(hf, "hidden_dropout", 0.1)),
-        attention_dropout=float(_get(hf, "attention_dropout", 0.1)),
-        activation_dropout=float(_get(hf, "activation_dropout", 0.1)),
-        feature_dropout=float(_get(hf, "feat_proj_dropout", 0.0)),
-        layerdrop=float(_get(hf, "layerdrop", 0.1)),
-        mask_prob=float(_get(hf, "mask_time_prob", 0.05)),
-        mask_length=int(_get(hf, "mask_time_length", 10)),
-        layer_norm_eps=float(_get(hf, "layer_norm_eps", 1e-5)),
-    )
+    """Map a HF ``UniSpeechConfig`` (``config.json`` dict or ``to_dict()``) to ours; unsupported choices raise.
+
+    The backbone goes through :func:`speechlab.checkpoints.hf_ssl.config_from_hf`; span masking is set to the
+    UniSpeech pretraining value (p 0.5, length 10), since HF's ``mask_time_prob`` is fine-tuning SpecAugment.
+    """
+    hf = dict(hf)
+    hf.setdefault("model_type", "unispeech")
+    try:
+        encoder = ssl_config_from_hf(hf)
+    except ValueError as err:
+        raise CheckpointError(f"HF UniSpeech config: {err}") from err
+    encoder = dataclasses.replace(encoder, mask_prob=0.5, mask_length=10)
     return UniSpeechConfig(
         encoder=encoder,
         num_codevector_groups=int(_get(hf, "num_codevector_groups", 2)),
@@ -106,43 +69,9 @@ def config_from_hf(hf: Mapping[str, Any]) -> UniSpeechConfig:
     )
 
 
-def _backbone_key(key: str) -> str | None:
-    """HF ``UniSpeechModel`` key (no prefix) -> our ``SSLEncoder`` key, or None if it is not a backbone key."""
-    if key == "masked_spec_embed":
-        return "mask_emb"
-    if key.startswith("feature_extractor.conv_layers."):
-        return "feature_encoder." + key[len("feature_extractor.") :].replace(".layer_norm.", ".norm.")
-    if key.startswith("feature_projection.layer_norm."):
-        return "feature_norm." + key.rsplit(".", 1)[1]
-    if key.startswith("feature_projection.projection."):
-        return "feature_projection." + key.rsplit(".", 1)[1]
-    if key.startswith("encoder.pos_conv_embed.conv."):
-        tail = key[len("encoder.pos_conv_embed.conv.") :]
-        tail = {
-            "weight_g": "parametrizations.weight.original0",
-            "weight_v": "parametrizations.weight.original1",
-        }.get(tail, tail)
-        return "encoder.pos_conv.conv." + tail
-    if key.startswith("encoder.layer_norm."):
-        return key
-    if key.startswith("encoder.layers."):
-        for pattern, replacement in _LAYER_RENAMES:
-            key = re.sub(pattern, replacement, key)
-        return key
-    return None
-
-
-def encoder_state_from_hf(hf_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Backbone weights only, as an ``SSLEncoder`` state dict (for ``CTCModel.encoder`` or ``UniSpeech.encoder``).
-
-    Accepts keys with or without the ``unispeech.`` prefix; heads are ignored.
-    """
-    out = {}
-    for key, value in hf_state.items():
-        bare = key[len("unispeech.") :] if key.startswith("unispeech.") else key
-        mapped = _backbone_key(bare)
-        if mapped is not None:
-            out[mapped] = value
+def encoder_state_from_hf(hf_state: Mapping[str, Tensor], config: UniSpeechConfig) -> dict[str, Tensor]:
+    """Backbone weights only, as an ``SSLEncoder`` state dict (``unispeech.`` prefix optional; heads ignored)."""
+    out = ssl_state_dict_from_hf(dict(hf_state), config.encoder)
     if not out:
         raise CheckpointError(
             "no UniSpeech backbone keys found (expected feature_extractor.*, encoder.* ...)"
@@ -150,10 +79,10 @@ def encoder_state_from_hf(hf_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def convert_state_dict(hf_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def convert_state_dict(hf_state: Mapping[str, Tensor], config: UniSpeechConfig) -> dict[str, Tensor]:
     """HF UniSpeech state dict (any of the three classes) -> our ``UniSpeech`` state dict (possibly partial:
     a ``UniSpeechModel`` file has no quantizer / heads; check with ``load_state_dict(strict=False)``)."""
-    out = {f"encoder.{k}": v for k, v in encoder_state_from_hf(hf_state).items()}
+    out = {f"encoder.{k}": v for k, v in encoder_state_from_hf(hf_state, config).items()}
     heads = {
         "quantizer.codevectors": "quantizer.codevectors",
         "quantizer.weight_proj.weight": "quantizer.weight_proj.weight",
@@ -197,8 +126,9 @@ def load_hf_unispeech(path: str | os.PathLike, *, require_heads: bool = False) -
     what fine-tuning from a ``UniSpeechModel`` checkpoint needs.
     """
     hf_config, hf_state = read_hf_directory(path)
-    model = UniSpeech(config_from_hf(hf_config))
-    state = convert_state_dict(hf_state)
+    config = config_from_hf(hf_config)
+    model = UniSpeech(config)
+    state = convert_state_dict(hf_state, config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     backbone_missing = [k for k in missing if k.startswith("encoder.") and k != "encoder.mask_emb"]
     head_missing = [k for k in missing if not k.startswith("encoder.")]
