@@ -320,6 +320,15 @@ DEFAULT_CONFIG_LIMITS: dict[str, int] = {
     "channels": 16384,
     "kernel": 4096,
     "stride": 4096,
+    # Hugging Face config.json names
+    "num_hidden_layers": 256,
+    "num_attention_heads": 256,
+    "intermediate_size": 65536,
+    "conv_dim": 16384,
+    "conv_kernel": 4096,
+    "conv_stride": 4096,
+    "num_conv_pos_embeddings": 1024,
+    "max_bucket_distance": 1000000,
 }
 MAX_PARAMETERS = 20_000_000_000
 
@@ -342,19 +351,26 @@ def check_config_limits(
         if isinstance(obj, Mapping):
             for key, value in obj.items():
                 field = f"{where}.{key}" if where else str(key)
-                if key in limits and isinstance(value, int | float) and not isinstance(value, bool):
-                    if not (0 <= value <= limits[key]) or value != value:
-                        raise CheckpointError(
-                            f"{source}: config field {field}={value} is outside [0, {limits[key]}]; the config is "
-                            "corrupt or not a speech model config."
-                        )
+                if key in limits:
+                    values = value if isinstance(value, list | tuple) else [value]
+                    for v in values:
+                        if (
+                            isinstance(v, int | float)
+                            and not isinstance(v, bool)
+                            and not (0 <= v <= limits[key])
+                        ):
+                            raise CheckpointError(
+                                f"{source}: config field {field}={value} is outside [0, {limits[key]}]; the config "
+                                "is corrupt or not a speech model config."
+                            )
                 visit(value, field)
         elif isinstance(obj, list | tuple):
             for i, item in enumerate(obj):
                 visit(item, f"{where}[{i}]")
 
     visit(values, "")
-    layers, width = values.get("num_layers"), values.get("hidden_size")
+    layers = values.get("num_layers", values.get("num_hidden_layers"))
+    width = values.get("hidden_size")
     if isinstance(layers, int) and isinstance(width, int):
         estimate = 12 * layers * width * width
         if estimate > max_parameters:

@@ -1,0 +1,725 @@
+"""The Python API: ``load`` a checkpoint from anywhere, extract layer-wise features with ``FeatureExtractor``.
+
+```python
+model = load("path/or/hub-id")                      # ours, Hugging Face dir / hub id, or fairseq/unilm .pt
+extractor = FeatureExtractor(model, layers=[6, 12])
+features = extractor(["a.flac", "b.wav"])           # waveforms, lists, padded batches or paths
+features.hidden_states                              # (layers, batch, frames, dim) float32, zero-padded
+features.lengths                                    # (batch,) valid frames (50 Hz)
+```
+
+Hidden states follow the backbone's convention (:mod:`speechlab.nn.transformer`): index 0 is the Transformer input
+(after the conv positional embedding), index i the output of layer i, ``L+1`` states in all; for pre-LN (Large)
+models index L is *before* the final LayerNorm (as in ``transformers``' ``hidden_states``).
+
+**Batch invariance.** For models whose conv encoder uses LayerNorm (Large; ``conv_norm="layer"``) a padded batch
+gives each utterance the same features as running it alone (within ~1e-5). Base models use a GroupNorm over time in
+conv block 0, whose statistics include the zero padding, so padding *changes* the features of shorter utterances
+(by tens of percent; every reference implementation behaves the same). The extractor warns once when it pads such
+a batch; ``exact=True`` groups utterances by identical length and runs the rest unpadded, so every utterance gets
+exactly its single-utterance features (at some speed cost for batches of mixed lengths).
+
+**Long inputs** are split into windows on the 320-sample / 50 Hz frame grid: each window computes ``chunk_seconds``
+of "core" frames plus ``context_seconds`` of context on each side, and only the core frames are kept, so every
+output frame exists exactly once at its global index and the result has exactly the unchunked frame count. Frames
+whose receptive field fits in the window (the conv features; every layer of a model without attention) are
+identical to unchunked extraction; Transformer layers see ``context_seconds`` of context instead of the whole
+file. Memory is bounded by one window batch plus the output (use :meth:`FeatureExtractor.iter_chunks` to stream
+the output instead). With waveform normalisation (Large models) the whole file is normalised once, not per window.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from speechlab.checkpoints.pretrained_dir import config_to_dict
+from speechlab.checkpoints.safe_load import (
+    DEFAULT_CONFIG_LIMITS,
+    CheckpointError,
+    TensorInfo,
+    check_config_limits,
+    check_state_dict,
+    load_safetensors,
+    load_torch_checkpoint,
+    read_json,
+    read_safetensors_header,
+    tensor_infos,
+)
+from speechlab.models.ssl_encoder import SSLEncoder, normalize_waveform
+
+__all__ = [
+    "load",
+    "FeatureExtractor",
+    "Features",
+    "WeightedLayerSum",
+    "ChunkWindow",
+    "plan_chunks",
+    "conv_geometry",
+    "find_encoder",
+    "read_hf_directory",
+    "HF_MODEL_TYPES",
+]
+
+SAMPLE_RATE = 16000
+HF_MODEL_TYPES = ("wavlm", "hubert", "wav2vec2", "unispeech")
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+_FAIRSEQ_LIMITS = {"encoder_layers": 256, "encoder_embed_dim": 16384, "encoder_ffn_embed_dim": 65536,
+                   "encoder_attention_heads": 256, "conv_pos": 1024}  # fmt: skip
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+# =================================================================================================== load
+
+
+def load(
+    source: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> nn.Module:
+    """Load a model from any supported source; returns it in eval mode on ``device``.
+
+    ``source`` is one of:
+
+    * a speechlab pretrained directory (``config.json`` with ``family`` + ``model.safetensors``);
+    * a Hugging Face model directory (``config.json`` with ``model_type`` in ``wavlm``, ``hubert``, ``wav2vec2``,
+      ``unispeech``; weights as ``model.safetensors`` or ``pytorch_model.bin``);
+    * a Hugging Face hub id (``"microsoft/wavlm-base-plus"``), fetched with ``huggingface_hub.snapshot_download``;
+      when the hub cannot be reached the local cache is used (``local_files_only``), and an id that is neither
+      reachable nor cached is a clear error naming it;
+    * an original fairseq / unilm checkpoint file (``WavLM-Base+.pt``: a dict with ``cfg`` and ``model``).
+
+    Nothing is ever unpickled beyond tensors and plain containers (see :mod:`speechlab.checkpoints.safe_load`).
+    WavLM / HuBERT / wav2vec2 give an :class:`~speechlab.models.ssl_encoder.SSLEncoder`; UniSpeech gives
+    :class:`~speechlab.models.unispeech.UniSpeech` (its backbone is ``model.encoder``).
+    """
+    path = Path(source)
+    if path.is_dir():
+        model = _load_directory(path)
+    elif path.is_file():
+        if path.suffix.lower() not in _CHECKPOINT_SUFFIXES:
+            raise CheckpointError(
+                f"{path}: unsupported checkpoint file type {path.suffix!r}; expected a fairseq/unilm "
+                f"{'/'.join(_CHECKPOINT_SUFFIXES)} file or a directory (speechlab or Hugging Face)."
+            )
+        model = _load_fairseq_file(path)
+    else:
+        model = _load_directory(_snapshot(str(source), revision=revision, cache_dir=cache_dir))
+    return model.to(device).eval()
+
+
+def _load_directory(directory: Path) -> nn.Module:
+    from speechlab.checkpoints.pretrained_dir import CONFIG_NAME, is_pretrained_dir, load_pretrained
+
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise CheckpointError(
+            f"{directory}: no {CONFIG_NAME}; expected a speechlab pretrained directory or a Hugging Face model "
+            "directory (config.json + model.safetensors)."
+        )
+    if is_pretrained_dir(directory):
+        return load_pretrained(directory)
+    config = read_json(config_path)
+    model_type = config.get("model_type")
+    if model_type is None:
+        raise CheckpointError(
+            f"{config_path}: neither a speechlab config (no 'family') nor a Hugging Face config (no 'model_type')."
+        )
+    if model_type == "unispeech":
+        from speechlab.checkpoints.hf_unispeech import load_hf_unispeech
+
+        return load_hf_unispeech(directory)
+    if model_type in ("wavlm", "hubert", "wav2vec2"):
+        return _load_hf_ssl(directory, config)
+    raise CheckpointError(
+        f"{config_path}: unsupported model_type {model_type!r}; speechlab.load reads {', '.join(HF_MODEL_TYPES)} "
+        "Hugging Face checkpoints."
+    )
+
+
+def _meta_expected(config: Any) -> dict[str, TensorInfo]:
+    """Expected tensor shapes of an SSLEncoder built on the meta device (allocates nothing)."""
+    with torch.device("meta"):
+        return tensor_infos(SSLEncoder(config))
+
+
+def _build_checked(config: Any, state: dict[str, Any], source: str) -> SSLEncoder:
+    """Validate ``state`` against the config's shapes, then build the encoder and load it strictly."""
+    expected = _meta_expected(config)
+    if "mask_emb" not in state:  # HF drops masked_spec_embed when masking is off; it is unused at inference
+        state = {**state, "mask_emb": None}
+    check_state_dict({k: v for k, v in state.items() if v is not None}, expected, source=source,
+                     ignore_missing=("mask_emb",))  # fmt: skip
+    model = SSLEncoder(config)
+    if state.get("mask_emb") is None:
+        state = {**state, "mask_emb": model.mask_emb.detach().clone()}
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _load_hf_ssl(directory: Path, hf_config: dict) -> SSLEncoder:
+    """HF WavLM / HuBERT / wav2vec2 directory -> SSLEncoder, through the backbone engineer's key map
+    (:mod:`speechlab.checkpoints.hf_ssl`) and our safe readers: config limits and shapes (from the safetensors
+    header) are checked before any weight is read."""
+    from speechlab.checkpoints import hf_ssl
+
+    source = str(directory / "config.json")
+    check_config_limits(hf_config, source=source)
+    normalize = None
+    preprocessor = directory / "preprocessor_config.json"
+    if preprocessor.is_file():
+        normalize = bool(read_json(preprocessor).get("do_normalize", False))
+    try:
+        config = hf_ssl.config_from_hf(hf_config, normalize_waveform=normalize)
+        check_config_limits(config_to_dict(config), source=source)
+        single = directory / "model.safetensors"
+        if single.is_file():  # shapes from the header first: refuse mismatches before reading any tensor data
+            infos, _ = read_safetensors_header(single)
+            mapped = hf_ssl.state_dict_from_hf(infos, config)
+            check_state_dict(mapped, _meta_expected(config), source=str(single), ignore_missing=("mask_emb",))
+        _, hf_state = read_hf_directory(directory)
+        state = hf_ssl.state_dict_from_hf(hf_state, config)
+    except (KeyError, ValueError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"{directory}: cannot convert the Hugging Face checkpoint: {err}") from err
+    return _build_checked(config, state, str(directory))
+
+
+def read_hf_directory(directory: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
+    """``(config dict, state dict)`` of a Hugging Face ``save_pretrained`` directory, loaded safely.
+
+    Weights: ``model.safetensors``, sharded ``model.safetensors.index.json``, or ``pytorch_model.bin``
+    (``torch.load(weights_only=True)``).
+    """
+    directory = Path(directory)
+    config = read_json(directory / "config.json")
+    single = directory / "model.safetensors"
+    index = directory / "model.safetensors.index.json"
+    if single.is_file():
+        return config, dict(load_safetensors(single))
+    if index.is_file():
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+        state: dict[str, Tensor] = {}
+        for shard in shards:
+            if Path(shard).name != shard:
+                raise CheckpointError(f"{index}: shard name {shard!r} must be a plain file name.")
+            state.update(load_safetensors(directory / shard))
+        return config, state
+    binary = directory / "pytorch_model.bin"
+    if binary.is_file():
+        state = load_torch_checkpoint(binary)
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{binary}: expected a state dict, found {type(state).__name__}.")
+        return config, state
+    raise CheckpointError(f"{directory}: no model.safetensors or pytorch_model.bin next to config.json.")
+
+
+_CONV_MULTIPLIER = re.compile(r"\*\s*(\d+)|(\d+)\s*\*")
+
+
+def _load_fairseq_file(path: Path) -> SSLEncoder:
+    """unilm WavLM / fairseq HuBERT / wav2vec2 ``.pt`` -> SSLEncoder via :mod:`speechlab.checkpoints.unilm`,
+    read with ``torch.load(weights_only=True)`` (memory-mapped) and validated before building the model."""
+    from speechlab.checkpoints import unilm
+
+    checkpoint = load_torch_checkpoint(path)
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "cfg" not in checkpoint:
+        found = (
+            sorted(map(str, checkpoint))[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        )
+        raise CheckpointError(
+            f"{path}: expected a fairseq/unilm checkpoint (a dict with 'cfg' and 'model'), found {found}. "
+            "speechlab pretrained directories and Hugging Face directories are loaded by passing the directory."
+        )
+    cfg = checkpoint["cfg"]
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: 'cfg' must be a plain dict, found {type(cfg).__name__}.")
+    model_cfg = cfg["model"] if isinstance(cfg.get("model"), dict) else cfg
+    check_config_limits(model_cfg, source=str(path), limits={**DEFAULT_CONFIG_LIMITS, **_FAIRSEQ_LIMITS})
+    conv_spec = model_cfg.get("conv_feature_layers")
+    if isinstance(conv_spec, str):  # bound the list it expands to before evaluating it
+        factor = math.prod(int(a or b) for a, b in _CONV_MULTIPLIER.findall(conv_spec))
+        if len(conv_spec) > 1000 or factor > 1024:
+            raise CheckpointError(
+                f"{path}: cfg conv_feature_layers {conv_spec[:100]!r} is implausibly large."
+            )
+    try:
+        config = unilm.config_from_unilm(cfg)
+        check_config_limits(config_to_dict(config), source=str(path))
+        state = unilm.state_dict_from_unilm(checkpoint["model"], config)
+    except (KeyError, ValueError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: cannot convert the fairseq/unilm checkpoint: {err}") from err
+    return _build_checked(config, state, str(path))
+
+
+def _snapshot(repo_id: str, *, revision: str | None, cache_dir: str | os.PathLike | None) -> Path:
+    """Download (or find in the cache) a hub model; weights only as safetensors / .bin / .pt, never code."""
+    if not _HUB_ID.match(repo_id) or repo_id.count("/") > 1:
+        raise CheckpointError(
+            f"{repo_id}: no such file or directory, and not a valid Hugging Face hub id (expected 'org/name')."
+        )
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as err:  # pragma: no cover - huggingface_hub comes with transformers
+        raise CheckpointError(f"{repo_id}: not a local path, and huggingface_hub is not installed.") from err
+    patterns = ["*.json", "*.safetensors", "*.md", "*.txt", "*.model", "pytorch_model*.bin"]
+    kwargs = dict(revision=revision, cache_dir=cache_dir, allow_patterns=patterns)
+    errors = []
+    for local_only in (False, True):
+        try:
+            return Path(snapshot_download(repo_id, local_files_only=local_only, **kwargs))
+        except Exception as err:  # network errors, offline mode, missing repo: try the cache, then explain
+            errors.append(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+    raise CheckpointError(
+        f"{repo_id}: not a local path, could not be downloaded from the Hugging Face hub and is not in the local "
+        f"cache ({errors[-1]}). Check the id and your connection, or download it once with network access "
+        "(or pass a local directory)."
+    )
+
+
+# =================================================================================================== geometry
+
+
+def conv_geometry(conv_layers: Sequence[Sequence[int]]) -> tuple[int, int]:
+    """``(hop, receptive_field)`` in samples of a conv stack of ``(channels, kernel, stride)``; (320, 400) for
+    the standard wav2vec 2.0 encoder: frame ``t`` sees samples ``[t * hop, t * hop + receptive_field)``."""
+    hop, field = 1, 1
+    for _, kernel, stride in conv_layers:
+        field += (kernel - 1) * hop
+        hop *= stride
+    return hop, field
+
+
+@dataclass(frozen=True)
+class ChunkWindow:
+    """One window of chunked extraction, on the frame grid.
+
+    The model runs on samples ``[sample_start, sample_end)`` which give frames ``[frame_start, frame_end)``
+    (global indices); of those, ``[keep_start, keep_end)`` (global) are kept.
+    """
+
+    sample_start: int
+    sample_end: int
+    frame_start: int
+    frame_end: int
+    keep_start: int
+    keep_end: int
+
+    @property
+    def num_samples(self) -> int:
+        return self.sample_end - self.sample_start
+
+
+def plan_chunks(
+    num_frames: int, *, hop: int, receptive_field: int, chunk_frames: int, context_frames: int
+) -> list[ChunkWindow]:
+    """Split ``num_frames`` output frames into windows of ``chunk_frames`` kept frames with up to
+    ``context_frames`` of context each side. Window ``[a - c, b + c)`` needs samples
+    ``[(a - c) * hop, (b + c - 1) * hop + receptive_field)``, which give exactly ``b + c - (a - c)`` frames
+    aligned with the global grid because every window starts at a multiple of ``hop``."""
+    if chunk_frames < 1 or context_frames < 0:
+        raise ValueError(
+            f"chunk_frames must be >= 1 and context_frames >= 0, got {chunk_frames}, {context_frames}"
+        )
+    windows = []
+    for keep_start in range(0, num_frames, chunk_frames):
+        keep_end = min(keep_start + chunk_frames, num_frames)
+        frame_start = max(0, keep_start - context_frames)
+        frame_end = min(num_frames, keep_end + context_frames)
+        windows.append(
+            ChunkWindow(
+                sample_start=frame_start * hop,
+                sample_end=(frame_end - 1) * hop + receptive_field,
+                frame_start=frame_start,
+                frame_end=frame_end,
+                keep_start=keep_start,
+                keep_end=keep_end,
+            )
+        )
+    return windows
+
+
+def find_encoder(model: nn.Module) -> SSLEncoder:
+    """The :class:`SSLEncoder` inside ``model`` (the model itself, ``model.encoder``, or the first submodule)."""
+    if isinstance(model, SSLEncoder):
+        return model
+    for name in ("encoder", "backbone"):
+        candidate = getattr(model, name, None)
+        if isinstance(candidate, SSLEncoder):
+            return candidate
+    for module in model.modules():
+        if isinstance(module, SSLEncoder):
+            return module
+    raise TypeError(
+        f"FeatureExtractor needs a model with an SSLEncoder backbone (WavLM / HuBERT / wav2vec2 / UniSpeech); "
+        f"got {type(model).__name__}."
+    )
+
+
+# =================================================================================================== features
+
+
+@dataclass
+class Features:
+    """Output of :class:`FeatureExtractor`.
+
+    hidden_states: (num_layers, batch, frames, dim) float32; frames past ``lengths[b]`` are zero.
+    lengths: (batch,) int64 valid frames per utterance (conv formula, 50 Hz).
+    layers: which hidden-state indices ``hidden_states[i]`` holds (0 = Transformer input, L = last layer).
+    """
+
+    hidden_states: Tensor
+    lengths: Tensor
+    layers: tuple[int, ...]
+
+    def unpad(self) -> list[Tensor]:
+        """Per utterance: (num_layers, frames_b, dim) views without padding."""
+        return [self.hidden_states[:, b, : int(n)] for b, n in enumerate(self.lengths.tolist())]
+
+    def layer(self, index: int) -> Tensor:
+        """(batch, frames, dim) for hidden-state index ``index`` (must be among ``layers``)."""
+        if index not in self.layers:
+            raise KeyError(f"layer {index} was not extracted; extracted layers: {list(self.layers)}")
+        return self.hidden_states[self.layers.index(index)]
+
+
+class WeightedLayerSum(nn.Module):
+    """SUPERB-style weighted sum of hidden states: ``sum_l w_l * h_l`` with ``w = softmax(logits)``.
+
+    learnable=True: ``logits`` is a parameter initialised to zeros (equal weights) or to ``log(weights)``.
+    learnable=False: ``weights`` are used as given (fixed, not normalised), e.g. a one-hot layer selection.
+    normalize: apply a parameter-free LayerNorm to each layer first (s3prl ``Featurizer`` option).
+
+    hidden_states: (num_layers, batch, frames, dim) -> (batch, frames, dim).
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        *,
+        learnable: bool = True,
+        weights: Sequence[float] | Tensor | None = None,
+        normalize: bool = False,
+    ):
+        super().__init__()
+        self.num_layers = num_layers
+        self.learnable = learnable
+        self.normalize = normalize
+        if weights is not None:
+            weights = torch.as_tensor(weights, dtype=torch.float32)
+            if weights.shape != (num_layers,):
+                raise ValueError(f"weights must have shape ({num_layers},), got {tuple(weights.shape)}")
+        if learnable:
+            init = torch.zeros(num_layers) if weights is None else weights.clamp(min=1e-8).log()
+            self.logits = nn.Parameter(init)
+        else:
+            if weights is None:
+                weights = torch.full((num_layers,), 1.0 / num_layers)
+            self.register_buffer("fixed_weights", weights)
+
+    @property
+    def weights(self) -> Tensor:
+        """(num_layers,) the weights currently applied."""
+        return torch.softmax(self.logits, dim=0) if self.learnable else self.fixed_weights
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        if hidden_states.shape[0] != self.num_layers:
+            raise ValueError(
+                f"expected {self.num_layers} layers, got hidden_states of shape {tuple(hidden_states.shape)}"
+            )
+        if self.normalize:
+            hidden_states = torch.nn.functional.layer_norm(hidden_states, hidden_states.shape[-1:])
+        weights = self.weights.to(hidden_states.dtype)
+        return torch.einsum("l,l...->...", weights, hidden_states)
+
+
+AudioInput = Tensor | np.ndarray | str | os.PathLike | Sequence[Any]
+
+
+class FeatureExtractor:
+    """Layer-wise features from an SSL model, for single files up to hour-long recordings.
+
+    Args:
+        model: a model from :func:`load` (or any module holding an ``SSLEncoder``).
+        layers: hidden-state indices to return (0..L, negatives count from the end); None = all L+1.
+        device: where the model runs; default: where its parameters are. The model is moved there.
+        exact: never pad utterances of different lengths together (group by identical length, else run alone).
+            Only changes results for GroupNorm (Base) models, see module docstring.
+        bf16: run under ``torch.autocast(bfloat16)`` (norms stay fp32; outputs move by ~1e-1 on random weights).
+        batch_seconds: most padded audio seconds per forward call (memory bound).
+        chunk_seconds, context_seconds: long-input windows (kept frames / context each side). Inputs longer than
+            ``chunk_seconds + 2 * context_seconds`` are chunked; ``chunk_seconds=None`` disables chunking.
+        output_device: where returned tensors live (default CPU).
+
+    Calling it accepts a waveform ``(samples,)``, a list of waveforms, a padded batch ``(batch, samples)`` with
+    optional ``lengths`` (valid samples), file paths (any format/rate ``speechlab.audio.load_audio`` reads) or a
+    list of paths; raw audio at another rate than 16 kHz needs ``sample_rate=``. Returns :class:`Features`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        layers: Sequence[int] | None = None,
+        device: str | torch.device | None = None,
+        exact: bool = False,
+        bf16: bool = False,
+        batch_seconds: float = 80.0,
+        chunk_seconds: float | None = 30.0,
+        context_seconds: float = 5.0,
+        output_device: str | torch.device = "cpu",
+    ):
+        self.model = model.eval()
+        self.encoder = find_encoder(model)
+        if device is None:
+            param = next(self.encoder.parameters(), None)
+            device = param.device if param is not None else "cpu"
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self.output_device = torch.device(output_device)
+        self.num_layers = self.encoder.config.num_layers
+        self.layers = self._resolve_layers(layers)
+        self.exact = exact
+        self.bf16 = bf16
+        self.batch_seconds = batch_seconds
+        self.hop, self.receptive_field = conv_geometry(self.encoder.config.conv_layers)
+        if chunk_seconds is not None and chunk_seconds <= 0:
+            raise ValueError(f"chunk_seconds must be positive or None, got {chunk_seconds}")
+        self.chunk_frames = (
+            None if chunk_seconds is None else max(1, round(chunk_seconds * SAMPLE_RATE / self.hop))
+        )
+        self.context_frames = max(0, round(context_seconds * SAMPLE_RATE / self.hop))
+        self.padding_invariant = self.encoder.config.conv_norm == "layer"
+        self._warned_padding = False
+
+    # ------------------------------------------------------------------ helpers
+
+    def _resolve_layers(self, layers: Sequence[int] | None) -> tuple[int, ...]:
+        total = self.num_layers + 1
+        if layers is None:
+            return tuple(range(total))
+        resolved = []
+        for layer in layers:
+            if not -total <= int(layer) < total:
+                raise ValueError(
+                    f"layer {layer} out of range: this model has hidden states 0..{self.num_layers}"
+                )
+            resolved.append(int(layer) % total)
+        return tuple(resolved)
+
+    @property
+    def chunk_threshold(self) -> int | None:
+        """Inputs with more samples than this are extracted in windows (None: never)."""
+        if self.chunk_frames is None:
+            return None
+        return (self.chunk_frames + 2 * self.context_frames) * self.hop + self.receptive_field - self.hop
+
+    def _to_waveforms(
+        self, inputs: AudioInput, lengths: Tensor | Sequence[int] | None, sample_rate: int
+    ) -> tuple[list[Tensor], bool]:
+        """-> (list of 1-D float32 CPU waveforms at 16 kHz, whether the input was one 1-D waveform)."""
+        from speechlab.audio import load_audio
+
+        def as_wave(item: Any, index: int) -> Tensor:
+            if isinstance(item, str | os.PathLike):
+                return load_audio(item, sample_rate=SAMPLE_RATE)
+            wave = torch.as_tensor(item)
+            if wave.dim() != 1:
+                raise ValueError(f"input {index}: expected a 1-D waveform, got shape {tuple(wave.shape)}")
+            wave = wave.detach().to("cpu", torch.float32)
+            if sample_rate != SAMPLE_RATE:
+                import torchaudio.functional as AF
+
+                wave = AF.resample(wave, sample_rate, SAMPLE_RATE)
+            return wave
+
+        single = False
+        if isinstance(inputs, str | os.PathLike):
+            waves, single = [as_wave(inputs, 0)], True
+        elif isinstance(inputs, Tensor | np.ndarray):
+            batch = torch.as_tensor(inputs)
+            if batch.dim() == 1:
+                waves, single = [as_wave(batch, 0)], True
+            elif batch.dim() == 2:
+                if lengths is None:
+                    lengths = [batch.shape[1]] * batch.shape[0]
+                lengths = torch.as_tensor(lengths, dtype=torch.long).tolist()
+                if len(lengths) != batch.shape[0] or any(n < 0 or n > batch.shape[1] for n in lengths):
+                    raise ValueError(f"lengths {lengths} do not fit a batch of shape {tuple(batch.shape)}")
+                waves = [as_wave(batch[b, :n], b) for b, n in enumerate(lengths)]
+            else:
+                raise ValueError(
+                    f"audio must be (samples,) or (batch, samples), got shape {tuple(batch.shape)}"
+                )
+        elif isinstance(inputs, Sequence):
+            if len(inputs) == 0:
+                raise ValueError("no audio given (empty list)")
+            waves = [as_wave(item, i) for i, item in enumerate(inputs)]
+        else:
+            raise TypeError(f"unsupported audio input of type {type(inputs).__name__}")
+        for i, wave in enumerate(waves):
+            if wave.numel() < self.receptive_field:
+                raise ValueError(
+                    f"input {i}: {wave.numel()} samples is shorter than the model's receptive field "
+                    f"({self.receptive_field} samples = {1000 * self.receptive_field / SAMPLE_RATE:.0f} ms)"
+                )
+            if not torch.isfinite(wave).all():
+                raise ValueError(f"input {i}: waveform contains NaN or inf samples")
+        return waves, single
+
+    def _forward(self, audio: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor]:
+        """audio: (B, S) on any device -> ((num_layers, B, T, D) on output_device, (B,) frame lengths)."""
+        audio = audio.to(self.device, torch.float32, non_blocking=True)
+        if lengths is not None:
+            lengths = lengths.to(self.device)
+        with (
+            torch.inference_mode(),
+            torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16),
+        ):
+            out = self.encoder(audio, lengths, output_hidden_states=True)
+            states = torch.stack([out.hidden_states[i] for i in self.layers])
+        states = states.to(self.output_device, torch.float32)
+        return states, out.frame_lengths.to(self.output_device)
+
+    def _batches(self, waves: list[Tensor]) -> list[list[int]]:
+        """Group indices into forward batches under ``batch_seconds`` of padded audio (exact: equal lengths only)."""
+        budget = max(1, int(self.batch_seconds * SAMPLE_RATE))
+        sizes = [w.numel() for w in waves]
+        if not self.exact and max(sizes) * len(sizes) <= budget:
+            return [list(range(len(waves)))]  # one batch, as given (e.g. a caller's padded batch)
+        order = sorted(range(len(waves)), key=lambda i: sizes[i], reverse=True)
+        batches: list[list[int]] = []
+        for i in order:
+            if batches:
+                current = batches[-1]
+                longest = sizes[current[0]]
+                same = sizes[i] == longest
+                if (same or not self.exact) and longest * (len(current) + 1) <= budget:
+                    current.append(i)
+                    continue
+            batches.append([i])
+        return batches
+
+    def _maybe_warn(self, sizes: list[int]) -> None:
+        if self.padding_invariant or self.exact or self._warned_padding or len(set(sizes)) <= 1:
+            return
+        self._warned_padding = True
+        warnings.warn(
+            "FeatureExtractor: this model's conv encoder uses GroupNorm over time (Base models), so padding "
+            "utterances of different lengths into one batch changes the features of the shorter ones. Pass "
+            "exact=True to run each length unpadded (same features as one utterance at a time).",
+            stacklevel=3,
+        )
+
+    # ------------------------------------------------------------------ public
+
+    def __call__(
+        self,
+        audio: AudioInput,
+        lengths: Tensor | Sequence[int] | None = None,
+        *,
+        sample_rate: int = SAMPLE_RATE,
+    ) -> Features:
+        """Extract features; see the class docstring for accepted inputs. Returns :class:`Features`."""
+        waves, _ = self._to_waveforms(audio, lengths, sample_rate)
+        threshold = self.chunk_threshold
+        long_ids = [i for i, w in enumerate(waves) if threshold is not None and w.numel() > threshold]
+        short_ids = [i for i in range(len(waves)) if i not in set(long_ids)]
+
+        frame_lengths = self.encoder.frame_lengths(torch.tensor([w.numel() for w in waves]))
+        dim = self.encoder.config.hidden_size
+        out = torch.zeros(
+            len(self.layers), len(waves), int(frame_lengths.max()), dim, device=self.output_device
+        )
+
+        if short_ids:
+            short = [waves[i] for i in short_ids]
+            for group in self._batches(short):
+                sizes = [short[i].numel() for i in group]
+                self._maybe_warn(sizes)
+                batch = torch.nn.utils.rnn.pad_sequence([short[i] for i in group], batch_first=True)
+                lens = torch.tensor(sizes) if len(set(sizes)) > 1 else None
+                states, n_frames = self._forward(batch, lens)
+                for row, i in enumerate(group):
+                    n = int(n_frames[row])
+                    out[:, short_ids[i], :n] = states[:, row, :n]
+        for i in long_ids:
+            for start, states in self.iter_chunks(waves[i]):
+                out[:, i, start : start + states.shape[1]] = states
+        return Features(hidden_states=out, lengths=frame_lengths, layers=self.layers)
+
+    extract = __call__
+
+    def iter_chunks(self, waveform: Tensor | np.ndarray | str | os.PathLike) -> Iterator[tuple[int, Tensor]]:
+        """Stream a long input: yields ``(first_frame, states)`` with states (num_layers, frames, dim) on
+        ``output_device``, in order and covering every frame once. Memory: one batch of windows at a time."""
+        if isinstance(waveform, str | os.PathLike):
+            from speechlab.audio import load_audio
+
+            waveform = load_audio(waveform, sample_rate=SAMPLE_RATE)
+        wave = torch.as_tensor(waveform).to(torch.float32)
+        if wave.dim() != 1:
+            raise ValueError(f"iter_chunks takes one waveform (samples,), got shape {tuple(wave.shape)}")
+        total_frames = int(self.encoder.frame_lengths(torch.tensor([wave.numel()]))[0])
+        if total_frames < 1:
+            raise ValueError(
+                f"{wave.numel()} samples is shorter than the receptive field ({self.receptive_field})"
+            )
+        chunk = self.chunk_frames if self.chunk_frames is not None else total_frames
+        windows = plan_chunks(
+            total_frames,
+            hop=self.hop,
+            receptive_field=self.receptive_field,
+            chunk_frames=chunk,
+            context_frames=self.context_frames,
+        )
+        normalize = self.encoder.config.normalize_waveform
+        if normalize:  # whole-file statistics, like the unchunked model; the windows then skip it
+            wave = normalize_waveform(wave[None])[0]
+        budget = max(1, int(self.batch_seconds * SAMPLE_RATE))
+        per_batch = max(1, budget // max(w.num_samples for w in windows))
+        try:
+            self.encoder.config.normalize_waveform = False
+            position = 0
+            while position < len(windows):
+                # consecutive windows of equal length share one forward (no padding: exact for GroupNorm too)
+                group = [windows[position]]
+                while (
+                    position + len(group) < len(windows)
+                    and len(group) < per_batch
+                    and windows[position + len(group)].num_samples == group[0].num_samples
+                ):
+                    group.append(windows[position + len(group)])
+                position += len(group)
+                batch = torch.stack([wave[w.sample_start : w.sample_end] for w in group])
+                states, _ = self._forward(batch, None)
+                for row, w in enumerate(group):
+                    lo, hi = w.keep_start - w.frame_start, w.keep_end - w.frame_start
+                    yield w.keep_start, states[:, row, lo:hi]
+        finally:
+            self.encoder.config.normalize_waveform = normalize
+
+    def weighted_sum(
+        self, *, learnable: bool = True, weights: Sequence[float] | None = None
+    ) -> WeightedLayerSum:
+        """A :class:`WeightedLayerSum` over this extractor's layers."""
+        return WeightedLayerSum(len(self.layers), learnable=learnable, weights=weights)
+
+    def num_frames(self, num_samples: int) -> int:
+        """Output frames for an input of ``num_samples`` samples (conv formula)."""
+        return int(self.encoder.frame_lengths(torch.tensor([num_samples]))[0])
