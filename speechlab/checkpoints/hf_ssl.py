@@ -1,0 +1,307 @@
+"""Hugging Face WavLM / HuBERT / wav2vec 2.0 backbones <-> :class:`SSLEncoder` (config and state dict; spec §9.3).
+
+- :func:`config_from_hf` / :func:`config_to_hf`: ``config.json`` dict <-> :class:`SSLEncoderConfig`.
+- :func:`state_dict_from_hf` / :func:`state_dict_to_hf`: parameter names and the positional-conv weight norm, which
+  HF files spell either ``weight_g``/``weight_v`` (hub files, old torch) or
+  ``parametrizations.weight.original0``/``original1`` (new torch); both are read, ``g`` must have shape (1, 1, K)
+  (weight norm over ``dim=2``).
+- :func:`load_hf_directory`: a ``save_pretrained`` directory (``model.safetensors`` or ``pytorch_model.bin``) ->
+  :class:`SSLEncoder`. :func:`export_hf_wavlm`: ours -> a directory ``transformers.WavLMModel.from_pretrained`` loads
+  with identical outputs.
+
+The HF hidden-state convention equals ours (see :mod:`speechlab.nn.transformer`). HF's ``mask_time_prob`` is the
+fine-tuning SpecAugment probability, not the pretraining mask probability, so it is not mapped to ``mask_prob``;
+exports write HF's default 0.05 so that ``masked_spec_embed`` exists in the HF model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from speechlab.models.ssl_encoder import SSLEncoder, SSLEncoderConfig
+
+MODEL_PREFIXES = ("wavlm.", "hubert.", "wav2vec2.", "unispeech_sat.", "unispeech.")
+BACKBONE_ROOTS = ("feature_extractor.", "feature_projection.", "encoder.", "masked_spec_embed")
+SUPPORTED_MODEL_TYPES = ("wavlm", "hubert", "wav2vec2", "unispeech", "unispeech-sat")
+
+# (HF pattern, ours) applied after the model prefix is stripped; {i} = layer index.
+_HF_TO_OURS = [
+    (r"feature_extractor\.conv_layers\.(\d+)\.conv\.(weight|bias)", r"feature_encoder.conv_layers.\1.conv.\2"),
+    (r"feature_extractor\.conv_layers\.(\d+)\.layer_norm\.(weight|bias)", r"feature_encoder.conv_layers.\1.norm.\2"),
+    (r"feature_projection\.layer_norm\.(weight|bias)", r"feature_norm.\1"),
+    (r"feature_projection\.projection\.(weight|bias)", r"feature_projection.\1"),
+    (r"masked_spec_embed", r"mask_emb"),
+    (r"encoder\.pos_conv_embed\.conv\.bias", r"encoder.pos_conv.conv.bias"),
+    (r"encoder\.pos_conv_embed\.conv\.(?:weight_g|parametrizations\.weight\.original0)",
+     r"encoder.pos_conv.conv.parametrizations.weight.original0"),
+    (r"encoder\.pos_conv_embed\.conv\.(?:weight_v|parametrizations\.weight\.original1)",
+     r"encoder.pos_conv.conv.parametrizations.weight.original1"),
+    (r"encoder\.layer_norm\.(weight|bias)", r"encoder.layer_norm.\1"),
+    (r"encoder\.layers\.0\.attention\.rel_attn_embed\.weight", r"encoder.relative_position_bias.embedding.weight"),
+    (r"encoder\.layers\.(\d+)\.attention\.(q_proj|k_proj|v_proj|out_proj)\.(weight|bias)",
+     r"encoder.layers.\1.attention.\2.\3"),
+    (r"encoder\.layers\.(\d+)\.attention\.gru_rel_pos_linear\.(weight|bias)", r"encoder.layers.\1.attention.gate_proj.\2"),
+    (r"encoder\.layers\.(\d+)\.attention\.gru_rel_pos_const", r"encoder.layers.\1.attention.gate_const"),
+    (r"encoder\.layers\.(\d+)\.layer_norm\.(weight|bias)", r"encoder.layers.\1.attention_norm.\2"),
+    (r"encoder\.layers\.(\d+)\.feed_forward\.intermediate_dense\.(weight|bias)", r"encoder.layers.\1.feed_forward.fc1.\2"),
+    (r"encoder\.layers\.(\d+)\.feed_forward\.output_dense\.(weight|bias)", r"encoder.layers.\1.feed_forward.fc2.\2"),
+    (r"encoder\.layers\.(\d+)\.final_layer_norm\.(weight|bias)", r"encoder.layers.\1.ffn_norm.\2"),
+]  # fmt: skip
+
+_OURS_TO_HF = [
+    (r"feature_encoder\.conv_layers\.(\d+)\.conv\.(weight|bias)", r"feature_extractor.conv_layers.\1.conv.\2"),
+    (r"feature_encoder\.conv_layers\.(\d+)\.norm\.(weight|bias)", r"feature_extractor.conv_layers.\1.layer_norm.\2"),
+    (r"feature_norm\.(weight|bias)", r"feature_projection.layer_norm.\1"),
+    (r"feature_projection\.(weight|bias)", r"feature_projection.projection.\1"),
+    (r"mask_emb", r"masked_spec_embed"),
+    (r"encoder\.pos_conv\.conv\.bias", r"encoder.pos_conv_embed.conv.bias"),
+    (r"encoder\.pos_conv\.conv\.parametrizations\.weight\.original0", r"encoder.pos_conv_embed.conv.{g}"),
+    (r"encoder\.pos_conv\.conv\.parametrizations\.weight\.original1", r"encoder.pos_conv_embed.conv.{v}"),
+    (r"encoder\.layer_norm\.(weight|bias)", r"encoder.layer_norm.\1"),
+    (r"encoder\.relative_position_bias\.embedding\.weight", r"encoder.layers.0.attention.rel_attn_embed.weight"),
+    (r"encoder\.layers\.(\d+)\.attention\.(q_proj|k_proj|v_proj|out_proj)\.(weight|bias)",
+     r"encoder.layers.\1.attention.\2.\3"),
+    (r"encoder\.layers\.(\d+)\.attention\.gate_proj\.(weight|bias)", r"encoder.layers.\1.attention.gru_rel_pos_linear.\2"),
+    (r"encoder\.layers\.(\d+)\.attention\.gate_const", r"encoder.layers.\1.attention.gru_rel_pos_const"),
+    (r"encoder\.layers\.(\d+)\.attention_norm\.(weight|bias)", r"encoder.layers.\1.layer_norm.\2"),
+    (r"encoder\.layers\.(\d+)\.feed_forward\.fc1\.(weight|bias)", r"encoder.layers.\1.feed_forward.intermediate_dense.\2"),
+    (r"encoder\.layers\.(\d+)\.feed_forward\.fc2\.(weight|bias)", r"encoder.layers.\1.feed_forward.output_dense.\2"),
+    (r"encoder\.layers\.(\d+)\.ffn_norm\.(weight|bias)", r"encoder.layers.\1.final_layer_norm.\2"),
+]  # fmt: skip
+
+
+def _rename(key: str, table: list[tuple[str, str]]) -> str | None:
+    for pattern, replacement in table:
+        if re.fullmatch(pattern, key):
+            return re.sub(pattern, replacement, key)
+    return None
+
+
+def config_from_hf(hf_config: dict, *, normalize_waveform: bool | None = None) -> SSLEncoderConfig:
+    """HF ``config.json`` dict of a WavLM / HuBERT / wav2vec2 (/ UniSpeech) model -> :class:`SSLEncoderConfig`.
+
+    ``normalize_waveform`` lives in HF's *preprocessor* config (``do_normalize``); pass it (or use
+    :func:`load_hf_directory`, which reads ``preprocessor_config.json``). Default: ``hf_config.get("do_normalize",
+    False)``.
+    """
+    model_type = hf_config.get("model_type", "wavlm")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"config.json model_type {model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}"
+        )
+    for key, expected in (("hidden_act", "gelu"), ("feat_extract_activation", "gelu")):
+        if hf_config.get(key, "gelu") != expected:
+            raise ValueError(f"config.json {key}={hf_config[key]!r} is not supported (only 'gelu')")
+    if hf_config.get("conv_pos_batch_norm", False):
+        raise ValueError("config.json conv_pos_batch_norm=true (batch-norm positional conv) is not supported")
+    if not hf_config.get("feat_proj_layer_norm", True):
+        raise ValueError(
+            "config.json feat_proj_layer_norm=false is not supported (speechlab always has the feature LN)"
+        )
+    if hf_config.get("add_adapter", False):
+        raise ValueError("config.json add_adapter=true (adapter layers) is not supported")
+    conv_dim = hf_config.get("conv_dim", [512] * 7)
+    conv_kernel = hf_config.get("conv_kernel", [10, 3, 3, 3, 3, 2, 2])
+    conv_stride = hf_config.get("conv_stride", [5, 2, 2, 2, 2, 2, 2])
+    if not len(conv_dim) == len(conv_kernel) == len(conv_stride):
+        raise ValueError("config.json conv_dim, conv_kernel and conv_stride must have the same length")
+    if normalize_waveform is None:
+        normalize_waveform = bool(hf_config.get("do_normalize", False))
+    return SSLEncoderConfig(
+        conv_layers=[
+            (int(c), int(k), int(s)) for c, k, s in zip(conv_dim, conv_kernel, conv_stride, strict=True)
+        ],
+        conv_norm=hf_config.get("feat_extract_norm", "group"),
+        conv_bias=bool(hf_config.get("conv_bias", False)),
+        hidden_size=int(hf_config.get("hidden_size", 768)),
+        num_layers=int(hf_config.get("num_hidden_layers", 12)),
+        num_heads=int(hf_config.get("num_attention_heads", 12)),
+        ffn_size=int(hf_config.get("intermediate_size", 3072)),
+        layer_norm_first=bool(hf_config.get("do_stable_layer_norm", False)),
+        pos_conv_kernel=int(hf_config.get("num_conv_pos_embeddings", 128)),
+        pos_conv_groups=int(hf_config.get("num_conv_pos_embedding_groups", 16)),
+        relative_position_bias=model_type == "wavlm",
+        num_buckets=int(hf_config.get("num_buckets", 320)),
+        max_distance=int(hf_config.get("max_bucket_distance", 800)),  # HF class default 800 (= every release)
+        dropout=float(hf_config.get("hidden_dropout", 0.1)),
+        attention_dropout=float(hf_config.get("attention_dropout", 0.1)),
+        activation_dropout=float(hf_config.get("activation_dropout", 0.0)),
+        feature_dropout=float(hf_config.get("feat_proj_dropout", 0.0)),
+        layerdrop=float(hf_config.get("layerdrop", 0.1)),
+        normalize_waveform=normalize_waveform,
+        layer_norm_eps=float(hf_config.get("layer_norm_eps", 1e-5)),
+    )
+
+
+def config_to_hf(config: SSLEncoderConfig, model_type: str = "wavlm") -> dict:
+    """:class:`SSLEncoderConfig` -> HF ``config.json`` dict for ``WavLMConfig`` / ``HubertConfig`` / ``Wav2Vec2Config``."""
+    architectures = {"wavlm": "WavLMModel", "hubert": "HubertModel", "wav2vec2": "Wav2Vec2Model"}
+    if model_type not in architectures:
+        raise ValueError(f"model_type must be one of {sorted(architectures)}, got {model_type!r}")
+    if (model_type == "wavlm") != config.relative_position_bias:
+        raise ValueError(
+            f"model_type {model_type!r} needs relative_position_bias={model_type == 'wavlm'} "
+            f"(WavLM has the gated relative bias, HuBERT / wav2vec2 do not)"
+        )
+    out = {
+        "architectures": [architectures[model_type]],
+        "model_type": model_type,
+        "conv_dim": [c for c, _, _ in config.conv_layers],
+        "conv_kernel": [k for _, k, _ in config.conv_layers],
+        "conv_stride": [s for _, _, s in config.conv_layers],
+        "num_feat_extract_layers": len(config.conv_layers),
+        "conv_bias": config.conv_bias,
+        "feat_extract_norm": config.conv_norm,
+        "feat_extract_activation": "gelu",
+        "hidden_act": "gelu",
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "intermediate_size": config.ffn_size,
+        "do_stable_layer_norm": config.layer_norm_first,
+        "num_conv_pos_embeddings": config.pos_conv_kernel,
+        "num_conv_pos_embedding_groups": config.pos_conv_groups,
+        "hidden_dropout": config.dropout,
+        "attention_dropout": config.attention_dropout,
+        "activation_dropout": config.activation_dropout,
+        "feat_proj_dropout": config.feature_dropout,
+        "layerdrop": config.layerdrop,
+        "layer_norm_eps": config.layer_norm_eps,
+        "mask_time_prob": 0.05,  # HF fine-tuning SpecAugment default; keeps masked_spec_embed in the HF model
+        "mask_time_length": config.mask_length,
+        "do_normalize": config.normalize_waveform,  # informational; HF reads it from preprocessor_config.json
+    }
+    if model_type == "wavlm":
+        out["num_buckets"] = config.num_buckets
+        out["max_bucket_distance"] = config.max_distance
+    if model_type == "hubert":
+        out["feat_proj_layer_norm"] = True
+    return out
+
+
+def _split_hf_prefix(key: str) -> str:
+    for prefix in MODEL_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key
+
+
+def state_dict_from_hf(state_dict: dict[str, Tensor], config: SSLEncoderConfig) -> dict[str, Tensor]:
+    """HF backbone (or ``*ForCTC`` etc.: the ``wavlm.``/``hubert.``/``wav2vec2.`` prefix is stripped) -> ours.
+
+    Head parameters (``lm_head``, ``projector``, quantizer, ...) are ignored; an unrecognised *backbone* key is an
+    error. Missing keys are reported by ``SSLEncoder.load_state_dict(strict=True)``.
+    """
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        key = _split_hf_prefix(key)
+        if not key.startswith(BACKBONE_ROOTS):
+            continue
+        ours = _rename(key, _HF_TO_OURS)
+        if ours is None:
+            raise KeyError(
+                f"unexpected backbone key {key!r} in the Hugging Face state dict (not a known parameter)"
+            )
+        out[ours] = value
+    g_key = "encoder.pos_conv.conv.parametrizations.weight.original0"
+    if g_key in out and tuple(out[g_key].shape) != (1, 1, config.pos_conv_kernel):
+        raise ValueError(
+            f"positional conv weight-norm magnitude has shape {tuple(out[g_key].shape)}, expected "
+            f"(1, 1, {config.pos_conv_kernel}) (weight norm over dim=2)"
+        )
+    return out
+
+
+def state_dict_to_hf(
+    state_dict: dict[str, Tensor], config: SSLEncoderConfig, *, weight_norm_keys: str = "weight_g"
+) -> dict[str, Tensor]:
+    """Ours -> HF ``WavLMModel``/``HubertModel``/``Wav2Vec2Model`` keys (no prefix).
+
+    weight_norm_keys: ``"weight_g"`` (``weight_g``/``weight_v``, the spelling of hub files, read by every transformers
+    version) or ``"parametrizations"`` (``parametrizations.weight.original0/1``, what new torch saves).
+    """
+    if weight_norm_keys not in ("weight_g", "parametrizations"):
+        raise ValueError(
+            f"weight_norm_keys must be 'weight_g' or 'parametrizations', got {weight_norm_keys!r}"
+        )
+    g, v = (
+        ("weight_g", "weight_v")
+        if weight_norm_keys == "weight_g"
+        else ("parametrizations.weight.original0", "parametrizations.weight.original1")
+    )
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        hf = _rename(key, _OURS_TO_HF)
+        if hf is None:
+            raise KeyError(f"speechlab key {key!r} has no Hugging Face equivalent")
+        out[hf.format(g=g, v=v)] = value
+    return out
+
+
+def _read_hf_weights(directory: Path) -> dict[str, Tensor]:
+    safetensors_file = directory / "model.safetensors"
+    if safetensors_file.exists():
+        from safetensors.torch import load_file
+
+        return load_file(str(safetensors_file))
+    bin_file = directory / "pytorch_model.bin"
+    if bin_file.exists():
+        return torch.load(bin_file, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(
+        f"{directory}: no model.safetensors or pytorch_model.bin (sharded files are not supported)"
+    )
+
+
+def load_hf_directory(directory: str | Path) -> SSLEncoder:
+    """A Hugging Face ``save_pretrained`` directory of a WavLM / HuBERT / wav2vec2 model -> :class:`SSLEncoder`."""
+    directory = Path(directory)
+    config_file = directory / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} not found: not a Hugging Face model directory")
+    hf_config = json.loads(config_file.read_text())
+    normalize = None
+    preprocessor = directory / "preprocessor_config.json"
+    if preprocessor.exists():
+        normalize = bool(json.loads(preprocessor.read_text()).get("do_normalize", False))
+    config = config_from_hf(hf_config, normalize_waveform=normalize)
+    model = SSLEncoder(config)
+    weights = state_dict_from_hf(_read_hf_weights(directory), config)
+    if "mask_emb" not in weights:  # HF drops masked_spec_embed when mask_time_prob = mask_feature_prob = 0
+        weights["mask_emb"] = model.mask_emb.detach().clone()
+    model.load_state_dict(weights, strict=True)
+    return model
+
+
+def export_hf_wavlm(
+    encoder: SSLEncoder, directory: str | Path, *, weight_norm_keys: str = "weight_g"
+) -> Path:
+    """Write ``config.json``, ``preprocessor_config.json`` and ``model.safetensors`` for ``WavLMModel``
+    (or ``HubertModel``/``Wav2Vec2Model``-style HuBERT when the encoder has no relative bias)."""
+    from safetensors.torch import save_file
+
+    config = encoder.config
+    model_type = "wavlm" if config.relative_position_bias else "hubert"
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    hf_config = config_to_hf(config, model_type)
+    hf_config.pop("do_normalize")
+    hf_config["torch_dtype"] = "float32"
+    (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    preprocessor = {
+        "feature_extractor_type": "Wav2Vec2FeatureExtractor",
+        "feature_size": 1,
+        "sampling_rate": 16000,
+        "padding_value": 0.0,
+        "do_normalize": config.normalize_waveform,
+        "return_attention_mask": True,
+    }
+    (directory / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+    tensors = state_dict_to_hf(encoder.state_dict(), config, weight_norm_keys=weight_norm_keys)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(directory / "model.safetensors"),
+              metadata={"format": "pt"})  # fmt: skip
+    return directory

@@ -1,0 +1,188 @@
+"""Original microsoft/unilm WavLM (and fairseq HuBERT / wav2vec 2.0) ``.pt`` checkpoints -> :class:`SSLEncoder`
+(spec §9.1, §9.2).
+
+Layout: ``{"cfg": {...}, "model": state_dict}``. unilm releases have a flat ``cfg`` (the WavLMConfig fields); fairseq
+training checkpoints nest the model fields under ``cfg["model"]`` (and must have been saved as plain containers:
+files are read with ``torch.load(weights_only=True)`` only, never unpickling arbitrary objects).
+
+The relative-bias geometry (``num_buckets``, ``max_distance``) is always read from the checkpoint's cfg: the unilm /
+UniSpeech *class* defaults (``max_distance=1280``) differ from what every release used (800), so a cfg without these
+fields is rejected instead of silently mis-bucketing. The positional-conv weight norm is read in both spellings
+(``weight_g``/``weight_v`` and ``parametrizations.weight.original0/1``).
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from speechlab.models.ssl_encoder import SSLEncoder, SSLEncoderConfig
+
+HEAD_PREFIXES = ("final_proj.", "label_embs_concat", "label_embs", "quantizer.", "project_q.", "target_glu.")
+
+_UNILM_TO_OURS = [
+    (r"feature_extractor\.conv_layers\.(\d+)\.0\.(weight|bias)", r"feature_encoder.conv_layers.\1.conv.\2"),
+    (r"feature_extractor\.conv_layers\.(\d+)\.2\.(weight|bias)", r"feature_encoder.conv_layers.\1.norm.\2"),  # GN
+    (r"feature_extractor\.conv_layers\.(\d+)\.2\.1\.(weight|bias)", r"feature_encoder.conv_layers.\1.norm.\2"),  # LN
+    (r"layer_norm\.(weight|bias)", r"feature_norm.\1"),
+    (r"post_extract_proj\.(weight|bias)", r"feature_projection.\1"),
+    (r"mask_emb", r"mask_emb"),
+    (r"encoder\.pos_conv\.0\.bias", r"encoder.pos_conv.conv.bias"),
+    (r"encoder\.pos_conv\.0\.(?:weight_g|parametrizations\.weight\.original0)",
+     r"encoder.pos_conv.conv.parametrizations.weight.original0"),
+    (r"encoder\.pos_conv\.0\.(?:weight_v|parametrizations\.weight\.original1)",
+     r"encoder.pos_conv.conv.parametrizations.weight.original1"),
+    (r"encoder\.layer_norm\.(weight|bias)", r"encoder.layer_norm.\1"),
+    (r"encoder\.layers\.0\.self_attn\.relative_attention_bias\.weight", r"encoder.relative_position_bias.embedding.weight"),
+    (r"encoder\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|out_proj)\.(weight|bias)",
+     r"encoder.layers.\1.attention.\2.\3"),
+    (r"encoder\.layers\.(\d+)\.self_attn\.grep_linear\.(weight|bias)", r"encoder.layers.\1.attention.gate_proj.\2"),
+    (r"encoder\.layers\.(\d+)\.self_attn\.grep_a", r"encoder.layers.\1.attention.gate_const"),
+    (r"encoder\.layers\.(\d+)\.self_attn_layer_norm\.(weight|bias)", r"encoder.layers.\1.attention_norm.\2"),
+    (r"encoder\.layers\.(\d+)\.fc1\.(weight|bias)", r"encoder.layers.\1.feed_forward.fc1.\2"),
+    (r"encoder\.layers\.(\d+)\.fc2\.(weight|bias)", r"encoder.layers.\1.feed_forward.fc2.\2"),
+    (r"encoder\.layers\.(\d+)\.final_layer_norm\.(weight|bias)", r"encoder.layers.\1.ffn_norm.\2"),
+]  # fmt: skip
+
+_BINARY_OPS = {ast.Add: operator.add, ast.Mult: operator.mul}
+
+
+def parse_conv_feature_layers(spec: str) -> list[tuple[int, int, int]]:
+    """Evaluate fairseq's ``conv_feature_layers`` string (e.g. ``"[(512,10,5)] + [(512,3,2)] * 4"``) safely:
+    only int literals, tuples, lists, ``+`` and ``*`` are allowed (no ``eval``)."""
+
+    def evaluate(node: ast.AST):
+        if isinstance(node, ast.Expression):
+            return evaluate(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.Tuple):
+            return tuple(evaluate(e) for e in node.elts)
+        if isinstance(node, ast.List):
+            return [evaluate(e) for e in node.elts]
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINARY_OPS:
+            return _BINARY_OPS[type(node.op)](evaluate(node.left), evaluate(node.right))
+        raise ValueError(f"cfg conv_feature_layers: unsupported expression {ast.dump(node)} in {spec!r}")
+
+    layers = evaluate(ast.parse(spec, mode="eval"))
+    if not isinstance(layers, list) or not all(isinstance(t, tuple) and len(t) == 3 for t in layers):
+        raise ValueError(
+            f"cfg conv_feature_layers must be a list of (dim, kernel, stride) tuples, got {spec!r}"
+        )
+    return [tuple(int(v) for v in t) for t in layers]
+
+
+def _model_cfg(cfg: dict) -> dict:
+    """Flat unilm cfg, or fairseq's nested ``cfg["model"]``."""
+    if isinstance(cfg.get("model"), dict):
+        return cfg["model"]
+    return cfg
+
+
+def config_from_unilm(cfg: dict) -> SSLEncoderConfig:
+    """unilm WavLMConfig dict (or fairseq HuBERT / wav2vec2 model cfg) -> :class:`SSLEncoderConfig`."""
+    cfg = _model_cfg(cfg)
+    if cfg.get("activation_fn", "gelu") != "gelu":
+        raise ValueError(
+            f"checkpoint cfg activation_fn={cfg['activation_fn']!r} is not supported (only 'gelu')"
+        )
+    extractor = cfg.get("extractor_mode", "default")
+    conv_norm = {"default": "group", "layer_norm": "layer"}.get(extractor)
+    if conv_norm is None:
+        raise ValueError(f"checkpoint cfg extractor_mode={extractor!r}; expected 'default' or 'layer_norm'")
+    relative = bool(cfg.get("relative_position_embedding", False))
+    num_buckets, max_distance = 320, 800
+    if relative:
+        missing = [k for k in ("num_buckets", "max_distance") if k not in cfg]
+        if missing:
+            raise ValueError(
+                f"checkpoint cfg has relative_position_embedding=True but no {missing}: refusing to guess (the unilm "
+                f"class default max_distance=1280 differs from the 800 every release used); add them to cfg"
+            )
+        num_buckets, max_distance = int(cfg["num_buckets"]), int(cfg["max_distance"])
+        if not cfg.get("gru_rel_pos", False):
+            raise ValueError("checkpoint cfg gru_rel_pos=False (ungated relative bias) is not supported")
+    conv_layers = cfg.get("conv_feature_layers", "[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2")
+    if isinstance(conv_layers, str):
+        conv_layers = parse_conv_feature_layers(conv_layers)
+    return SSLEncoderConfig(
+        conv_layers=conv_layers,
+        conv_norm=conv_norm,
+        conv_bias=bool(cfg.get("conv_bias", False)),
+        hidden_size=int(cfg.get("encoder_embed_dim", 768)),
+        num_layers=int(cfg.get("encoder_layers", 12)),
+        num_heads=int(cfg.get("encoder_attention_heads", 12)),
+        ffn_size=int(cfg.get("encoder_ffn_embed_dim", 3072)),
+        layer_norm_first=bool(cfg.get("layer_norm_first", False)),
+        pos_conv_kernel=int(cfg.get("conv_pos", 128)),
+        pos_conv_groups=int(cfg.get("conv_pos_groups", 16)),
+        relative_position_bias=relative,
+        num_buckets=num_buckets,
+        max_distance=max_distance,
+        dropout=float(cfg.get("dropout", 0.1)),
+        attention_dropout=float(cfg.get("attention_dropout", 0.1)),
+        activation_dropout=float(cfg.get("activation_dropout", 0.0)),
+        feature_dropout=float(cfg.get("dropout_input", 0.0)),
+        layerdrop=float(cfg.get("encoder_layerdrop", 0.0)),
+        mask_prob=float(cfg.get("mask_prob", 0.65)),
+        mask_length=int(cfg.get("mask_length", 10)),
+        normalize_waveform=bool(cfg.get("normalize", False)),
+        feature_grad_mult=float(cfg.get("feature_grad_mult", 1.0)),
+    )
+
+
+def state_dict_from_unilm(state_dict: dict[str, Tensor], config: SSLEncoderConfig) -> dict[str, Tensor]:
+    """unilm / fairseq backbone keys -> ours. Pretraining heads (``final_proj``, label embeddings, quantizer) are
+    dropped; the fine-tuned prefix ``w2v_encoder.w2v_model.`` is stripped; anything else unknown is an error."""
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("w2v_encoder.w2v_model.")
+        if key.startswith(HEAD_PREFIXES) or key.startswith("w2v_encoder.proj"):
+            continue
+        ours = None
+        for pattern, replacement in _UNILM_TO_OURS:
+            if re.fullmatch(pattern, key):
+                ours = re.sub(pattern, replacement, key)
+                break
+        if ours is None:
+            raise KeyError(f"unexpected key {key!r} in the unilm/fairseq checkpoint")
+        out[ours] = value
+    g_key = "encoder.pos_conv.conv.parametrizations.weight.original0"
+    if g_key in out and tuple(out[g_key].shape) != (1, 1, config.pos_conv_kernel):
+        raise ValueError(
+            f"encoder.pos_conv.0 weight-norm magnitude has shape {tuple(out[g_key].shape)}, expected "
+            f"(1, 1, {config.pos_conv_kernel}) (weight norm over dim=2)"
+        )
+    return out
+
+
+def load_unilm_checkpoint(path: str | Path) -> SSLEncoder:
+    """Read a unilm WavLM ``.pt`` (``{"cfg", "model"}``) with ``torch.load(weights_only=True)`` -> :class:`SSLEncoder`."""
+    path = Path(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - re-raised with the file name and what to do
+        raise ValueError(
+            f"{path}: cannot read with torch.load(weights_only=True) ({error}). Only checkpoints whose 'cfg' is a plain "
+            f"dict are supported (unilm releases are); re-save fairseq checkpoints with cfg converted to a dict."
+        ) from error
+    if not isinstance(checkpoint, dict) or "cfg" not in checkpoint or "model" not in checkpoint:
+        found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"{path}: expected a dict with 'cfg' and 'model' (unilm layout), found {found}")
+    config = config_from_unilm(checkpoint["cfg"])
+    model = SSLEncoder(config)
+    weights = state_dict_from_unilm(checkpoint["model"], config)
+    if "mask_emb" not in weights:
+        weights["mask_emb"] = model.mask_emb.detach().clone()
+    result = model.load_state_dict(weights, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{path}: weights do not match the cfg architecture: missing {result.missing_keys[:8]}, "
+            f"unexpected {result.unexpected_keys[:8]}"
+        )
+    return model
