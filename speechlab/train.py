@@ -8,11 +8,13 @@ a progress bar, learning-rate logging, the resolved config saved with every run,
 from __future__ import annotations
 
 import os
+import random
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
@@ -43,6 +45,63 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             Path(tmp_name).unlink(missing_ok=True)
             raise
 
+    def load_checkpoint(
+        self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict:
+        """Resume only from checkpoints that load without unpickling code (``torch.load(weights_only=True)``)."""
+        from speechlab.checkpoints.safe_load import load_torch_checkpoint
+
+        return load_torch_checkpoint(path)
+
+
+class ExactResume(Callback):
+    """Make a resumed run continue exactly where the interrupted one stopped.
+
+    * Data: after every training batch the train sampler's ``position`` is set to the number of batches of this
+      epoch that are in the weights (Lightning's ``processed`` count). The sampler's own count would be ahead,
+      since the loop prefetches batches; the data module saves the sampler state in every checkpoint.
+    * Randomness: the torch / numpy / Python RNG states are saved with the checkpoint and restored right before
+      the first training batch of the resumed run, so dropout and masking draw the same numbers as they would
+      have without the interruption (anything that ran in between, such as validation, cannot shift them).
+    """
+
+    def __init__(self) -> None:
+        self._pending_rng: dict[str, Any] | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        sampler = (
+            getattr(trainer.datamodule, "train_sampler", None) if trainer.datamodule is not None else None
+        )
+        if sampler is not None:
+            sampler.position = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    def state_dict(self) -> dict[str, Any]:
+        # Tensors and plain containers only, so checkpoints load with torch.load(weights_only=True).
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        return {
+            "torch": torch.get_rng_state(),
+            "numpy": {
+                "name": name,
+                "keys": torch.from_numpy(keys.astype(np.int64)),
+                "pos": pos,
+                "has_gauss": has_gauss,
+                "gauss": gauss,
+            },
+            "python": random.getstate(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending_rng = state_dict or None
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        if self._pending_rng is not None:
+            torch.set_rng_state(self._pending_rng["torch"])
+            state = self._pending_rng["numpy"]
+            keys = state["keys"].numpy().astype(np.uint32)
+            np.random.set_state((state["name"], keys, state["pos"], state["has_gauss"], state["gauss"]))
+            random.setstate(self._pending_rng["python"])
+            self._pending_rng = None
+
 
 def default_precision() -> str:
     """``bf16-mixed`` where a CUDA GPU supports it, else full fp32."""
@@ -52,7 +111,11 @@ def default_precision() -> str:
 
 
 def default_callbacks(
-    default_root_dir: str, monitor: str | None = None, mode: str = "min", save_top_k: int = 2
+    default_root_dir: str,
+    monitor: str | None = None,
+    mode: str = "min",
+    save_top_k: int = 2,
+    every_n_train_steps: int | None = None,
 ) -> list[Callback]:
     """``<root>/checkpoints/last.ckpt`` plus the best-k by ``monitor``, LR logging and a progress bar.
 
@@ -68,7 +131,9 @@ def default_callbacks(
             mode=mode,
             save_top_k=save_top_k if monitor else 1,
             save_last=True,
+            every_n_train_steps=every_n_train_steps,
         ),
+        ExactResume(),
         LearningRateMonitor(logging_interval="step"),
         TQDMProgressBar(refresh_rate=10),
     ]
@@ -99,16 +164,25 @@ def task_monitor(task: L.LightningModule) -> tuple[str | None, str]:
 
 
 def build_trainer(
-    task: L.LightningModule | None = None, default_root_dir: str = "exp", **overrides: Any
+    task: L.LightningModule | None = None,
+    default_root_dir: str = "exp",
+    checkpoint_every_n_steps: int | None = None,
+    **overrides: Any,
 ) -> L.Trainer:
-    """The Trainer every task trains through; ``overrides`` are ``lightning.Trainer`` arguments."""
+    """The Trainer every task trains through; ``overrides`` are ``lightning.Trainer`` arguments.
+
+    ``checkpoint_every_n_steps`` also writes ``last.ckpt`` every that many optimiser steps (default: at every
+    validation / epoch end).
+    """
     monitor, mode = task_monitor(task) if task is not None else (None, "min")
     kwargs: dict[str, Any] = {
         **BASE_TRAINER_ARGS,
         "plugins": [AtomicCheckpointIO()],
         "precision": default_precision(),
         "default_root_dir": default_root_dir,
-        "callbacks": default_callbacks(default_root_dir, monitor, mode),
+        "callbacks": default_callbacks(
+            default_root_dir, monitor, mode, every_n_train_steps=checkpoint_every_n_steps
+        ),
         "logger": default_loggers(default_root_dir),
     }
     if getattr(task, "automatic_optimization", True) is False:
