@@ -358,10 +358,11 @@ def load_tokenizer(directory: str | os.PathLike) -> Any:
         raise CheckpointError(
             f"{directory}: tokenizer class {qualname!r} is outside speechlab; refusing to import it."
         )
-    cls: Callable[..., Any] = getattr(importlib.import_module(module_name), cls_name)
+    module = importlib.import_module(module_name)
+    cls: Callable[..., Any] = getattr(module, cls_name)
     for loader in ("from_pretrained", "load"):
         if hasattr(cls, loader):
             return getattr(cls, loader)(Path(directory))
-    raise CheckpointError(
-        f"{directory}: tokenizer class {qualname} has neither from_pretrained() nor load()."
-    )
+    if hasattr(module, "load_tokenizer"):  # speechlab.data.text: one loader for every tokenizer kind
+        return module.load_tokenizer(Path(directory))
+    raise CheckpointError(f"{directory}: tokenizer class {qualname} has no loader (from_pretrained / load).")
