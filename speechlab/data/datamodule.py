@@ -164,42 +164,22 @@ class SpeechDataModule(L.LightningDataModule):
             def validate(item: dict) -> None:
                 tokenizer.encode(item.get(tokenizer.field) or "")
 
-        items = read_manifest(
-            manifest,
-            require=require,
-            on_error=self.on_error,
-            check_audio=self.check_audio,
-            report=report,
-            validate=validate,
-        )
-        kept = self._filter(items)
-        dropped = len(items) - len(kept)
-        if dropped:
-            log.warning(
-                "%s: filtered out %d of %d items (min_duration=%s, max_duration=%s, languages=%s)",
-                split,
-                dropped,
-                len(items),
-                self.min_duration,
-                self.max_duration,
-                self.languages,
-            )
-        if not kept:
-            raise ValueError(
-                f"{split} manifest {manifest}: no items left after validation ({report.summary()}) and "
-                f"filtering (min_duration={self.min_duration}, max_duration={self.max_duration}, "
-                f"languages={self.languages}) -> check the manifest and the filters"
-            )
-        return kept
+        items = read_manifest(manifest, require=require, on_error=self.on_error, check_audio=self.check_audio,
+                              report=report, validate=validate, where=self._keep)  # fmt: skip
+        if report.filtered:
+            log.warning("%s: filtered out %d of %d items (min_duration=%s, max_duration=%s, languages=%s)",
+                        split, report.filtered, report.lines, self.min_duration, self.max_duration, self.languages)  # fmt: skip
+        if not items:
+            raise ValueError(f"{split} manifest {manifest}: no items left after validation and filtering "
+                             f"({report.summary()}; min_duration={self.min_duration}, max_duration="
+                             f"{self.max_duration}, languages={self.languages}) -> check the manifest and filters")  # fmt: skip
+        return items
 
-    def _filter(self, items: list[dict]) -> list[dict]:
-        def keep(item: dict) -> bool:
-            seconds = float(item["duration"])
-            if seconds < self.min_duration or (self.max_duration is not None and seconds > self.max_duration):
-                return False
-            return self.languages is None or item.get("language") in self.languages
-
-        return [it for it in items if keep(it)]
+    def _keep(self, item: dict) -> bool:
+        seconds = float(item["duration"])
+        if seconds < self.min_duration or (self.max_duration is not None and seconds > self.max_duration):
+            return False
+        return self.languages is None or item.get("language") in self.languages
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit", "validate") and self.val_manifest and self.val_items is None:

@@ -77,12 +77,14 @@ class SkipReport:
         counts: reason -> number of skipped lines (reasons as in :attr:`ManifestError.reason`).
         examples: the first ``max_examples`` error messages, for the log.
         lines: non-blank lines read; ``kept`` of them were returned.
+        filtered: well-formed lines left out by the ``where`` predicate (not errors).
     """
 
     counts: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
     lines: int = 0
     kept: int = 0
+    filtered: int = 0
     max_examples: int = 5
 
     @property
@@ -96,7 +98,8 @@ class SkipReport:
 
     def summary(self) -> str:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items()))
-        return f"kept {self.kept} of {self.lines} lines, skipped {self.skipped} ({reasons})"
+        filtered = f", filtered out {self.filtered}" if self.filtered else ""
+        return f"kept {self.kept} of {self.lines} lines{filtered}, skipped {self.skipped} ({reasons})"
 
 
 def _is_number(value: Any) -> bool:
@@ -118,9 +121,10 @@ class _LineChecker:
         tolerance: float,
         allow_outside: bool,
         validate: Callable[[dict], None] | None = None,
+        where: Callable[[dict], bool] | None = None,
     ):
         self.path, self.require, self.check_audio = path, tuple(require), check_audio
-        self.validate = validate
+        self.validate, self.where = validate, where
         self.tolerance, self.allow_outside = tolerance, allow_outside
         self.root = os.path.abspath(path.parent)
         self.seen: dict[str, int] = {}
@@ -128,7 +132,8 @@ class _LineChecker:
     def error(self, line: int, field: str | None, reason: str, detail: str, remedy: str) -> ManifestError:
         return ManifestError(str(self.path), line, field, reason, detail, remedy)
 
-    def check(self, item: Any, line: int) -> dict:
+    def check(self, item: Any, line: int) -> dict | None:
+        """The validated item with ``audio`` resolved, or None when ``where`` leaves it out."""
         if not isinstance(item, dict):
             raise self.error(
                 line,
@@ -147,6 +152,8 @@ class _LineChecker:
                     f"add '{name}' to every line (required: {', '.join(REQUIRED_FIELDS)})",
                 )
         self._check_types(item, line)
+        if self.where is not None and not self.where(item):
+            return None
         for name in self.require:
             value = item.get(name)
             if (
@@ -182,8 +189,8 @@ class _LineChecker:
                     line,
                     getattr(err, "field", None),
                     getattr(err, "reason", "invalid_value"),
-                    str(err),
-                    "fix the line or drop it (on_error='skip')",
+                    getattr(err, "detail", str(err)),
+                    getattr(err, "remedy", "fix the line or drop it (on_error='skip')"),
                 ) from err
         self.seen[item["id"]] = line
         return out
@@ -319,6 +326,7 @@ def read_manifest(
     allow_outside: bool = False,
     report: SkipReport | None = None,
     validate: Callable[[dict], None] | None = None,
+    where: Callable[[dict], bool] | None = None,
 ) -> list[dict]:
     """Read and validate a JSON Lines manifest.
 
@@ -337,6 +345,9 @@ def read_manifest(
         validate: an extra check per item (after the built-in ones), e.g. that a tokenizer can encode the text.
             A ``ValueError`` it raises becomes a ManifestError for that line, with the error's ``field`` and
             ``reason`` attributes when it has them (``UnknownUnitError`` has: reason ``"unknown_unit"``).
+        where: a filter (e.g. duration or language): lines for which it returns False are left out before the
+            remaining checks (so a filtered-out line may lack fields that ``require`` asks for), and counted in
+            ``report.filtered``. It sees the item after the schema and type checks.
 
     Returns:
         the items, in file order, as dicts with all their fields; ``audio`` is an absolute path.
@@ -366,18 +377,23 @@ def read_manifest(
             str(path), None, None, "unreadable_manifest", f"cannot read it ({err})", "fix permissions"
         ) from err
     report = report if report is not None else SkipReport()
-    checker = _LineChecker(path, require, check_audio, duration_tolerance, allow_outside, validate)
+    checker = _LineChecker(path, require, check_audio, duration_tolerance, allow_outside, validate, where)
     items: list[dict] = []
     for number, raw_line in enumerate(raw.splitlines(), start=1):
         if not raw_line.strip():
             continue
         report.lines += 1
         try:
-            items.append(checker.check(_parse_line(path, number, raw_line), number))
+            item = checker.check(_parse_line(path, number, raw_line), number)
         except ManifestError as err:
             if on_error == "raise":
                 raise
             report.add(err)
+            continue
+        if item is None:
+            report.filtered += 1
+        else:
+            items.append(item)
     report.kept = len(items)
     if report.skipped:
         log.warning("manifest %s: %s; first: %s", path, report.summary(), report.examples[0])

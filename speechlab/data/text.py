@@ -48,11 +48,13 @@ class UnknownUnitError(ValueError):
 
     def __init__(self, unit: str, text: str, kind: str = "", field: str | None = None) -> None:
         self.unit, self.text, self.kind, self.field = unit, text, kind, field
-        super().__init__(
-            f"unit {unit!r} (U+{ord(unit[0]):04X}{'...' if len(unit) > 1 else ''}) is not in the {kind} inventory; "
-            f"text: {text[:120]!r} -> normalise the text, rebuild the tokenizer from data that contains it, "
-            "or construct the tokenizer with unknown='skip'"
+        codepoints = " ".join(f"U+{ord(c):04X}" for c in unit)
+        self.detail = f"unit {unit!r} ({codepoints}) is not in the {kind} inventory; text: {text[:120]!r}"
+        self.remedy = (
+            "normalise the text, rebuild the tokenizer from data that contains the unit, "
+            "or use unknown='skip' to drop unknown units"
         )
+        super().__init__(f"{self.detail} -> {self.remedy}")
 
     def __reduce__(self):
         return (type(self), (self.unit, self.text, self.kind, self.field))
