@@ -212,3 +212,26 @@ def test_lightning_fit_runs_over_the_datamodule(espeak_manifest, tmp_path):
     trainer.fit(probe, datamodule=dm)
     assert probe.epochs == [0, 1]  # Lightning reached set_epoch
     assert sum(probe.sizes) == 2 * len(dm.train_items)
+
+
+def test_unknown_unit_at_load_time_is_an_error_or_a_counted_skip(tmp_corpus):
+    tmp_corpus.add("a", text="abc")
+    tmp_corpus.add("b", text="abq")
+    items = read_manifest(tmp_corpus.write())
+    tokenizer = CharTokenizer.build(["abc"])
+    from speechlab.data.text import UnknownUnitError
+
+    with pytest.raises(UnknownUnitError, match="'q'"):
+        AudioDataset(items, tokenizer=tokenizer)[1]
+    dataset = AudioDataset(items, tokenizer=tokenizer, on_error="skip")
+    assert collate([dataset[0], dataset[1]]).ids == ["a"] and dataset.skipped == {"unknown_unit": 1}
+
+
+def test_a_tokenizer_dir_of_another_kind_is_a_clear_error(ljspeech_manifest, tmp_path):
+    SpeechDataModule(str(ljspeech_manifest), tokenizer="char", tokenizer_dir=str(tmp_path / "tok"))
+    with pytest.raises(ValueError, match="holds a 'char' tokenizer"):
+        SpeechDataModule(
+            str(ljspeech_manifest), tokenizer="sentencepiece", tokenizer_dir=str(tmp_path / "tok")
+        )
+    with pytest.raises(FileNotFoundError, match="units.json"):
+        SpeechDataModule(str(ljspeech_manifest), tokenizer_dir=str(tmp_path / "empty"))

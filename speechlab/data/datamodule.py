@@ -164,15 +164,31 @@ class SpeechDataModule(L.LightningDataModule):
             def validate(item: dict) -> None:
                 tokenizer.encode(item.get(tokenizer.field) or "")
 
-        items = read_manifest(manifest, require=require, on_error=self.on_error, check_audio=self.check_audio,
-                              report=report, validate=validate, where=self._keep)  # fmt: skip
+        items = read_manifest(
+            manifest,
+            require=require,
+            on_error=self.on_error,
+            check_audio=self.check_audio,
+            report=report,
+            validate=validate,
+            where=self._keep,
+        )
         if report.filtered:
-            log.warning("%s: filtered out %d of %d items (min_duration=%s, max_duration=%s, languages=%s)",
-                        split, report.filtered, report.lines, self.min_duration, self.max_duration, self.languages)  # fmt: skip
+            log.warning(
+                "%s: filtered out %d of %d items (min_duration=%s, max_duration=%s, languages=%s)",
+                split,
+                report.filtered,
+                report.lines,
+                self.min_duration,
+                self.max_duration,
+                self.languages,
+            )
         if not items:
-            raise ValueError(f"{split} manifest {manifest}: no items left after validation and filtering "
-                             f"({report.summary()}; min_duration={self.min_duration}, max_duration="
-                             f"{self.max_duration}, languages={self.languages}) -> check the manifest and filters")  # fmt: skip
+            raise ValueError(
+                f"{split} manifest {manifest}: no items left after validation and filtering "
+                f"({report.summary()}; min_duration={self.min_duration}, max_duration="
+                f"{self.max_duration}, languages={self.languages}) -> check the manifest and filters"
+            )
         return items
 
     def _keep(self, item: dict) -> bool:
