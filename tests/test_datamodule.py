@@ -235,3 +235,14 @@ def test_a_tokenizer_dir_of_another_kind_is_a_clear_error(ljspeech_manifest, tmp
         )
     with pytest.raises(FileNotFoundError, match="units.json"):
         SpeechDataModule(str(ljspeech_manifest), tokenizer_dir=str(tmp_path / "empty"))
+
+
+def test_loaders_work_with_worker_processes(ljspeech_manifest):
+    dm = SpeechDataModule(str(ljspeech_manifest), tokenizer="sentencepiece", vocab_size=48, num_workers=1,
+                          max_batch_seconds=30.0, max_batch_size=2)  # fmt: skip
+    loader = dm.train_dataloader()
+    batches = list(itertools.islice(iter(loader), 2))
+    assert all(isinstance(b, Batch) and b.targets is not None for b in batches)
+    assert [b.ids for b in batches] == [
+        [dm.train_items[i]["id"] for i in b] for b in list(dm.train_sampler)[:2]
+    ]

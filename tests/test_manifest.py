@@ -229,3 +229,32 @@ def test_write_manifest_leaves_the_old_file_intact_when_an_item_cannot_be_writte
         write_manifest(path, [{"id": "b", "audio": "x.flac", "duration": 1.0, "bad": np.zeros(2)}])
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_corpus.root.iterdir()) == ["audio", "manifest.jsonl"]
+
+
+def _cli(argv):
+    import argparse
+
+    from speechlab.data import manifest
+
+    parser = argparse.ArgumentParser(prog="speechlab")
+    manifest.add_parser(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_check_manifest_command_reports_bad_lines_and_writes_a_clean_copy(tmp_corpus, capsys):
+    tmp_corpus.add("good")
+    bad = tmp_corpus.add("trunc", signal=np.random.default_rng(0).normal(0, 0.1, 32000).astype(np.float32))
+    path = tmp_corpus.root / bad["audio"]
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    manifest = tmp_corpus.write(
+        [*tmp_corpus.lines, {**tmp_corpus.lines[0], "id": "gone", "audio": "audio/x.flac"}]
+    )
+    assert _cli(["check-manifest", str(manifest)]) == 1  # header level: only the missing file
+    assert "missing_file=1" in capsys.readouterr().out
+    assert _cli(["check-manifest", str(manifest), "--decode", "--write-clean", ".clean.jsonl"]) == 1
+    out = capsys.readouterr().out
+    assert "undecodable_audio=1" in out and "missing_file=1" in out
+    clean = tmp_corpus.root / "manifest.clean.jsonl"
+    assert [it["id"] for it in read_manifest(clean)] == ["good"]
+    assert _cli(["check-manifest", str(clean), "--decode", "--require", "text"]) == 0

@@ -158,3 +158,10 @@ def test_loading_from_a_folder_without_units_json_says_what_to_do(tmp_path):
 def test_phoneme_tokenizer_from_plain_strings():
     tokenizer = PhonemeTokenizer.build(["a b", "b c"])
     assert tokenizer.units == [BLANK, "a", "b", "c"] and tokenizer.encode("c a") == [3, 1]
+
+
+def test_tokenizers_pickle_for_dataloader_workers(spm_tokenizer, lj_items):
+    text = lj_items[0]["text"]
+    for tokenizer in (spm_tokenizer, build_tokenizer("char", lj_items)):
+        copy = pickle.loads(pickle.dumps(tokenizer))
+        assert copy.encode(text) == tokenizer.encode(text) and copy.units == tokenizer.units

@@ -282,6 +282,17 @@ class SentencePieceTokenizer(Tokenizer):
             pieces.append(i - 1)
         return self.processor.decode(pieces)
 
+    def __getstate__(self) -> dict[str, Any]:  # the C++ processor does not pickle; rebuild it from the proto
+        state = dict(self.__dict__)
+        state.pop("processor")
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        import sentencepiece as spm
+
+        self.__dict__.update(state)
+        self.processor = spm.SentencePieceProcessor(model_proto=self.model_proto)
+
     def _config(self) -> dict[str, Any]:
         return {**super()._config(), "lowercase": self.lowercase, "model": SPM_FILE}
 
