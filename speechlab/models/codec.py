@@ -13,10 +13,8 @@ Tokens are ``codes: (B, n_q, frames) int64``; any prefix ``n_q`` of the levels d
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,7 +29,7 @@ from speechlab.nn.seanet import (
     fold_weight_norm,
 )
 
-MODEL_TYPE = "speechlab-codec"
+MODEL_TYPE = "codec"  # family name in speechlab pretrained directories
 FORMAT_VERSION = 1
 
 
@@ -156,6 +154,7 @@ class Codec(nn.Module):
     """``encode(audio, lengths, n_q) -> (codes, frame_lengths)``, ``decode(codes, frame_lengths) -> audio``."""
 
     def __init__(self, config: CodecConfig | None = None, weight_norm: bool = True) -> None:
+        """``weight_norm``: parametrize convs with weight norm (training); fold later with :meth:`fold_weight_norm`."""
         super().__init__()
         self.config = config = config or codec_16khz()
         seanet = config.seanet()
@@ -374,59 +373,41 @@ class Codec(nn.Module):
         return digest.hexdigest()[:16]
 
     def model_version(self) -> str:
-        return f"{MODEL_TYPE}/{FORMAT_VERSION}"
+        return f"speechlab-{MODEL_TYPE}/{FORMAT_VERSION}"
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` (weight norm folded) + a short ``README.md``."""
-        import copy
+        """Write a speechlab pretrained directory (family ``codec``): config.json + model.safetensors + README.md.
 
-        from safetensors.torch import save_file
+        Weights are stored as trained (weight-norm parametrization kept) so the directory also resumes
+        fine-tuning; :meth:`from_pretrained` folds them for inference.
+        """
+        from speechlab.checkpoints.pretrained_dir import save_pretrained
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        folded = copy.deepcopy(self).cpu().fold_weight_norm()
-        state = {k: v.detach().contiguous() for k, v in folded.state_dict().items()}
-        save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
-        meta = {
-            "model_type": MODEL_TYPE,
-            "format_version": FORMAT_VERSION,
-            "codebook_hash": self.codebook_hash(),
-            "config": asdict(self.config),
-        }
-        (directory / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
         c = self.config
-        (directory / "README.md").write_text(
+        card = (
             f"# speechlab codec\n\n{c.sample_rate} Hz mono, hop {c.hop_length} ({c.frame_rate:g} Hz frames), "
             f"{c.num_quantizers} x {c.codebook_size} codes ({c.bitrate() / 1000:g} kbps at full n_q), "
-            f"{'causal/streaming' if c.causal else 'non-causal'}.\nCodebook hash `{self.codebook_hash()}`.\n\n"
+            f"{'causal/streaming' if c.causal else 'non-causal'}. Codebook hash `{self.codebook_hash()}`.\n\n"
             "```python\nfrom speechlab.models.codec import Codec\ncodec = Codec.from_pretrained(path)\n"
             "codes, frame_lengths = codec.encode(audio, lengths)\naudio = codec.decode(codes, frame_lengths)\n```\n"
         )
-        return directory
+        return save_pretrained(self, directory, family=MODEL_TYPE, model_card=card)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> Codec:
-        """Load a directory written by :meth:`save_pretrained` (safetensors only, no pickle)."""
-        from safetensors.torch import load_file
+    def from_pretrained(cls, directory: str | Path, device: str = "cpu", fold: bool = True) -> Codec:
+        """Load a directory written by :meth:`save_pretrained` (validated safetensors, no pickle), eval mode."""
+        from speechlab.checkpoints.pretrained_dir import load_pretrained
 
-        directory = Path(directory)
-        config_path = directory / "config.json"
-        if not config_path.is_file():
-            raise FileNotFoundError(
-                f"{config_path} not found: expected a speechlab codec directory "
-                "(config.json + model.safetensors) written by Codec.save_pretrained"
-            )
-        meta = json.loads(config_path.read_text())
-        if meta.get("model_type") != MODEL_TYPE:
-            raise ValueError(
-                f"{config_path}: model_type is {meta.get('model_type')!r}, expected {MODEL_TYPE!r}"
-            )
-        known = {f.name for f in dataclasses.fields(CodecConfig)}
-        unknown = set(meta["config"]) - known
-        if unknown:
-            raise ValueError(
-                f"{config_path}: unknown CodecConfig fields {sorted(unknown)} (newer speechlab?)"
-            )
-        model = cls(CodecConfig(**meta["config"]), weight_norm=False)
-        model.load_state_dict(load_file(str(directory / "model.safetensors"), device=map_location))
-        return model.eval()
+        model = load_pretrained(directory, device=device)
+        if not isinstance(model, Codec):
+            raise ValueError(f"{directory}: holds a {type(model).__name__}, not a speechlab codec")
+        return model.fold_weight_norm() if fold else model
+
+
+def _register() -> None:
+    from speechlab.checkpoints.pretrained_dir import register_family
+
+    register_family(MODEL_TYPE, CodecConfig, Codec)
+
+
+_register()
