@@ -141,14 +141,14 @@ def test_lightning_reaches_set_epoch_through_the_dataloader():
     assert sampler.epoch == 5
 
 
-def test_packing_is_linear_time_on_a_million_utterances():
-    durations = np.random.default_rng(0).uniform(0.5, 20.0, size=1_000_000)
+def test_packing_is_linear_time_on_300k_utterances():
+    durations = np.random.default_rng(0).uniform(0.5, 20.0, size=300_000)
     start = time.perf_counter()
     sampler = BucketBatchSampler(durations, 300.0)
     batches = sampler.epoch_batches()
     elapsed = time.perf_counter() - start
     assert sum(len(b) for b in batches) == len(durations)
-    assert elapsed < 20.0, f"{elapsed:.1f} s"
+    assert elapsed < 10.0, f"{elapsed:.1f} s"
 
 
 def test_pack_batches_boundaries():

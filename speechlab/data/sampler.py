@@ -55,7 +55,9 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     Each epoch: a random permutation (from ``(seed, epoch)``) breaks ties, a stable sort by duration groups
     similar lengths, :func:`pack_batches` forms batches whose ``max_duration * batch_size <= max_batch_seconds``,
-    and the order of the batches is shuffled with the same generator. With ``shuffle=False`` batches come in
+    and the order of the batches is shuffled with the same generator (as fairseq's ``batch_by_size`` + shuffled
+    batches). Batch sizes, and so ``len()``, are the same every epoch; which utterances share a batch changes only
+    among equal durations, which keeps every batch's padding minimal. With ``shuffle=False`` batches come in
     ascending duration order and never change.
 
     Distributed: the shuffled batch list is shared by all ranks (same seed and epoch) and dealt round-robin, rank
