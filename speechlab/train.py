@@ -17,7 +17,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -117,7 +117,8 @@ def default_callbacks(
     save_top_k: int = 2,
     every_n_train_steps: int | None = None,
 ) -> list[Callback]:
-    """``<root>/checkpoints/last.ckpt`` plus the best-k by ``monitor``, LR logging and a progress bar.
+    """``<root>/checkpoints/last.ckpt`` plus the best-k by ``monitor``, exact-resume state and LR logging
+    (Lightning adds its progress bar itself).
 
     The checkpoint folder does not depend on the logger version, so ``--ckpt_path last`` finds the last checkpoint
     of an interrupted run.
@@ -135,7 +136,6 @@ def default_callbacks(
         ),
         ExactResume(),
         LearningRateMonitor(logging_interval="step"),
-        TQDMProgressBar(refresh_rate=10),
     ]
 
 

@@ -25,9 +25,9 @@ class SpeechTask(L.LightningModule):
     steps, training stops with :class:`NonFiniteError` telling what to check.
     """
 
-    def __init__(self, optim: OptimConfig | None = None, max_nonfinite_steps: int = 20) -> None:
+    def __init__(self, optim: OptimConfig | dict | None = None, max_nonfinite_steps: int = 20) -> None:
         super().__init__()
-        self.optim_config = optim or OptimConfig()
+        self.optim_config = optim if isinstance(optim, OptimConfig) else OptimConfig(**(optim or {}))
         self.max_nonfinite_steps = max_nonfinite_steps
         self.nonfinite_steps = 0
         self._consecutive_nonfinite = 0

@@ -72,11 +72,12 @@ class CTCTask(SpeechTask):
                 "CTCTask needs a tokenizer: set data.tokenizer to 'char', 'sentencepiece' or 'phoneme' "
                 "(or data.tokenizer_dir) in the config"
             )
-        self._build(tokenizer)
+        self.build(tokenizer)
         if self.hparams.init_from:
             self._load_pretrained_encoder(self.hparams.init_from)
 
-    def _build(self, tokenizer: Any) -> None:
+    def build(self, tokenizer: Any) -> None:
+        """Create the model for ``tokenizer``'s unit inventory (done by ``setup`` from the data module)."""
         self.tokenizer = tokenizer
         self.model = CTCModel(self.encoder_config, tokenizer.vocab_size, self.hparams.head_dropout)
         if self.hparams.freeze_feature_encoder:
@@ -107,7 +108,7 @@ class CTCTask(SpeechTask):
         with tempfile.TemporaryDirectory() as tmp:
             for name, data in checkpoint["tokenizer_files"].items():
                 (Path(tmp) / name).write_bytes(data)
-            self._build(load_tokenizer(tmp))
+            self.build(load_tokenizer(tmp))
 
     # -- optimisation -------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict:
