@@ -55,6 +55,14 @@ class SpeechLabCLI(LightningCLI):
             args=args,
         )
 
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_argument(
+            "--checkpoint_every_n_steps",
+            type=int | None,
+            default=None,
+            help="also write checkpoints/last.ckpt every N optimiser steps (default: at validation / epoch end)",
+        )
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})
         root = config.get("default_root_dir") or "exp"
@@ -63,7 +71,8 @@ class SpeechLabCLI(LightningCLI):
         user_callbacks = list(config.get("callbacks") or [])
         if not any(isinstance(cb, ModelCheckpoint) for cb in user_callbacks):
             monitor, mode = task_monitor(self.model)
-            user_callbacks += default_callbacks(root, monitor, mode)
+            every = self._get(self.config, "checkpoint_every_n_steps")
+            user_callbacks += default_callbacks(root, monitor, mode, every_n_train_steps=every)
         kwargs["callbacks"] = user_callbacks
         if getattr(self.model, "automatic_optimization", True) is False:
             kwargs["gradient_clip_val"] = None  # manual optimisation clips inside the task

@@ -117,26 +117,39 @@ def default_callbacks(
     save_top_k: int = 2,
     every_n_train_steps: int | None = None,
 ) -> list[Callback]:
-    """``<root>/checkpoints/last.ckpt`` plus the best-k by ``monitor``, exact-resume state and LR logging
-    (Lightning adds its progress bar itself).
+    """Checkpointing, exact-resume state and LR logging (Lightning adds its progress bar itself).
 
-    The checkpoint folder does not depend on the logger version, so ``--ckpt_path last`` finds the last checkpoint
-    of an interrupted run.
+    ``<root>/checkpoints/last.ckpt`` is written at every validation / epoch end, every ``every_n_train_steps``
+    steps if set, and when training stops on an exception or SIGTERM (Lightning finishes the current batch, then
+    stops). The best-k checkpoints by ``monitor`` go to the same folder. The folder does not depend on the logger
+    version, so ``--ckpt_path last`` finds the last checkpoint of an interrupted run.
     """
-    return [
+    dirpath = str(Path(default_root_dir) / "checkpoints")
+    callbacks: list[Callback] = [
         ModelCheckpoint(
-            dirpath=str(Path(default_root_dir) / "checkpoints"),
-            filename="step{step:07d}" if monitor is None else "best-step{step:07d}",
+            dirpath=dirpath,
+            filename="step{step:07d}",
             auto_insert_metric_name=False,
-            monitor=monitor,
-            mode=mode,
-            save_top_k=save_top_k if monitor else 1,
+            save_top_k=1,
             save_last=True,
             every_n_train_steps=every_n_train_steps,
+            save_on_exception=True,
         ),
         ExactResume(),
         LearningRateMonitor(logging_interval="step"),
     ]
+    if monitor is not None:
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=dirpath,
+                filename="best-step{step:07d}",
+                auto_insert_metric_name=False,
+                monitor=monitor,
+                mode=mode,
+                save_top_k=save_top_k,
+            )
+        )
+    return callbacks
 
 
 def default_loggers(default_root_dir: str) -> list:
