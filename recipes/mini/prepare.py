@@ -51,7 +51,9 @@ def main() -> None:
     lj_rest, outputs["lj_test"] = split(lj, 10, 0)
     outputs["lj_train"], outputs["lj_val"] = split(lj_rest, 9, 0)
     outputs["pretrain_train"] = (
-        outputs["en_train"] + outputs["lj_train"] + [it for k, v in outputs.items() if k.endswith("_train") and "lowres" in k for it in v]
+        outputs["en_train"]
+        + outputs["lj_train"]
+        + [it for k, v in outputs.items() if k.endswith("_train") and "lowres" in k for it in v]
     )
     outputs["pretrain_val"] = outputs["en_val"] + outputs["lj_val"]
     outputs["noise"] = noise
