@@ -8,11 +8,11 @@ import re
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_api import _hf_to_unilm_key, hf_model, tiny_encoder
 
 from speechlab import convert
 from speechlab.api import FeatureExtractor, load
 from speechlab.checkpoints.pretrained_dir import is_pretrained_dir, save_pretrained
-from tests.test_api import _hf_to_unilm_key, hf_model, tiny_encoder
 
 
 def _layer_lines(text: str) -> list[float]:
