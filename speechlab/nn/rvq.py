@@ -31,13 +31,31 @@ def _distributed() -> bool:
 def kmeans(
     samples: Tensor, num_clusters: int, num_iters: int, generator: torch.Generator | None = None
 ) -> Tensor:
-    """Lloyd's k-means. ``samples: (N, D)`` -> centres ``(num_clusters, D)``; empty clusters keep their centre."""
+    """Lloyd's k-means with k-means++ seeding. ``samples: (N, D)`` -> centres ``(num_clusters, D)``.
+
+    Empty clusters keep their centre; with fewer samples than clusters, samples are repeated.
+    """
+    if samples.shape[0] > 65536:  # plenty for the statistics, bounded cost on huge first batches
+        samples = samples[torch.randperm(samples.shape[0], generator=generator)[:65536].to(samples.device)]
     n = samples.shape[0]
-    if n >= num_clusters:
-        idx = torch.randperm(n, generator=generator, device="cpu")[:num_clusters].to(samples.device)
-    else:
-        idx = torch.randint(0, n, (num_clusters,), generator=generator, device="cpu").to(samples.device)
-    centres = samples[idx].clone()
+    if n <= num_clusters:
+        idx = torch.randint(0, n, (num_clusters,), generator=generator).to(samples.device)
+        idx[:n] = torch.arange(n, device=samples.device)
+        return samples[idx].clone()
+    # k-means++ seeding: each new centre is drawn with probability proportional to its squared distance
+    first = torch.randint(0, n, (1,), generator=generator).item()
+    centres = [samples[first]]
+    closest = (samples - samples[first]).pow(2).sum(1)
+    for _ in range(1, num_clusters):
+        weights = closest.float().cpu()
+        pick = (
+            torch.multinomial(weights / weights.sum(), 1, generator=generator).item()
+            if weights.sum() > 0
+            else 0
+        )
+        centres.append(samples[pick])
+        closest = torch.minimum(closest, (samples - samples[pick]).pow(2).sum(1))
+    centres = torch.stack(centres)
     for _ in range(num_iters):
         dist2 = samples.pow(2).sum(1, keepdim=True) - 2 * samples @ centres.T + centres.pow(2).sum(1)[None]
         assign = dist2.argmin(dim=1)

@@ -1,0 +1,182 @@
+"""Codec model: padding invariance, streaming == whole file, every n_q decodes, presets, save/load, losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from speechlab.models.codec import (
+    Codec,
+    CodecConfig,
+    codec_16khz,
+    codec_16khz_causal,
+    codec_16khz_low_rate,
+    codec_tiny,
+)
+from speechlab.nn.discriminators import CombinedDiscriminator, discriminator_loss, feature_matching_loss
+from speechlab.nn.spectral import MultiResolutionSTFTLoss, MultiScaleMelLoss, si_sdr
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: two threads spin-wait on each other (40x slower under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def trained_tiny(causal: bool = False, seed: int = 0) -> Codec:
+    """A tiny codec whose codebooks went through k-means init (so codes are not all the same)."""
+    torch.manual_seed(seed)
+    codec = Codec(CodecConfig(**{**codec_tiny().__dict__, "causal": causal}))
+    codec.train()(torch.randn(4, 4000) * 0.1)
+    return codec.eval()
+
+
+def test_presets_have_the_documented_frame_rates_and_bitrates():
+    assert codec_16khz().frame_rate == 50.0 and codec_16khz().hop_length == 320
+    assert codec_16khz().bitrate() == 4000.0
+    assert 12.5 <= codec_16khz_low_rate().frame_rate <= 25
+    assert codec_16khz_causal().causal
+    with pytest.raises(ValueError, match="n_q"):
+        Codec(codec_tiny()).quantizer.encode(torch.randn(1, 32, 3), n_q=9)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_codes_of_an_utterance_are_identical_alone_and_padded_in_a_batch(causal):
+    codec = trained_tiny(causal)
+    torch.manual_seed(1)
+    short, long = torch.randn(1, 5123) * 0.1, torch.randn(1, 9000) * 0.1
+    batch = torch.zeros(2, 9000)
+    batch[0, :5123], batch[1] = short[0], long[0]
+    codes_alone, frames_alone = codec.encode(short)
+    codes_batch, frames_batch = codec.encode(batch, torch.tensor([5123, 9000]))
+    assert frames_batch.tolist() == [17, 29] and frames_alone.tolist() == [17]
+    assert torch.equal(codes_alone[0], codes_batch[0, :, :17])
+    long_alone, _ = codec.encode(long)
+    assert torch.equal(long_alone[0], codes_batch[1])
+    # decoding is padding-invariant too, and padded tails are silent
+    audio_batch = codec.decode(codes_batch, frames_batch)
+    audio_alone = codec.decode(codes_alone, frames_alone)
+    assert torch.allclose(audio_batch[0, : 17 * 320], audio_alone[0], atol=1e-5)
+    assert audio_batch[0, 17 * 320 :].abs().sum() == 0
+
+
+def test_causal_streaming_equals_whole_file_codes_exactly_and_audio_within_1e5():
+    codec = trained_tiny(causal=True)
+    torch.manual_seed(2)
+    signal = torch.randn(2, 16000 + 123) * 0.1
+    whole, frames = codec.encode(signal)
+    state = codec.new_stream_state()
+    chunks, start = [], 0
+    for size in (100, 1000, 3333, 640, 5000, 2000):  # arbitrary sizes, not multiples of the hop
+        chunks.append(codec.encode_chunk(signal[:, start : start + size], state))
+        start += size
+    chunks.append(codec.encode_chunk(signal[:, start:], state))
+    chunks.append(codec.flush(state))
+    streamed = torch.cat(chunks, dim=-1)
+    assert torch.equal(streamed, whole)
+
+    full_audio = codec.decode(whole)
+    dec_state = codec.new_stream_state()
+    pieces = [
+        codec.decode_chunk(whole[..., a:b], dec_state)
+        for a, b in ((0, 1), (1, 7), (7, 8), (8, whole.shape[-1]))
+    ]
+    assert (torch.cat(pieces, dim=-1) - full_audio).abs().max() < 1e-5
+
+
+def test_causal_transformer_sliding_window_bounds_the_stream_cache():
+    config = CodecConfig(**{**codec_tiny().__dict__, "causal": True, "transformer_context": 4})
+    torch.manual_seed(0)
+    codec = Codec(config).eval()
+    signal = torch.randn(1, 320 * 12) * 0.1
+    whole, _ = codec.encode(signal)
+    state = codec.new_stream_state()
+    streamed = torch.cat(
+        [codec.encode_chunk(signal[:, i : i + 640], state) for i in range(0, 320 * 12, 640)], -1
+    )
+    assert torch.equal(streamed, whole)
+    assert state.encoder["transformer.0.k"].shape[2] == 3
+
+
+def test_streaming_a_non_causal_codec_is_refused():
+    with pytest.raises(RuntimeError, match="causal"):
+        Codec(codec_tiny()).new_stream_state()
+
+
+def test_every_prefix_of_levels_decodes_to_audio():
+    codec = trained_tiny()
+    signal = torch.randn(1, 3200) * 0.1
+    codes, frames = codec.encode(signal)
+    for n_q in range(1, codec.num_quantizers + 1):
+        prefix, _ = codec.encode(signal, n_q=n_q)
+        assert torch.equal(prefix, codes[:, :n_q])
+        audio = codec.decode(prefix, frames)
+        assert audio.shape == (1, 3200) and torch.isfinite(audio).all()
+    with pytest.raises(ValueError, match="codes must be in"):
+        codec.decode(torch.full((1, 2, 3), codec.codebook_size))
+
+
+def test_forward_returns_reconstruction_losses_and_codebook_statistics():
+    torch.manual_seed(0)
+    codec = Codec(codec_tiny()).train()
+    audio = torch.randn(2, 3000) * 0.1
+    out = codec(audio, torch.tensor([3000, 2000]))
+    assert out.audio.shape == audio.shape
+    assert out.codes.shape == (2, 4, 10) and out.frame_lengths.tolist() == [10, 7]
+    assert out.rvq.commitment_loss.requires_grad
+    assert out.rvq.usage.shape == (4,)
+
+
+def test_weight_norm_folding_keeps_outputs_and_save_load_round_trips(tmp_path):
+    codec = trained_tiny()
+    signal = torch.randn(2, 4000) * 0.1
+    codes, frames = codec.encode(signal)
+    audio = codec.decode(codes, frames)
+    codec.save_pretrained(tmp_path / "codec")
+    loaded = Codec.from_pretrained(tmp_path / "codec")
+    assert not any("parametrizations" in k for k in loaded.state_dict())
+    codes2, _ = loaded.encode(signal)
+    assert torch.equal(codes, codes2)
+    assert (loaded.decode(codes2, frames) - audio).abs().max() < 1e-5
+    assert loaded.codebook_hash() == codec.codebook_hash()
+
+
+def test_mel_loss_is_zero_for_identical_audio_fp32_under_autocast_and_ignores_padding():
+    torch.manual_seed(0)
+    mel = MultiScaleMelLoss(16000)
+    a = torch.randn(2, 8000) * 0.1
+    assert mel(a, a) == 0
+    b = a + 0.01 * torch.randn_like(a)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = mel(a, b)
+    assert loss.dtype == torch.float32 and loss > 0
+    lengths = torch.tensor([8000, 4000])
+    c = b.clone()
+    c[1, 6000:] = 5.0  # garbage well past the valid part (beyond the largest window)
+    assert torch.allclose(mel(a, b, lengths), mel(a, c, lengths), atol=1e-6)
+    stft = MultiResolutionSTFTLoss()
+    assert stft(a, a) < 1e-5 < stft(a, b)
+
+
+def test_si_sdr_is_scale_invariant_and_drops_with_noise():
+    torch.manual_seed(0)
+    ref = torch.randn(1, 4000)
+    assert si_sdr(0.5 * ref, ref) > 60
+    assert si_sdr(ref + 0.1 * torch.randn_like(ref), ref) > si_sdr(ref + torch.randn_like(ref), ref)
+
+
+def test_discriminators_return_logits_and_features_and_losses_have_expected_signs():
+    torch.manual_seed(0)
+    disc = CombinedDiscriminator(
+        stft_n_ffts=(256, 128), stft_filters=4, periods=(2, 3), period_channels=(4, 8)
+    )
+    audio = torch.randn(2, 4000)
+    logits, feats = disc(audio)
+    assert len(logits) == 4 and len(feats) == 4 and all(len(f) > 0 for f in feats)
+    ones, minus = [torch.ones(2, 3)], [-torch.ones(2, 3)]
+    assert discriminator_loss(ones, minus, "hinge") == 0 and discriminator_loss(minus, ones, "hinge") > 0
+    assert discriminator_loss(ones, [torch.zeros(2, 3)], "ls") == 0
+    assert feature_matching_loss(feats, feats) == 0
