@@ -1,0 +1,288 @@
+"""WavLM / HuBERT masked-prediction pre-training (``ssl_spec.md`` §3, §4, §5.3, §6.4).
+
+One step: (train only) mix the batch with noise or another utterance (:class:`UtteranceMixer`) -> span-mask the
+encoder frames -> ``SSLEncoder`` -> ``final_proj`` (D -> final_dim) -> cosine similarity with one embedding per unit
+/ ``logit_temp`` (0.1) -> cross-entropy against the *clean* utterance's k-means units at masked, non-padded frames
+(unmasked frames with ``pred_nomask_weight``, 0 by default) + ``feature_penalty_weight`` x mean(CNN features^2).
+As in fairseq, the summed loss is divided by the number of masked frames (the penalty is scaled by that count
+first, so it stays a per-frame quantity).
+
+Unit ids are the k-means cluster ids ``0..num_classes-1`` as written by ``speechlab kmeans`` (no fairseq
+dictionary offset; converting a fairseq head means dropping its first 4 label-embedding rows, pitfall 14).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from speechlab.augment.mixing import MixingConfig, UtteranceMixer
+from speechlab.data.collate import UNIT_PAD
+from speechlab.models.presets import encoder_config
+from speechlab.models.ssl_encoder import SSLEncoder
+from speechlab.nn.masking import span_mask
+from speechlab.optim import OptimConfig
+from speechlab.tasks.base import SpeechTask
+
+log = logging.getLogger(__name__)
+
+
+class UnitPredictionHead(nn.Module):
+    """HuBERT prediction head: ``final_proj`` + one learned embedding per unit, logits = cos / temperature.
+
+    hidden: (..., D) -> logits (..., num_classes), computed in fp32 (cosine logits are kept out of bf16, pitfall 10).
+    """
+
+    def __init__(
+        self, hidden_size: int, num_classes: int, final_dim: int = 256, logit_temp: float = 0.1
+    ) -> None:
+        super().__init__()
+        self.final_proj = nn.Linear(hidden_size, final_dim)
+        self.label_embeddings = nn.Parameter(
+            torch.rand(num_classes, final_dim)
+        )  # uniform [0, 1) as in fairseq
+        self.logit_temp = logit_temp
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        projected = self.final_proj(hidden)
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            projected = F.normalize(projected.float(), dim=-1, eps=1e-8)
+            embeddings = F.normalize(self.label_embeddings.float(), dim=-1, eps=1e-8)
+            return projected @ embeddings.T / self.logit_temp
+
+
+def align_units(units: Tensor, num_frames: int, frame_lengths: Tensor) -> Tensor:
+    """Unit targets aligned to the encoder frames: (B, U) padded with -100 -> (B, num_frames).
+
+    Rows are cropped or padded with -100 to ``num_frames``; frames at or beyond ``frame_lengths`` (padding) are
+    set to -100 too. The k-means units of ``speechlab kmeans`` have exactly the encoder's frame count, so cropping
+    only matters for units computed another way (or audio cropped by ``max_seconds``).
+    """
+    batch, length = units.shape
+    if length >= num_frames:
+        aligned = units[:, :num_frames]
+    else:
+        aligned = F.pad(units, (0, num_frames - length), value=UNIT_PAD)
+    padded = torch.arange(num_frames, device=units.device)[None, :] >= frame_lengths.to(units.device)[:, None]
+    return aligned.masked_fill(padded, UNIT_PAD)
+
+
+def prediction_metrics(logits: Tensor, targets: Tensor, frame_mask: Tensor) -> dict[str, Tensor]:
+    """Accuracy of unit prediction on masked and on unmasked frames.
+
+    logits: (B, T, C); targets: (B, T) int64 with -100 where there is no target (padding); frame_mask: (B, T) bool.
+    Returns ``acc_masked``, ``acc_unmasked`` (NaN when there is no such frame), ``n_masked``, ``n_unmasked``.
+    """
+    valid = targets != UNIT_PAD
+    correct = (logits.argmax(-1) == targets) & valid
+    out = {}
+    for name, where in (("masked", frame_mask & valid), ("unmasked", ~frame_mask & valid)):
+        count = where.sum()
+        out[f"n_{name}"] = count
+        out[f"acc_{name}"] = (
+            (correct & where).sum().float() / count if count > 0 else torch.tensor(float("nan"))
+        )
+    return out
+
+
+class WavLMPretrainTask(SpeechTask):
+    """Masked unit prediction through utterance mixing (WavLM) — HuBERT when ``mixing`` is None.
+
+    Args:
+        encoder: encoder preset name (``wavlm_tiny``, ``wavlm_base``, ``wavlm_base_plus``, ``wavlm_large``, ...).
+        encoder_overrides: ``SSLEncoderConfig`` fields to change, e.g. ``{"feature_grad_mult": 0.1}``.
+        num_classes: number of k-means clusters of the units (100 for MFCC iteration 1, 500 later).
+        final_dim: projection size of the prediction head (256 Base, 768 Large).
+        logit_temp: cosine-similarity temperature (0.1).
+        mask_prob, mask_length: span masking (None: the encoder preset's values; HuBERT/WavLM use 0.8 / 10).
+        pred_masked_weight, pred_nomask_weight: loss weights of masked / unmasked frames (1 / 0).
+        feature_penalty_weight: weight of mean(CNN features^2) (10 for Base, as HuBERT).
+        mixing: utterance mixing (training batches only); None = no mixing (plain HuBERT).
+        mixing_seed: seed of the mixer's generator (offset by the global rank under DDP).
+        optim: optimiser + schedule (:class:`speechlab.optim.OptimConfig`).
+    """
+
+    checkpoint_monitor = ("val/loss", "min")
+
+    def __init__(
+        self,
+        encoder: str = "wavlm_tiny",
+        encoder_overrides: dict[str, Any] | None = None,
+        num_classes: int = 100,
+        final_dim: int = 256,
+        logit_temp: float = 0.1,
+        mask_prob: float | None = None,
+        mask_length: int | None = None,
+        pred_masked_weight: float = 1.0,
+        pred_nomask_weight: float = 0.0,
+        feature_penalty_weight: float = 10.0,
+        mixing: MixingConfig | None = None,
+        mixing_seed: int = 0,
+        optim: OptimConfig | None = None,
+        max_nonfinite_steps: int = 20,
+    ) -> None:
+        # dicts (from a checkpoint, see on_save_checkpoint) or dataclasses (from the CLI / Python)
+        optim = OptimConfig(**optim) if isinstance(optim, dict) else optim
+        mixing = MixingConfig(**mixing) if isinstance(mixing, dict) else mixing
+        super().__init__(optim=optim, max_nonfinite_steps=max_nonfinite_steps)
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 (the k-means cluster count), got {num_classes}")
+        self.save_hyperparameters()
+        self.encoder_config = encoder_config(encoder, encoder_overrides)
+        self.encoder = SSLEncoder(self.encoder_config)
+        self.head = UnitPredictionHead(self.encoder_config.hidden_size, num_classes, final_dim, logit_temp)
+        self.mask_prob = self.encoder_config.mask_prob if mask_prob is None else mask_prob
+        self.mask_length = self.encoder_config.mask_length if mask_length is None else mask_length
+        self.mixing_config = mixing
+        self.mixer: UtteranceMixer | None = None
+        self._units_checked = False
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # plain containers only, so the checkpoint loads with torch.load(weights_only=True)
+        hparams = checkpoint.get("hyper_parameters")
+        if hparams:
+            checkpoint["hyper_parameters"] = {
+                k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in hparams.items()
+            }
+
+    def setup(self, stage: str) -> None:
+        if self.mixing_config is not None and self.mixer is None:
+            rank = getattr(self.trainer, "global_rank", 0) if self._trainer is not None else 0
+            self.mixer = UtteranceMixer.from_config(self.mixing_config, seed=self.hparams.mixing_seed + rank)
+            self.mixer.to(self.device)
+            log.info(
+                "utterance mixing on: %s (%d noise clips)", self.mixing_config, self.mixer.num_noise_clips
+            )
+
+    # -- the step ----------------------------------------------------------------------------------------------
+    def compute_loss(
+        self, audio: Tensor, lengths: Tensor, units: Tensor, generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
+        """Masked prediction loss of the (already mixed) audio against the clean units.
+
+        audio: (B, S) float32; lengths: (B,) int64; units: (B, T_units) int64 padded with -100.
+        Returns ``loss`` and the logged quantities.
+        """
+        frame_lengths = self.encoder.frame_lengths(lengths)
+        num_frames = int(self.encoder.frame_lengths(torch.tensor([audio.shape[1]]))[0])
+        frame_mask = span_mask(
+            frame_lengths.cpu(), self.mask_prob, self.mask_length, num_frames=num_frames, generator=generator
+        ).to(audio.device)
+        out = self.encoder(audio, lengths, frame_mask=frame_mask)
+        targets = align_units(units, num_frames, out.frame_lengths)
+        if not self._units_checked and int(targets.max()) >= self.hparams.num_classes:
+            raise ValueError(
+                f"unit id {int(targets.max())} >= num_classes={self.hparams.num_classes}: set model.num_classes "
+                "to the k-means cluster count of the manifest's units"
+            )
+        self._units_checked = True
+        masked = frame_mask & (targets != UNIT_PAD)
+        unmasked = ~frame_mask & (targets != UNIT_PAD)
+        hidden = out.last_hidden_state
+        n_masked = masked.sum()
+        logits_masked = self.head(hidden[masked])
+        loss_masked = F.cross_entropy(logits_masked, targets[masked], reduction="sum")
+        weight_u = self.hparams.pred_nomask_weight
+        with torch.set_grad_enabled(torch.is_grad_enabled() and weight_u > 0):
+            logits_unmasked = self.head(hidden[unmasked])
+            loss_unmasked = F.cross_entropy(logits_unmasked, targets[unmasked], reduction="sum")
+        normaliser = n_masked.clamp(min=1).float()
+        penalty = out.feature_penalty.float()
+        total = (
+            self.hparams.pred_masked_weight * loss_masked
+            + self.hparams.feature_penalty_weight * penalty * normaliser
+        )
+        if weight_u > 0:
+            total = total + weight_u * loss_unmasked
+        n_unmasked = unmasked.sum()
+        with torch.no_grad():
+            acc_m = (logits_masked.argmax(-1) == targets[masked]).float().sum() / normaliser
+            acc_u = (logits_unmasked.argmax(-1) == targets[unmasked]).float().sum() / n_unmasked.clamp(min=1)
+        return {
+            "loss": total / normaliser,
+            "loss_masked": loss_masked.detach() / normaliser,
+            "loss_unmasked": loss_unmasked.detach() / n_unmasked.clamp(min=1),
+            "feature_penalty": penalty.detach(),
+            "acc_masked": acc_m,
+            "acc_unmasked": acc_u,
+            "masked_fraction": n_masked.float() / (n_masked + n_unmasked).clamp(min=1),
+        }
+
+    def _check_batch(self, batch: Any) -> None:
+        if batch.units is None:
+            raise ValueError(
+                "WavLMPretrainTask needs unit targets: set data.units_field: units and point the data module at "
+                "manifests written by `speechlab kmeans`"
+            )
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        if len(batch) == 0:
+            return None
+        self._check_batch(batch)
+        audio, lengths = batch.audio, batch.lengths
+        if self.mixer is not None:
+            audio, lengths = self.mixer(audio, lengths)
+        results = self.compute_loss(audio, lengths, batch.units)
+        self._log("train", results, len(batch))
+        return self.check_finite_loss(results["loss"])
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        if len(batch) == 0:
+            return
+        self._check_batch(batch)
+        # a fixed mask per batch index: validation numbers are comparable from one epoch to the next
+        generator = torch.Generator().manual_seed(batch_idx)
+        results = self.compute_loss(batch.audio, batch.lengths, batch.units, generator=generator)
+        self._log("val", results, len(batch))
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        if len(batch) == 0:
+            return
+        self._check_batch(batch)
+        generator = torch.Generator().manual_seed(batch_idx)
+        self._log(
+            "test",
+            self.compute_loss(batch.audio, batch.lengths, batch.units, generator=generator),
+            len(batch),
+        )
+
+    def _log(self, stage: str, results: dict[str, Tensor], batch_size: int) -> None:
+        for name, value in results.items():
+            self.log(
+                f"{stage}/{name}",
+                value.detach().float(),
+                prog_bar=name in ("loss", "acc_masked"),
+                batch_size=batch_size,
+                sync_dist=stage != "train",
+            )
+
+
+def load_pretrained_encoder(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> SSLEncoder:
+    """The ``SSLEncoder`` of a ``WavLMPretrainTask`` Lightning checkpoint (weights only, no unpickling of code).
+
+    The checkpoint's ``hyper_parameters`` give the preset and overrides; ``state_dict`` keys ``encoder.*`` the
+    weights.
+    """
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # pickled objects we do not allow, or a corrupt file
+        raise ValueError(f"{path}: cannot read as a weights-only Lightning checkpoint ({err})") from err
+    hparams = ckpt.get("hyper_parameters") or {}
+    if "encoder" not in hparams or "state_dict" not in ckpt:
+        raise ValueError(
+            f"{path}: not a WavLMPretrainTask checkpoint (no hyper_parameters.encoder / state_dict)"
+        )
+    config = encoder_config(hparams["encoder"], hparams.get("encoder_overrides"))
+    encoder = SSLEncoder(config)
+    prefix = "encoder."
+    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    encoder.load_state_dict(state)
+    return encoder

@@ -1,0 +1,208 @@
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from speechlab.augment.mixing import MixingConfig
+from speechlab.data.collate import UNIT_PAD, collate
+from speechlab.data.dataset import AudioDataset
+from speechlab.data.manifest import read_manifest
+from speechlab.kmeans import KMeans, KMeansConfig, load_item_audio, main, mfcc_frame_features
+from speechlab.nn.masking import span_mask
+from speechlab.tasks.wavlm_pretrain import (
+    UnitPredictionHead,
+    WavLMPretrainTask,
+    align_units,
+    load_pretrained_encoder,
+    prediction_metrics,
+)
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine, 2 threads per process run ~10x slower under load."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _real_batch(num_items=4, seconds=1.5, num_clusters=12):
+    """A padded batch of bundled espeak speech with MFCC k-means units computed here."""
+    items = read_manifest(DATA / "espeak" / "manifest.jsonl")[:num_items]
+    feats = [mfcc_frame_features(load_item_audio(it)) for it in items]
+    km = KMeans(KMeansConfig(num_clusters=num_clusters, max_iter=20)).fit(torch.cat(feats))
+    for item, f in zip(items, feats, strict=True):
+        item["units"] = " ".join(map(str, km.predict(f).tolist()))
+    dataset = AudioDataset(items, units_field="units", max_seconds=seconds)
+    return collate([dataset[i] for i in range(len(items))])
+
+
+def test_prediction_metrics_count_masked_and_unmasked_frames_separately():
+    # 1 x 6 frames, 3 classes; targets with one padded frame
+    targets = torch.tensor([[0, 1, 2, 0, 1, UNIT_PAD]])
+    predicted = torch.tensor([[0, 1, 0, 2, 1, 1]])
+    logits = F.one_hot(predicted, 3).float()
+    frame_mask = torch.tensor([[True, True, True, False, False, True]])
+    metrics = prediction_metrics(logits, targets, frame_mask)
+    # masked & valid: frames 0,1,2 -> 2 correct of 3; unmasked: frames 3,4 -> 1 of 2; frame 5 is padding
+    assert metrics["n_masked"] == 3 and metrics["n_unmasked"] == 2
+    assert metrics["acc_masked"].item() == pytest.approx(2 / 3)
+    assert metrics["acc_unmasked"].item() == pytest.approx(1 / 2)
+    assert math.isnan(prediction_metrics(logits, targets, torch.zeros_like(frame_mask))["acc_masked"].item())
+
+
+def test_align_units_crops_pads_and_blanks_padded_frames():
+    units = torch.tensor([[1, 2, 3, 4, 5], [6, 7, UNIT_PAD, UNIT_PAD, UNIT_PAD]])
+    aligned = align_units(units, 4, torch.tensor([4, 3]))
+    assert aligned.tolist() == [[1, 2, 3, 4], [6, 7, UNIT_PAD, UNIT_PAD]]
+    longer = align_units(units, 7, torch.tensor([7, 2]))
+    assert longer.tolist() == [[1, 2, 3, 4, 5, UNIT_PAD, UNIT_PAD], [6, 7] + [UNIT_PAD] * 5]
+
+
+def test_head_logits_are_cosine_similarity_over_temperature():
+    torch.manual_seed(0)
+    head = UnitPredictionHead(hidden_size=8, num_classes=5, final_dim=4, logit_temp=0.1)
+    hidden = torch.randn(3, 8)
+    logits = head(hidden)
+    expected = (
+        F.cosine_similarity(head.final_proj(hidden)[:, None, :], head.label_embeddings[None], dim=-1) / 0.1
+    )
+    torch.testing.assert_close(logits, expected)
+    assert logits.abs().max() <= 10.0 + 1e-5
+
+
+def test_loss_is_masked_cross_entropy_plus_the_scaled_feature_penalty():
+    torch.manual_seed(0)
+    batch = _real_batch(num_items=3, seconds=1.0)
+    task = WavLMPretrainTask(num_classes=12, final_dim=16, feature_penalty_weight=10.0).eval()
+    with torch.no_grad():
+        results = task.compute_loss(
+            batch.audio, batch.lengths, batch.units, generator=torch.Generator().manual_seed(3)
+        )
+        # recompute by hand with the same mask
+        frame_lengths = task.encoder.frame_lengths(batch.lengths)
+        num_frames = int(frame_lengths.max())
+        frame_mask = span_mask(
+            frame_lengths,
+            task.mask_prob,
+            task.mask_length,
+            num_frames=num_frames,
+            generator=torch.Generator().manual_seed(3),
+        )
+        out = task.encoder(batch.audio, batch.lengths, frame_mask=frame_mask)
+        targets = align_units(batch.units, num_frames, out.frame_lengths)
+        logits = task.head(out.last_hidden_state)
+        selected = frame_mask & (targets != UNIT_PAD)
+        ce = F.cross_entropy(logits[selected], targets[selected])
+        metrics = prediction_metrics(logits, targets, frame_mask)
+    torch.testing.assert_close(results["loss_masked"], ce)
+    torch.testing.assert_close(results["loss"], ce + 10.0 * out.feature_penalty)
+    torch.testing.assert_close(results["acc_masked"], metrics["acc_masked"])
+    torch.testing.assert_close(results["acc_unmasked"], metrics["acc_unmasked"])
+    assert 0.2 < results["masked_fraction"] < 0.7
+
+
+def test_loss_decreases_over_a_few_steps_on_a_real_batch():
+    torch.manual_seed(0)
+    batch = _real_batch(num_items=4, seconds=1.5)
+    task = WavLMPretrainTask(
+        num_classes=12,
+        final_dim=32,
+        feature_penalty_weight=0.0,
+        mixing=MixingConfig(mix_prob=0.5, noise_manifest=str(DATA / "noise_opensfx" / "manifest.jsonl")),
+    )
+    task.setup("fit")
+    task.train()
+    optimizer = torch.optim.AdamW(task.parameters(), lr=2e-3)
+    losses = []
+    for step in range(12):
+        audio, lengths = task.mixer(batch.audio, batch.lengths)
+        results = task.compute_loss(
+            audio, lengths, batch.units, generator=torch.Generator().manual_seed(step % 2)
+        )
+        optimizer.zero_grad()
+        results["loss"].backward()
+        optimizer.step()
+        losses.append(results["loss"].item())
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
+
+
+def test_units_beyond_num_classes_are_a_clear_error():
+    batch = _real_batch(num_items=2, seconds=0.5, num_clusters=12)
+    task = WavLMPretrainTask(num_classes=4, final_dim=8)
+    with pytest.raises(ValueError, match="num_classes"):
+        task.compute_loss(batch.audio, batch.lengths, batch.units)
+
+
+def test_lightning_fit_writes_a_checkpoint_whose_encoder_loads_safely(tmp_path):
+    from speechlab.checkpoints.encoder_weights import load_encoder_state_dict
+    from speechlab.data.datamodule import SpeechDataModule
+    from speechlab.optim import OptimConfig
+    from speechlab.train import build_trainer
+
+    rows = [json.loads(line) for line in (DATA / "espeak" / "manifest.jsonl").read_text().splitlines()[:6]]
+    for row in rows:
+        row["audio"] = str(DATA / "espeak" / row["audio"])
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    units = tmp_path / "units"
+    assert (
+        main(
+            [
+                "kmeans",
+                "--manifest",
+                str(corpus / "manifest.jsonl"),
+                "--output-dir",
+                str(units),
+                "--num-clusters",
+                "8",
+                "--max-iter",
+                "10",
+            ]
+        )
+        == 0
+    )
+    data = SpeechDataModule(
+        train_manifest=str(units / "corpus.jsonl"),
+        val_manifest=str(units / "corpus.jsonl"),
+        units_field="units",
+        max_batch_seconds=6.0,
+        max_seconds=1.5,
+    )
+    task = WavLMPretrainTask(
+        num_classes=8,
+        final_dim=16,
+        optim=OptimConfig(lr=1e-3, warmup_steps=1),
+        mixing=MixingConfig(
+            mix_prob=1.0, noise_prob=0.5, noise_manifest=str(DATA / "noise_opensfx" / "manifest.jsonl")
+        ),
+    )
+    trainer = build_trainer(
+        task,
+        default_root_dir=str(tmp_path / "exp"),
+        max_steps=2,
+        limit_val_batches=1,
+        enable_progress_bar=False,
+        accelerator="cpu",
+    )
+    trainer.fit(task, datamodule=data)
+    assert task.mixer is not None and task.mixer.num_noise_clips > 0
+    assert math.isfinite(float(trainer.callback_metrics["val/loss"]))
+    assert "train/acc_masked" in trainer.callback_metrics
+    ckpt = tmp_path / "exp" / "checkpoints" / "last.ckpt"
+    encoder = load_pretrained_encoder(ckpt)  # torch.load(weights_only=True) inside
+    for name, value in encoder.state_dict().items():
+        torch.testing.assert_close(value, task.encoder.state_dict()[name])
+    state = load_encoder_state_dict(str(ckpt))  # what CTC fine-tuning (init_from) reads
+    assert set(state) == set(encoder.state_dict())
+    # resuming restores the task from the checkpoint's plain hyper-parameters
+    restored = WavLMPretrainTask.load_from_checkpoint(ckpt, weights_only=True)
+    assert restored.mixing_config == task.mixing_config and restored.optim_config == task.optim_config
