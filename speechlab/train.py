@@ -201,4 +201,6 @@ def build_trainer(
     if getattr(task, "automatic_optimization", True) is False:
         kwargs.pop("gradient_clip_val")  # manual optimisation clips inside the task
     kwargs.update(overrides)
+    if not kwargs.get("logger"):  # nothing to log the learning rate to
+        kwargs["callbacks"] = [cb for cb in kwargs["callbacks"] if not isinstance(cb, LearningRateMonitor)]
     return L.Trainer(**kwargs)

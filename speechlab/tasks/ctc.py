@@ -12,9 +12,11 @@ import jiwer
 import torch
 import torch.nn.functional as F
 
+from speechlab.checkpoints.encoder_weights import load_encoder_state_dict
 from speechlab.data.text import load_tokenizer
 from speechlab.models.ctc import CTCModel, ctc_greedy_decode
 from speechlab.models.presets import encoder_config
+from speechlab.models.ssl_encoder import SSLEncoderConfig
 from speechlab.nn.masking import span_mask
 from speechlab.optim import OptimConfig
 from speechlab.tasks.base import SpeechTask
@@ -72,9 +74,22 @@ class CTCTask(SpeechTask):
                 "CTCTask needs a tokenizer: set data.tokenizer to 'char', 'sentencepiece' or 'phoneme' "
                 "(or data.tokenizer_dir) in the config"
             )
-        self.build(tokenizer)
-        if self.hparams.init_from:
-            self._load_pretrained_encoder(self.hparams.init_from)
+        source = self.hparams.init_from
+        if source is None:
+            self.build(tokenizer)
+        elif Path(source).suffix == ".ckpt":
+            self.build(tokenizer)
+            self._load_encoder_weights(load_encoder_state_dict(source), source)
+        else:
+            # Any speechlab.load source carries its architecture: take it from there, keep our overrides.
+            from speechlab.api import find_encoder, load
+
+            pretrained = find_encoder(load(source))
+            self.encoder_config = dataclasses.replace(
+                pretrained.config, **(self.hparams.encoder_overrides or {})
+            )
+            self.build(tokenizer)
+            self._load_encoder_weights(pretrained.state_dict(), source)
 
     def build(self, tokenizer: Any) -> None:
         """Create the model for ``tokenizer``'s unit inventory (done by ``setup`` from the data module)."""
@@ -83,12 +98,11 @@ class CTCTask(SpeechTask):
         if self.hparams.freeze_feature_encoder:
             self.model.encoder.feature_encoder.requires_grad_(False)
 
-    def _load_pretrained_encoder(self, source: str) -> None:
-        from speechlab.checkpoints.encoder_weights import load_encoder_state_dict
-
-        state = load_encoder_state_dict(source)
+    def _load_encoder_weights(self, state: dict[str, torch.Tensor], source: str) -> None:
         missing, unexpected = self.model.encoder.load_state_dict(state, strict=False)
-        if unexpected or [k for k in missing if not k.startswith("mask_emb")]:
+        # A pretraining checkpoint may lack the mask embedding (e.g. Hugging Face WavLMModel without it).
+        missing = [k for k in missing if k != "mask_emb"]
+        if missing or unexpected:
             raise ValueError(
                 f"{source}: encoder weights do not match encoder preset {self.hparams.encoder!r} "
                 f"(missing: {missing[:8]}, unexpected: {unexpected[:8]}); set model.encoder to the preset the "
@@ -98,6 +112,7 @@ class CTCTask(SpeechTask):
 
     # -- checkpoints carry the tokenizer ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["encoder_config"] = dataclasses.asdict(self.encoder_config)
         with tempfile.TemporaryDirectory() as tmp:
             self.tokenizer.save(tmp)
             checkpoint["tokenizer_files"] = {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
@@ -105,6 +120,7 @@ class CTCTask(SpeechTask):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.model is not None:
             return
+        self.encoder_config = SSLEncoderConfig(**checkpoint["encoder_config"])
         with tempfile.TemporaryDirectory() as tmp:
             for name, data in checkpoint["tokenizer_files"].items():
                 (Path(tmp) / name).write_bytes(data)
