@@ -30,6 +30,7 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 TOOL_MODULES = (
     "speechlab.extract",
     "speechlab.convert",
+    "speechlab.plots",
     "speechlab.kmeans",
     "speechlab.codec_tokens",
     "speechlab.codec_eval",
