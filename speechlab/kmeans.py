@@ -265,7 +265,7 @@ def load_item_audio(item: dict, sample_rate: int = SAMPLE_RATE) -> Tensor:
     from speechlab.audio import load_audio
 
     offset = float(item.get("offset") or 0.0)
-    duration = float(item["duration"]) if item.get("offset") is not None else None
+    duration = float(item["duration"]) if "offset" in item else None
     return load_audio(item["audio"], sample_rate=sample_rate, offset=offset, duration=duration)
 
 

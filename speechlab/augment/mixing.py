@@ -70,11 +70,12 @@ def load_noise_bank(manifest: str | Path, sample_rate: int = 16000) -> list[Tens
     items = read_manifest(manifest)
     clips = []
     for item in items:
+        # like the data loader: an item with an ``offset`` is the segment [offset, offset + duration)
         audio = load_audio(
             item["audio"],
             sample_rate=sample_rate,
             offset=float(item.get("offset") or 0.0),
-            duration=item.get("duration") if item.get("offset") else None,
+            duration=float(item["duration"]) if "offset" in item else None,
         )
         if audio.numel() > 0 and float(audio.abs().max()) > 0:
             clips.append(audio)
