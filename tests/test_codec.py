@@ -180,3 +180,17 @@ def test_discriminators_return_logits_and_features_and_losses_have_expected_sign
     assert discriminator_loss(ones, minus, "hinge") == 0 and discriminator_loss(minus, ones, "hinge") > 0
     assert discriminator_loss(ones, [torch.zeros(2, 3)], "ls") == 0
     assert feature_matching_loss(feats, feats) == 0
+
+
+def test_codec_eval_reports_one_row_per_codec_and_n_q():
+    from speechlab.codec_eval import evaluate_codec, format_table
+
+    codec = trained_tiny()
+    torch.manual_seed(3)
+    clips = [torch.randn(3000) * 0.1, torch.randn(4100) * 0.1]
+    rows = [{"codec": "tiny", **evaluate_codec(codec, clips, 16000, n_q)} for n_q in (1, 4)]
+    assert rows[0]["kbps"] == 0.3 and rows[1]["kbps"] == 1.2
+    assert rows[1]["mel_distance"] <= rows[0]["mel_distance"] + 1.0
+    assert 0 < rows[0]["codebook_usage"] <= 1 and rows[0]["rtf"] > 0
+    table = format_table(rows).splitlines()
+    assert len(table) == 4 and "mel_distance" in table[0] and "si_sdr" in table[0]
