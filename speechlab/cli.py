@@ -34,6 +34,7 @@ TOOL_MODULES = (
     "speechlab.kmeans",
     "speechlab.codec_tokens",
     "speechlab.codec_eval",
+    "speechlab.data.manifest",
 )
 
 
@@ -96,13 +97,7 @@ def _tool_parser() -> argparse.ArgumentParser:
             name, help=f"{name} a task from a YAML config (LightningCLI; --help for options)"
         )
     for module_name in TOOL_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name != module_name:
-                raise
-            continue
-        module.add_parser(subparsers)
+        importlib.import_module(module_name).add_parser(subparsers)
     return parser
 
 
