@@ -258,3 +258,10 @@ def test_check_manifest_command_reports_bad_lines_and_writes_a_clean_copy(tmp_co
     clean = tmp_corpus.root / "manifest.clean.jsonl"
     assert [it["id"] for it in read_manifest(clean)] == ["good"]
     assert _cli(["check-manifest", str(clean), "--decode", "--require", "text"]) == 0
+
+
+def test_a_byte_order_mark_and_windows_line_endings_are_accepted(tmp_corpus):
+    a, b = tmp_corpus.add("a"), tmp_corpus.add("b")
+    path = tmp_corpus.root / "windows.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(a) + "\r\n" + json.dumps(b) + "\r\n").encode())
+    assert [it["id"] for it in read_manifest(path)] == ["a", "b"]

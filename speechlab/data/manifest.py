@@ -404,7 +404,7 @@ def read_manifest(
 
 def _parse_line(path: Path, number: int, raw_line: bytes) -> Any:
     try:
-        text = raw_line.decode("utf-8")
+        text = raw_line.decode("utf-8-sig" if number == 1 else "utf-8")  # tolerate a BOM (Windows editors)
     except UnicodeDecodeError as err:
         raise ManifestError(
             str(path),
