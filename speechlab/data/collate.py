@@ -32,6 +32,8 @@ class Batch:
 
     An empty batch (``len(batch) == 0``: every item failed to load under ``on_error="skip"``) has ``audio`` of
     shape (0, 0); a task should return ``None`` from ``training_step`` for it (Lightning then skips the step).
+    Under DDP a skipped step on one rank leaves the others waiting in the gradient all-reduce; there, return a
+    zero loss that touches every parameter (``sum(p.sum() for p in params) * 0``) instead.
     """
 
     ids: list[str]
