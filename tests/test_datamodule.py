@@ -247,3 +247,12 @@ def test_loaders_work_with_worker_processes(ljspeech_manifest):
     assert [b.ids for b in batches] == [
         [dm.train_items[i]["id"] for i in b] for b in list(dm.train_sampler)[:2]
     ]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs a CUDA device")
+def test_pinned_batches_reach_the_gpu(ljspeech_manifest):
+    dm = SpeechDataModule(str(ljspeech_manifest), tokenizer="char", pin_memory=True, max_batch_size=2)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.audio.is_pinned() and batch.targets.is_pinned()
+    moved = batch.to("cuda")
+    assert moved.audio.is_cuda and moved.lengths.is_cuda and moved.ids == batch.ids
