@@ -94,8 +94,8 @@ class AudioDataset(Dataset):
     def _load(self, item: dict) -> dict:
         offset = float(item.get("offset", 0.0))
         duration = float(item["duration"]) if "offset" in item else None
-        if self.max_seconds is not None:
-            duration = min(duration if duration is not None else float(item["duration"]), self.max_seconds)
+        if self.max_seconds is not None and float(item["duration"]) > self.max_seconds:
+            duration = self.max_seconds
         audio = load_audio(item["audio"], self.sample_rate, offset=offset, duration=duration)
         targets = None
         if self.tokenizer is not None:
