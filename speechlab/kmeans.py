@@ -270,14 +270,18 @@ def load_item_audio(item: dict, sample_rate: int = SAMPLE_RATE) -> Tensor:
 
 
 class _AudioItems(torch.utils.data.Dataset):
-    def __init__(self, items: Sequence[dict]) -> None:
+    """Item audio, or its features when ``worker_fn`` is given (CPU features computed in the workers)."""
+
+    def __init__(self, items: Sequence[dict], worker_fn: Callable[[Tensor], Tensor] | None = None) -> None:
         self.items = items
+        self.worker_fn = worker_fn
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> tuple[int, Tensor]:
-        return index, load_item_audio(self.items[index])
+        audio = load_item_audio(self.items[index])
+        return index, self.worker_fn(audio) if self.worker_fn is not None else audio
 
 
 def iterate_features(
@@ -286,15 +290,19 @@ def iterate_features(
     num_workers: int = 0,
     desc: str = "features",
     progress: bool = True,
+    in_workers: bool = False,
 ):
-    """Yield ``(index, features (frames, D))`` for each item, audio decoded in ``num_workers`` processes."""
+    """Yield ``(index, features (frames, D))`` for each item, audio decoded in ``num_workers`` processes.
+
+    ``in_workers=True`` runs ``feature_fn`` inside the workers too (a picklable CPU function such as
+    :func:`mfcc_frame_features`): MFCC extraction then scales with the workers. GPU features stay in the main process.
+    """
     from tqdm import tqdm
 
-    loader = torch.utils.data.DataLoader(
-        _AudioItems(items), batch_size=None, shuffle=False, num_workers=num_workers
-    )
-    for index, audio in tqdm(loader, total=len(items), desc=desc, disable=not progress, unit="utt"):
-        yield int(index), feature_fn(audio)
+    dataset = _AudioItems(items, feature_fn if in_workers else None)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers)
+    for index, value in tqdm(loader, total=len(items), desc=desc, disable=not progress, unit="utt"):
+        yield int(index), value if in_workers else feature_fn(value)
 
 
 def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
@@ -328,19 +336,16 @@ def run(args: argparse.Namespace) -> int:
 
     if args.checkpoint:
         encoder = load_encoder(args.checkpoint, device)
-        conv_layers = getattr(getattr(encoder, "config", None), "conv_layers", None)
         layer = args.layer
+        in_workers = False
 
         def feature_fn(audio: Tensor) -> Tensor:
             return hidden_layer_features(encoder, audio, layer)
 
         kind = f"layer{layer}:{args.checkpoint}"
     else:
-        conv_layers = None
-
-        def feature_fn(audio: Tensor) -> Tensor:
-            return mfcc_frame_features(audio, conv_layers)
-
+        feature_fn = mfcc_frame_features  # all presets share the 320-sample hop: default conv layers
+        in_workers = True
         kind = "mfcc39"
 
     cached: dict[int, Tensor] = {}  # global item index -> features already computed for fitting
@@ -356,7 +361,9 @@ def run(args: argparse.Namespace) -> int:
         expected_frames = sum(float(it["duration"]) for it in fit_items) * SAMPLE_RATE / 320
         keep = min(1.0, args.max_fit_frames / max(expected_frames, 1.0))
         parts = []
-        for index, feats in iterate_features(fit_items, feature_fn, args.num_workers, "k-means features"):
+        for index, feats in iterate_features(
+            fit_items, feature_fn, args.num_workers, "k-means features", in_workers=in_workers
+        ):
             if keep < 1.0:
                 feats = feats[torch.rand(feats.shape[0], generator=gen) < keep]
             else:  # every frame is kept anyway: reuse them for labelling instead of recomputing
@@ -393,7 +400,7 @@ def run(args: argparse.Namespace) -> int:
             if first + i in cached:
                 labelled[i]["units"] = " ".join(map(str, kmeans.predict(cached.pop(first + i)).tolist()))
         for index, feats in iterate_features(
-            [items[i] for i in todo], feature_fn, args.num_workers, f"units {name}"
+            [items[i] for i in todo], feature_fn, args.num_workers, f"units {name}", in_workers=in_workers
         ):
             labels = kmeans.predict(feats)
             labelled[todo[index]]["units"] = " ".join(map(str, labels.tolist()))
