@@ -203,6 +203,35 @@ def test_lightning_fit_writes_a_checkpoint_whose_encoder_loads_safely(tmp_path):
         torch.testing.assert_close(value, task.encoder.state_dict()[name])
     state = load_encoder_state_dict(str(ckpt))  # what CTC fine-tuning (init_from) reads
     assert set(state) == set(encoder.state_dict())
+    # k-means iteration 2 on a hidden layer of the trained encoder
+    units2 = tmp_path / "units_l2"
+    assert (
+        main(
+            [
+                "kmeans",
+                "--manifest",
+                str(units / "corpus.jsonl"),
+                "--output-dir",
+                str(units2),
+                "--checkpoint",
+                str(ckpt),
+                "--layer",
+                "2",
+                "--num-clusters",
+                "6",
+                "--max-iter",
+                "10",
+            ]
+        )
+        == 0
+    )
+    labelled = read_manifest(units2 / "corpus.jsonl", require=("units",))
+    first = read_manifest(units / "corpus.jsonl")
+    for it2, it1 in zip(labelled, first, strict=True):
+        new_units = [int(u) for u in it2["units"].split()]
+        assert len(new_units) == len(it1["units"].split())
+        assert max(new_units) < 6
+    assert len({u for it in labelled for u in it["units"].split()}) > 1
     # resuming restores the task from the checkpoint's plain hyper-parameters
     restored = WavLMPretrainTask.load_from_checkpoint(ckpt, weights_only=True)
     assert restored.mixing_config == task.mixing_config and restored.optim_config == task.optim_config
