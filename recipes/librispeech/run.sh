@@ -56,7 +56,7 @@ fi
 if run 1; then
   log 1 "noise manifest"
   need --noise "$noise"
-  python recipes/librispeech/prepare_noise.py --root "$noise" --out "$data/noise.jsonl" --max-hours 10 \
+  python recipes/librispeech/prepare_noise.py --root "$noise" --out "$data/noise.jsonl" --max-hours 2 \
     --max-clip-seconds 30 --num-workers 16
 fi
 

@@ -14,7 +14,7 @@ Deliberate differences from the reference training code (``ssl_spec.md`` §10 pi
 - padded batches are supported (padding stays exactly zero); the reference crops every batch to its shortest
   utterance instead. Input normalisation (Large) happens afterwards, inside the encoder.
 
-Everything is vectorised over the batch: one ``gather`` from ``[batch audio, noise bank]`` with an index tensor.
+Everything is vectorised over the batch: index tensors gather the segments from the batch and the noise bank.
 """
 
 from __future__ import annotations
@@ -240,11 +240,15 @@ class UtteranceMixer(nn.Module):
             noise_index = self.noise_offsets[noise_idx.to(**to_dev)][:, None] + (
                 (noise_src_start.to(**to_dev)[:, None] + offset) % clip_len
             )
-            index = torch.where(noise_d[:, None], batch * num_samples + noise_index, speech_index)
-            pool = torch.cat([audio.reshape(-1), self.noise_bank.to(audio.dtype)])
+            # two gathers + a select: never copy the (possibly large) noise bank
+            segment = torch.where(
+                noise_d[:, None],
+                self.noise_bank[noise_index].to(audio.dtype),
+                audio.reshape(-1)[speech_index],
+            )
         else:
-            index, pool = speech_index, audio.reshape(-1)
-        segment = pool[index] * in_segment
+            segment = audio.reshape(-1)[speech_index]
+        segment = segment * in_segment
 
         # --- gains: P_primary over valid samples, P_segment over the added samples ---
         valid = torch.arange(num_samples, device=device)[None, :] < lengths[:, None]
