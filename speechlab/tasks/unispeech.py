@@ -1,0 +1,301 @@
+"""UniSpeech multitask pretraining: α·CTC(swap) + (1 − α)·(InfoNCE + β·diversity) (spec §7.3-7.5).
+
+A batch may mix labeled (high-resource, phone targets) and unlabeled speech: an utterance is *labeled* when it has
+targets and its language is in ``labeled_languages`` (None = every utterance with targets). The contrastive and
+diversity terms use every utterance; CTC only the labeled ones. Normalisation follows the reference criterion: the
+summed CTC (over labeled utterances) and the summed InfoNCE (over masked frames) are combined and divided by the
+number of masked frames M::
+
+    loss = [α · Σ CTC + (1 − α) · (Σ InfoNCE + β · L_div · M + γ · feature_penalty · M)] / M
+
+α = ``ctc_weight`` (0.5), β = ``diversity_weight`` (0.1), γ = ``feature_penalty_weight`` (0 for UniSpeech).
+The Gumbel temperature follows ``global_step`` (set before every training batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from speechlab.data.text import load_tokenizer
+from speechlab.models.ctc import ctc_greedy_decode
+from speechlab.models.unispeech import (
+    UniSpeech,
+    UniSpeechConfig,
+    unispeech_base,
+    unispeech_large,
+    unispeech_tiny,
+)
+from speechlab.nn.contrastive import contrastive_loss, diversity_loss
+from speechlab.nn.masking import span_mask
+from speechlab.optim import OptimConfig
+from speechlab.tasks.base import SpeechTask
+from speechlab.tasks.ctc import error_counts
+
+log = logging.getLogger(__name__)
+
+PRESETS = {
+    "unispeech_tiny": unispeech_tiny,
+    "unispeech_base": unispeech_base,
+    "unispeech_large": unispeech_large,
+}
+
+
+def build_config(
+    preset: str,
+    num_ctc_classes: int,
+    overrides: dict[str, Any] | None = None,
+    encoder_overrides: dict[str, Any] | None = None,
+) -> UniSpeechConfig:
+    """``UniSpeechConfig`` of a preset with field overrides; unknown names are clear errors."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown UniSpeech preset {preset!r}; choose one of {sorted(PRESETS)}")
+    config = PRESETS[preset](num_ctc_classes=num_ctc_classes)
+    for name, values, target in (
+        ("model_overrides", overrides, config),
+        ("encoder_overrides", encoder_overrides, config.encoder),
+    ):
+        known = {f.name for f in dataclasses.fields(target)}
+        unknown = sorted(set(values or {}) - known)
+        if unknown:
+            raise ValueError(f"{name}: unknown field(s) {unknown}; valid: {sorted(known)}")
+    encoder = dataclasses.replace(config.encoder, **(encoder_overrides or {}))
+    return dataclasses.replace(config, **{**(overrides or {}), "encoder": encoder})
+
+
+class UniSpeechTask(SpeechTask):
+    """UniSpeech pretraining on a mixed labeled / unlabeled batch.
+
+    Args:
+        model: preset name (``unispeech_tiny`` | ``unispeech_base`` | ``unispeech_large``).
+        model_overrides: ``UniSpeechConfig`` fields to change (e.g. ``{swap_prob: 0.0}``).
+        encoder_overrides: ``SSLEncoderConfig`` fields to change (e.g. ``{num_layers: 4}``).
+        num_ctc_classes: phone inventory size incl. blank; None = the data module tokenizer's ``vocab_size``.
+        ctc_weight: α; 0 = contrastive-only (wav2vec 2.0), 1 = CTC only.
+        diversity_weight: β (0.1).
+        feature_penalty_weight: γ (0 for UniSpeech, 10 for wav2vec 2.0 Base).
+        num_negatives: K distractors per masked frame (100), from the same utterance.
+        logit_temperature: κ of the cosine logits (0.1).
+        mask_prob / mask_length: span masking; None = the encoder config's values (0.5 / 10 for UniSpeech).
+        labeled_languages: languages whose utterances get CTC; None = every utterance with targets.
+        init_from: a Hugging Face UniSpeech directory to start from (heads that are absent stay freshly initialised).
+    """
+
+    checkpoint_monitor = ("val/loss", "min")
+
+    def __init__(
+        self,
+        model: str = "unispeech_tiny",
+        model_overrides: dict[str, Any] | None = None,
+        encoder_overrides: dict[str, Any] | None = None,
+        num_ctc_classes: int | None = None,
+        ctc_weight: float = 0.5,
+        diversity_weight: float = 0.1,
+        feature_penalty_weight: float = 0.0,
+        num_negatives: int = 100,
+        logit_temperature: float = 0.1,
+        mask_prob: float | None = None,
+        mask_length: int | None = None,
+        labeled_languages: list[str] | None = None,
+        init_from: str | None = None,
+        optim: OptimConfig | None = None,
+        max_nonfinite_steps: int = 20,
+    ) -> None:
+        super().__init__(optim=optim, max_nonfinite_steps=max_nonfinite_steps)
+        if not 0.0 <= ctc_weight <= 1.0:
+            raise ValueError(f"ctc_weight (alpha) must be in [0, 1], got {ctc_weight}")
+        if num_negatives < 1:
+            raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
+        self.save_hyperparameters(ignore=["optim"])
+        self.hparams["optim"] = dataclasses.asdict(self.optim_config)
+        self.labeled_languages = set(labeled_languages) if labeled_languages else None
+        self.tokenizer = None
+        self.model: UniSpeech | None = None
+        if num_ctc_classes is not None:
+            self._build(num_ctc_classes)
+
+    # -- model construction -------------------------------------------------------------------------------------
+    def _build(self, num_ctc_classes: int) -> None:
+        h = self.hparams
+        self.config = build_config(h.model, num_ctc_classes, h.model_overrides, h.encoder_overrides)
+        self.model = UniSpeech(self.config)
+        if h.init_from:
+            from speechlab.checkpoints.hf_unispeech import convert_state_dict, read_hf_directory
+
+            _, hf_state = read_hf_directory(h.init_from)
+            missing, unexpected = self.model.load_state_dict(
+                convert_state_dict(hf_state, self.config), strict=False
+            )
+            if unexpected or [k for k in missing if k.startswith("encoder.") and k != "encoder.mask_emb"]:
+                raise ValueError(
+                    f"{h.init_from}: weights do not fit preset {h.model!r} with the given overrides "
+                    f"(missing {missing[:6]}, unexpected {unexpected[:6]})"
+                )
+            log.info("initialised UniSpeech from %s (fresh: %s)", h.init_from, missing)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        if tokenizer is not None:
+            self.tokenizer = tokenizer
+        if self.model is not None:
+            if tokenizer is not None and tokenizer.vocab_size != self.config.num_ctc_classes:
+                raise ValueError(
+                    f"num_ctc_classes={self.config.num_ctc_classes} but the data tokenizer has "
+                    f"{tokenizer.vocab_size} units; leave model.num_ctc_classes unset to take it from the data"
+                )
+            return
+        if tokenizer is None:
+            raise ValueError(
+                "UniSpeechTask needs the phone inventory: set data.tokenizer: phoneme (or model.num_ctc_classes)"
+            )
+        self._build(tokenizer.vocab_size)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["num_ctc_classes"] = self.config.num_ctc_classes
+        if self.tokenizer is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                self.tokenizer.save(tmp)
+                checkpoint["tokenizer_files"] = {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "tokenizer_files" in checkpoint and self.tokenizer is None:
+            with tempfile.TemporaryDirectory() as tmp:
+                for name, data in checkpoint["tokenizer_files"].items():
+                    (Path(tmp) / name).write_bytes(data)
+                self.tokenizer = load_tokenizer(tmp)
+        if self.model is None:
+            self._build(int(checkpoint["num_ctc_classes"]))
+
+    # -- losses -------------------------------------------------------------------------------------------------
+    def labeled_mask(self, batch: Any) -> Tensor:
+        """(B,) bool: utterances that get the CTC loss (targets present, language in ``labeled_languages``)."""
+        batch_size = len(batch)
+        if batch.targets is None or self.hparams.ctc_weight == 0.0:
+            return torch.zeros(batch_size, dtype=torch.bool, device=batch.audio.device)
+        if self.labeled_languages is None:
+            labeled = [True] * batch_size
+        else:
+            labeled = [lang in self.labeled_languages for lang in batch.languages]
+        mask = torch.tensor(labeled, dtype=torch.bool, device=batch.audio.device)
+        return mask & (batch.target_lengths > 0)
+
+    def compute_losses(self, batch: Any, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Every loss part and metric for one batch (training and validation; masking is applied in both so the
+        validation contrastive loss is meaningful). ``generator`` seeds masks, distractors, Gumbel noise and swap.
+        """
+        h, encoder_config = self.hparams, self.config.encoder
+        frame_lengths = self.model.encoder.frame_lengths(batch.lengths)
+        frame_mask = span_mask(
+            frame_lengths.cpu(),
+            encoder_config.mask_prob if h.mask_prob is None else h.mask_prob,
+            encoder_config.mask_length if h.mask_length is None else h.mask_length,
+            min_masks=2,
+            generator=generator,
+        ).to(batch.audio.device)
+        out = self.model(batch.audio, batch.lengths, frame_mask=frame_mask, generator=generator)
+        frame_mask = frame_mask[:, : out.last_hidden_state.shape[1]] & ~out.padding_mask
+
+        contrastive = contrastive_loss(
+            out.last_hidden_state,
+            out.targets,
+            frame_mask,
+            out.frame_lengths,
+            num_negatives=h.num_negatives,
+            temperature=h.logit_temperature,
+            generator=generator,
+        )
+        num_masked = max(contrastive.num_frames, 1)
+        diversity = diversity_loss(out.prob_perplexity, self.model.quantizer.num_codevectors)
+        self_supervised = (
+            contrastive.loss
+            + h.diversity_weight * diversity * num_masked
+            + h.feature_penalty_weight * out.feature_penalty * num_masked
+        )
+
+        labeled = self.labeled_mask(batch)
+        ctc_sum = out.ctc_logits.new_zeros(())
+        num_tokens = torch.zeros((), device=batch.audio.device)
+        if bool(labeled.any()):
+            log_probs = out.ctc_logits[labeled].float().log_softmax(-1).transpose(0, 1)  # (T, B_lab, V)
+            targets = batch.targets[labeled].clamp_min(0)
+            ctc_sum = F.ctc_loss(
+                log_probs,
+                targets,
+                out.frame_lengths[labeled],
+                batch.target_lengths[labeled],
+                blank=0,
+                reduction="sum",
+                zero_infinity=True,
+            )
+            num_tokens = batch.target_lengths[labeled].sum().float()
+
+        alpha = h.ctc_weight
+        loss = (alpha * ctc_sum + (1.0 - alpha) * self_supervised) / num_masked
+        return {
+            "loss": loss,
+            "ctc": ctc_sum / num_tokens.clamp(min=1.0),  # per target phone, for reading
+            "contrastive": contrastive.loss / num_masked,  # per masked frame
+            "diversity": diversity,
+            "feature_penalty": out.feature_penalty,
+            "accuracy": contrastive.accuracy,
+            "prob_perplexity": out.prob_perplexity,
+            "code_perplexity": out.code_perplexity,
+            "num_masked": torch.tensor(float(contrastive.num_frames)),
+            "num_labeled": labeled.sum().float(),
+            "swap_fraction": out.swap_mask[~out.padding_mask].float().mean(),
+            "_ctc_logits": out.ctc_logits,
+            "_frame_lengths": out.frame_lengths,
+            "_labeled": labeled,
+        }
+
+    # -- steps --------------------------------------------------------------------------------------------------
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.model.set_step(self.global_step)
+
+    def _log_parts(self, parts: dict[str, Tensor], stage: str, batch_size: int) -> None:
+        for name, value in parts.items():
+            if name.startswith("_") or (name == "ctc" and parts["num_labeled"] == 0):
+                continue
+            self.log(
+                f"{stage}/{name}", value.detach().float(), batch_size=batch_size, prog_bar=name == "loss"
+            )
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        if len(batch) == 0:
+            return None
+        parts = self.compute_losses(batch)
+        self._log_parts(parts, "train", len(batch))
+        self.log("train/temperature", float(self.model.quantizer.temperature), batch_size=len(batch))
+        return self.check_finite_loss(parts["loss"])
+
+    def on_validation_epoch_start(self) -> None:
+        self._error_counts = torch.zeros(4, dtype=torch.float64)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        if len(batch) == 0:
+            return
+        parts = self.compute_losses(batch)
+        self._log_parts(parts, "val", len(batch))
+        labeled = parts["_labeled"]
+        if self.tokenizer is None or not bool(labeled.any()):
+            return
+        # Phone error rate of the CTC head (eval mode: no swap) on the labeled utterances.
+        hyps = ctc_greedy_decode(parts["_ctc_logits"][labeled], parts["_frame_lengths"][labeled], blank_id=0)
+        refs = [
+            t[:n].tolist() for t, n in zip(batch.targets[labeled], batch.target_lengths[labeled], strict=True)
+        ]
+        self._error_counts += error_counts(
+            [self.tokenizer.decode(r) for r in refs], [self.tokenizer.decode(hyp) for hyp in hyps]
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        if self._error_counts[1] > 0:
+            self.log("val/per", (self._error_counts[0] / self._error_counts[1]).item(), prog_bar=True)
