@@ -60,13 +60,30 @@ class ExactResume(Callback):
     * Data: after every training batch the train sampler's ``position`` is set to the number of batches of this
       epoch that are in the weights (Lightning's ``processed`` count). The sampler's own count would be ahead,
       since the loop prefetches batches; the data module saves the sampler state in every checkpoint.
-    * Randomness: the torch / numpy / Python RNG states are saved with the checkpoint and restored right before
-      the first training batch of the resumed run, so dropout and masking draw the same numbers as they would
-      have without the interruption (anything that ran in between, such as validation, cannot shift them).
+    * Randomness: before every training batch the torch / numpy / Python RNGs are reseeded from
+      ``(base_seed, epoch, batch index, rank)`` (as fairseq seeds each update), and ``base_seed`` is saved with
+      the checkpoint. Dropout and masking of a batch therefore draw the same numbers however the run got there:
+      restoring a saved RNG state instead is not enough, since whatever runs between a checkpoint and the next
+      batch (the next epoch's DataLoader iterator, validation) draws from the same generators and differs between
+      a resumed and an uninterrupted run (at an epoch end, for one).
     """
 
     def __init__(self) -> None:
-        self._pending_rng: dict[str, Any] | None = None
+        self.base_seed: int | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Before the checkpoint is restored (which overrides it); ``initial_seed`` draws nothing from the RNG.
+        if self.base_seed is None:
+            self.base_seed = int(torch.initial_seed())
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        entropy = [self.base_seed or 0, trainer.current_epoch, batch_idx, trainer.global_rank]
+        seed = int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         sampler = (
@@ -76,31 +93,11 @@ class ExactResume(Callback):
             sampler.position = trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def state_dict(self) -> dict[str, Any]:
-        # Tensors and plain containers only, so checkpoints load with torch.load(weights_only=True).
-        name, keys, pos, has_gauss, gauss = np.random.get_state()
-        return {
-            "torch": torch.get_rng_state(),
-            "numpy": {
-                "name": name,
-                "keys": torch.from_numpy(keys.astype(np.int64)),
-                "pos": pos,
-                "has_gauss": has_gauss,
-                "gauss": gauss,
-            },
-            "python": random.getstate(),
-        }
+        return {"base_seed": self.base_seed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending_rng = state_dict or None
-
-    def on_train_batch_start(self, *args: Any) -> None:
-        if self._pending_rng is not None:
-            torch.set_rng_state(self._pending_rng["torch"])
-            state = self._pending_rng["numpy"]
-            keys = state["keys"].numpy().astype(np.uint32)
-            np.random.set_state((state["name"], keys, state["pos"], state["has_gauss"], state["gauss"]))
-            random.setstate(self._pending_rng["python"])
-            self._pending_rng = None
+        if state_dict.get("base_seed") is not None:
+            self.base_seed = int(state_dict["base_seed"])
 
 
 def default_precision() -> str:
