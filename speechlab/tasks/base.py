@@ -31,15 +31,23 @@ class SpeechTask(L.LightningModule):
         self.max_nonfinite_steps = max_nonfinite_steps
         self.nonfinite_steps = 0
         self._consecutive_nonfinite = 0
+        self._last_nonfinite_batch: int | None = None
 
     def configure_optimizers(self) -> dict:
         total = self.optim_config.total_steps or int(self.trainer.estimated_stepping_batches)
         return build_optimizer(self.named_parameters(), self.optim_config, total_steps=max(1, total))
 
     def check_finite_loss(self, loss: torch.Tensor) -> torch.Tensor | None:
-        """Return ``loss`` if finite; otherwise count the skip and return None (Lightning then skips the step)."""
-        if torch.isfinite(loss).all():
-            self._consecutive_nonfinite = 0
+        """Return ``loss`` if finite; otherwise count the skip and return None (Lightning then skips the step).
+
+        Under DDP the decision is shared: if any rank's loss is not finite every rank skips the step, since a
+        rank that skips its backward pass while the others run theirs would leave them waiting for it forever.
+        """
+        finite = bool(torch.isfinite(loss).all())
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            finite = bool(trainer.strategy.reduce_boolean_decision(finite, all=True))
+        if finite:
             return loss
         self._register_nonfinite("loss")
         return None
@@ -58,8 +66,20 @@ class SpeechTask(L.LightningModule):
         self._register_nonfinite("gradient")
 
     def _register_nonfinite(self, what: str) -> None:
+        """Count a skipped step; raise once ``max_nonfinite_steps`` consecutive batches had one.
+
+        Consecutive means consecutive training batches (Lightning's running batch index), so a finite loss
+        followed by a non-finite gradient in the same batch still counts, and two skipped optimiser steps in one
+        batch (e.g. a GAN's generator and discriminator) count once.
+        """
         self.nonfinite_steps += 1
-        self._consecutive_nonfinite += 1
+        batch = self._trainer.fit_loop.total_batch_idx if self._trainer is not None else None
+        last = self._last_nonfinite_batch
+        if batch is None or last is None or batch == last + 1:
+            self._consecutive_nonfinite += 1
+        elif batch != last:
+            self._consecutive_nonfinite = 1
+        self._last_nonfinite_batch = batch
         log.warning(
             "non-finite %s at step %d: step skipped (%d so far)", what, self.global_step, self.nonfinite_steps
         )
