@@ -306,10 +306,16 @@ def iterate_features(
 
 
 def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """The ``SSLEncoder`` of a ``WavLMPretrainTask`` Lightning checkpoint, in eval mode on ``device``."""
-    from speechlab.tasks.wavlm_pretrain import load_pretrained_encoder
+    """An ``SSLEncoder`` in eval mode on ``device``, from a ``WavLMPretrainTask`` Lightning ``.ckpt`` or any source
+    ``speechlab.load`` reads (our pretrained dir, a Hugging Face WavLM / HuBERT / wav2vec2 dir, a unilm/fairseq
+    ``.pt``) — e.g. layer 6 of a released HuBERT Base for 500 iteration-2 units."""
+    if Path(path).suffix == ".ckpt":
+        from speechlab.tasks.wavlm_pretrain import load_pretrained_encoder
 
-    return load_pretrained_encoder(path, map_location="cpu").to(device).eval()
+        return load_pretrained_encoder(path, map_location="cpu").to(device).eval()
+    from speechlab.api import find_encoder, load
+
+    return find_encoder(load(path)).to(device).eval()
 
 
 def _output_name(manifest: Path) -> str:
@@ -454,7 +460,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--checkpoint",
         default=None,
-        help="Lightning .ckpt of a WavLM pretraining run: use its hidden layer --layer (iteration 2); "
+        help="encoder for hidden-layer features (iteration 2): a WavLM pretraining Lightning .ckpt, or anything "
+        "speechlab.load reads (pretrained dir, Hugging Face WavLM/HuBERT/wav2vec2 dir, unilm/fairseq .pt); "
         "without it, MFCC features (iteration 1)",
     )
     parser.add_argument(

@@ -195,3 +195,45 @@ def test_every_preset_shares_the_frame_rate_used_for_mfcc_units():
         from speechlab.nn.feature_encoder import conv_output_lengths
 
         assert torch.equal(conv_output_lengths(lengths, config.conv_layers), encoder_frame_count(lengths))
+
+
+def test_hidden_layer_units_from_a_hugging_face_wavlm_directory(tmp_path):
+    from transformers import WavLMConfig, WavLMModel
+
+    torch.manual_seed(0)
+    config = WavLMConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(32,) * 7,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        num_buckets=32,
+    )
+    WavLMModel(config).save_pretrained(tmp_path / "hf")
+    small = _subset(DATA / "espeak" / "manifest.jsonl", tmp_path / "small", 2)
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "kmeans",
+                "--manifest",
+                str(small),
+                "--output-dir",
+                str(out),
+                "--checkpoint",
+                str(tmp_path / "hf"),
+                "--layer",
+                "1",
+                "--num-clusters",
+                "4",
+                "--max-iter",
+                "5",
+            ]
+        )
+        == 0
+    )
+    for item in read_manifest(out / "small.jsonl", require=("units",)):
+        frames = int(encoder_frame_count(load_item_audio(item).numel())[0])
+        assert len(parse_units(item["units"])) == frames
