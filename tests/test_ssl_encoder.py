@@ -209,6 +209,33 @@ def test_padded_frames_do_not_change_hidden_states_with_layer_norm_cnn():
     assert _padded_vs_alone(config) <= 1e-5
 
 
+def test_skip_padding_changes_only_padded_frames():
+    torch.manual_seed(0)
+    model = SSLEncoder(small_config(num_layers=3)).eval()
+    audio = torch.randn(3, 12000) * 0.1
+    lengths = torch.tensor([12000, 7000, 4000])
+    with torch.no_grad():
+        fast = model(audio, lengths, output_hidden_states=True)
+        model.encoder.skip_padding = False
+        slow = model(audio, lengths, output_hidden_states=True)
+    valid = ~fast.padding_mask
+    for a, b in zip(fast.hidden_states, slow.hidden_states, strict=True):
+        torch.testing.assert_close(a[valid], b[valid], atol=1e-5, rtol=1e-5)
+        assert bool((a[~valid] == 0).all())
+    assert fast.hidden_states[-1] is fast.last_hidden_state
+
+
+def test_skip_padding_training_step_gives_the_same_gradients():
+    grads = []
+    for skip in (True, False):
+        torch.manual_seed(0)
+        model = SSLEncoder(small_config(skip_padding=skip)).train()
+        out = model(torch.randn(2, 9000), torch.tensor([9000, 5000]))
+        out.last_hidden_state[~out.padding_mask].square().mean().backward()
+        grads.append(model.encoder.layers[0].attention.q_proj.weight.grad)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+
+
 def test_group_norm_cnn_is_padding_sensitive_as_documented():
     # GroupNorm in conv block 0 normalises over the padded time axis: padded != alone (spec §10.8).
     assert _padded_vs_alone(small_config(conv_norm="group")) > 1e-2

@@ -2,8 +2,9 @@
 
 Reference models are random-init transformers models built here (nothing is downloaded), perturbed away from their
 init (gates, norms, gate constants) so that every parameter matters, saved with ``save_pretrained`` and loaded into
-ours through :mod:`speechlab.checkpoints.hf_ssl`. Every hidden state must match within 1e-4 in fp32 on all frames
-(padded frames included: both compute them the same way), in a padded batch.
+ours through :mod:`speechlab.checkpoints.hf_ssl`. Every hidden state must match within 1e-4 in fp32 in a padded batch:
+on valid frames with the default per-utterance path (``skip_padding``), on all frames (padded ones included, both
+compute them the same way) with ``skip_padding=False``.
 """
 
 from __future__ import annotations
@@ -56,10 +57,21 @@ def _compare(hf_model, tmp_path) -> dict[str, float]:
     with torch.no_grad():
         ref = hf_model(audio, attention_mask=attention_mask, output_hidden_states=True)
         out = ours(audio, lengths, output_hidden_states=True)
+        ours.encoder.skip_padding = False
+        out_padded = ours(audio, lengths, output_hidden_states=True)
     assert len(out.hidden_states) == len(ref.hidden_states) == hf_model.config.num_hidden_layers + 1
-    diffs = {f"hidden_states[{i}]": (a - b).abs().max().item() for i, (a, b) in
-             enumerate(zip(ref.hidden_states, out.hidden_states, strict=True))}  # fmt: skip
-    diffs["last_hidden_state"] = (ref.last_hidden_state - out.last_hidden_state).abs().max().item()
+    valid = ~out.padding_mask
+    assert bool(out.padding_mask.any())
+    diffs = {}
+    for i, (a, b, c) in enumerate(
+        zip(ref.hidden_states, out.hidden_states, out_padded.hidden_states, strict=True)
+    ):
+        diffs[f"hidden_states[{i}] valid frames"] = (a - b)[valid].abs().max().item()
+        diffs[f"hidden_states[{i}] all frames, skip_padding=False"] = (a - c).abs().max().item()
+    diffs["last_hidden_state"] = (ref.last_hidden_state - out.last_hidden_state)[valid].abs().max().item()
+    diffs["last_hidden_state, skip_padding=False"] = (
+        (ref.last_hidden_state - out_padded.last_hidden_state).abs().max().item()
+    )
     if getattr(ref, "extract_features", None) is not None:  # HubertModel does not return them
         diffs["features"] = (ref.extract_features - out.features).abs().max().item()
     assert max(diffs.values()) <= TOLERANCE, diffs
@@ -100,8 +112,8 @@ def test_hub_weight_g_spelling_loads_identically(tmp_path):
     audio, lengths, attention_mask = _batch()
     with torch.no_grad():
         ref = model(audio, attention_mask=attention_mask).last_hidden_state
-        out = ours(audio, lengths).last_hidden_state
-    assert (ref - out).abs().max() <= TOLERANCE
+        out = ours(audio, lengths)
+    assert (ref - out.last_hidden_state)[~out.padding_mask].abs().max() <= TOLERANCE
 
 
 def test_hubert_matches_transformers(tmp_path):
@@ -129,10 +141,16 @@ def test_hidden_state_convention_pre_ln(tmp_path):
         ref = hf_model(audio, attention_mask=attention_mask, output_hidden_states=True)
         out = ours(audio, lengths, output_hidden_states=True)
         final_ln = ours.encoder.layer_norm(out.hidden_states[-1])
-    torch.testing.assert_close(out.last_hidden_state, final_ln)
+    valid = ~out.padding_mask
+    torch.testing.assert_close(out.last_hidden_state[valid], final_ln[valid])
     assert (out.hidden_states[-1] - out.last_hidden_state).abs().max() > 0.1  # the two really differ
-    torch.testing.assert_close(ref.hidden_states[-1], out.hidden_states[-1], atol=TOLERANCE, rtol=0)
-    torch.testing.assert_close(ref.last_hidden_state, out.last_hidden_state, atol=TOLERANCE, rtol=0)
+    valid = ~out.padding_mask
+    torch.testing.assert_close(
+        ref.hidden_states[-1][valid], out.hidden_states[-1][valid], atol=TOLERANCE, rtol=0
+    )
+    torch.testing.assert_close(
+        ref.last_hidden_state[valid], out.last_hidden_state[valid], atol=TOLERANCE, rtol=0
+    )
 
 
 def test_hidden_state_convention_post_ln(tmp_path):
@@ -149,4 +167,6 @@ def test_hidden_state_convention_post_ln(tmp_path):
     valid = ~out.padding_mask
     # after the input LayerNorm (weight 1, bias 0 at init): zero mean per frame
     assert out.hidden_states[0][valid].mean(-1).abs().max() < 1e-4
-    torch.testing.assert_close(ref.hidden_states[0], out.hidden_states[0], atol=TOLERANCE, rtol=0)
+    torch.testing.assert_close(
+        ref.hidden_states[0][valid], out.hidden_states[0][valid], atol=TOLERANCE, rtol=0
+    )

@@ -11,6 +11,11 @@ GroupNorm of conv block 0 normalises each channel over the whole padded time axi
 statistics and thus every valid frame (spec §10.8; ~10-30 % relative change on random weights). This is what the
 released Base checkpoints and the reference implementations do; bucket by length or run unpadded when exact
 Base features matter.
+
+Speed: with ``skip_padding`` (default) and more than 10 % padded frames, the Transformer runs each utterance on its
+valid frames only (the conv encoder still runs on the padded batch, which keeps GroupNorm faithful). Valid frames are
+unchanged; padded frames of ``last_hidden_state`` / ``hidden_states`` are then 0 instead of the values a padded
+computation leaves there (which nobody should read).
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ class SSLEncoderConfig:
     normalize_waveform: bool = False  # per-utterance zero mean / unit variance over valid samples
     feature_grad_mult: float = 1.0
     layer_norm_eps: float = 1e-5
+    skip_padding: bool = True  # Transformer per utterance on valid frames when > 10 % of a batch is padding
 
     def __post_init__(self) -> None:
         self.conv_layers = [tuple(int(v) for v in spec) for spec in self.conv_layers]
@@ -146,6 +152,7 @@ class SSLEncoder(nn.Module):
             max_distance=config.max_distance,
             layerdrop=config.layerdrop,
             layer_norm_eps=config.layer_norm_eps,
+            skip_padding=config.skip_padding,
         )
 
     @property

@@ -98,10 +98,14 @@ class TransformerEncoder(nn.Module):
         max_distance: int = 800,
         layerdrop: float = 0.0,
         layer_norm_eps: float = 1e-5,
+        skip_padding: bool = True,
+        skip_padding_min_fraction: float = 0.1,
     ):
         super().__init__()
         self.layer_norm_first = layer_norm_first
         self.layerdrop = layerdrop
+        self.skip_padding = skip_padding
+        self.skip_padding_min_fraction = skip_padding_min_fraction
         self.pos_conv = ConvPositionalEmbedding(dim, pos_conv_kernel, pos_conv_groups)
         self.layer_norm = nn.LayerNorm(dim, eps=layer_norm_eps)
         self.dropout = nn.Dropout(dropout)
@@ -136,7 +140,44 @@ class TransformerEncoder(nn.Module):
         """x: (batch, T, D) projected features; padding_mask: (batch, T) bool, True at padded frames.
 
         Returns ``(last_hidden_state, hidden_states)``; hidden_states has L+1 entries when requested (see module doc).
+
+        When ``skip_padding`` is on and more than ``skip_padding_min_fraction`` of the frames are padding, each
+        utterance runs alone on its valid frames (exactly what the padded computation gives on valid frames, since
+        padded keys are masked and the positional conv sees zeros either way) and padded output frames are 0.
         """
+        keep = self.layers_to_run()
+        if padding_mask is not None and self.skip_padding and x.shape[0] > 1:
+            lengths = (~padding_mask).sum(-1)
+            if float(padding_mask.float().mean()) > self.skip_padding_min_fraction:
+                return self._forward_per_utterance(x, lengths, output_hidden_states, keep)
+        return self._forward_batch(x, padding_mask, output_hidden_states, keep)
+
+    def _forward_per_utterance(
+        self, x: Tensor, lengths: Tensor, output_hidden_states: bool, keep: Tensor
+    ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+        width = x.shape[1]
+        lasts, all_states = [], []
+        for index, length in enumerate(lengths.tolist()):
+            length = max(
+                length, 1
+            )  # an all-padding row still yields a (meaningless) frame instead of failing
+            last, states = self._forward_batch(
+                x[index : index + 1, :length], None, output_hidden_states, keep
+            )
+            lasts.append(F.pad(last, (0, 0, 0, width - length)))
+            if states is not None:
+                all_states.append([F.pad(state, (0, 0, 0, width - length)) for state in states])
+        last = torch.cat(lasts)
+        if not output_hidden_states:
+            return last, None
+        states = tuple(torch.cat(per_layer) for per_layer in zip(*all_states, strict=True))
+        if not self.layer_norm_first:
+            states = states[:-1] + (last,)
+        return last, states
+
+    def _forward_batch(
+        self, x: Tensor, padding_mask: Tensor | None, output_hidden_states: bool, keep: Tensor
+    ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
         if padding_mask is not None:
             # Zero padded frames so the positional conv sees what it would see at a real boundary (zero padding).
             x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
@@ -150,7 +191,7 @@ class TransformerEncoder(nn.Module):
             position_bias = self.relative_position_bias(x.shape[1])
 
         states: list[Tensor] = [x]
-        for layer, run in zip(self.layers, self.layers_to_run().tolist(), strict=True):
+        for layer, run in zip(self.layers, keep.tolist(), strict=True):
             if run:
                 x = layer(x, padding_mask, position_bias)
             if output_hidden_states:
