@@ -442,8 +442,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "kmeans",
         help="k-means unit targets (HuBERT/WavLM pseudo-labels) for manifests",
         description=(
-            "Compute 50 Hz frame features (39-d MFCC, or a hidden layer of a trained WavLM pretraining checkpoint), "
-            "fit mini-batch k-means (torch, GPU if present) on a sample, and write for every input manifest a copy "
+            "Compute 50 Hz frame features (39-d MFCC, or a hidden layer of a trained SSL encoder given by "
+            "--checkpoint), fit mini-batch k-means (torch, GPU if present) on a sample, and write for every input manifest a copy "
             "with a 'units' field (space-separated cluster ids, one per encoder frame) to OUTPUT_DIR/<name>.jsonl, "
             "plus OUTPUT_DIR/centroids.safetensors."
         ),
