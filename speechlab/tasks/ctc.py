@@ -97,6 +97,9 @@ class CTCTask(SpeechTask):
         self.model = CTCModel(self.encoder_config, tokenizer.vocab_size, self.hparams.head_dropout)
         if self.hparams.freeze_feature_encoder:
             self.model.encoder.feature_encoder.requires_grad_(False)
+        if self.hparams.mask_prob == 0:
+            # Unused without masking; a parameter without a gradient would make DDP fail.
+            self.model.encoder.mask_emb.requires_grad_(False)
 
     def _load_encoder_weights(self, state: dict[str, torch.Tensor], source: str) -> None:
         missing, unexpected = self.model.encoder.load_state_dict(state, strict=False)
@@ -141,12 +144,13 @@ class CTCTask(SpeechTask):
         total = self.optim_config.total_steps or int(self.trainer.estimated_stepping_batches)
         return build_optimizer(self.named_parameters(), self.optim_config, max(1, total), lr_scale=lr_scale)
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        frozen = self.global_step < self.hparams.freeze_encoder_steps
-        for name, param in self.model.encoder.named_parameters():
-            if self.hparams.freeze_feature_encoder and name.startswith("feature_encoder."):
-                continue
-            param.requires_grad_(not frozen)
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.global_step < self.hparams.freeze_encoder_steps:
+            # Dropping the gradients (rather than toggling requires_grad) keeps DDP's parameter set fixed;
+            # AdamW leaves parameters without a gradient, and their moments, untouched.
+            for param in self.model.encoder.parameters():
+                param.grad = None
+        super().on_before_optimizer_step(optimizer)
 
     # -- steps --------------------------------------------------------------------------------------------------
     def _ctc_loss(self, batch: Any, frame_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Any, Any]:
