@@ -7,6 +7,7 @@ a progress bar, learning-rate logging, the resolved config saved with every run,
 
 from __future__ import annotations
 
+import glob
 import os
 import random
 import tempfile
@@ -22,11 +23,19 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write checkpoints to a temporary file in the same folder, fsync, then rename over the target.
 
     A run killed at any moment leaves either the previous complete file or the new complete file, never a
-    truncated ``last.ckpt``.
+    truncated ``last.ckpt``. A kill during a write leaves its temporary file (``.<name>.*.tmp``) behind; the next
+    successful write of the same checkpoint removes it. Files get the usual permissions (``0o666`` minus the
+    umask), not the owner-only ones of a bare ``mkstemp``.
     """
 
     def save_checkpoint(
@@ -34,9 +43,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        prefix = f".{path.name}."
+        fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), 0o666 & ~_umask())
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
@@ -44,6 +55,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)
             raise
+        # Only one process writes a given checkpoint (global rank 0), so other temp files of it are stale.
+        for stale in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+            stale.unlink(missing_ok=True)
 
     def load_checkpoint(
         self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
