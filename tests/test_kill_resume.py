@@ -1,0 +1,185 @@
+"""Real ``speechlab fit`` runs killed (SIGKILL, also mid checkpoint write) or stopped (SIGTERM) and resumed.
+
+Each test runs an uninterrupted reference and an interrupted run of the same config side by side, resumes the
+interrupted one with ``--ckpt_path last`` until it finishes, and checks: every ``last.ckpt`` left by a kill loads
+(``weights_only``), each attempt resumes right after its checkpoint's step, the steps that reached the final
+weights are 1..N exactly once with the same batches as the reference, and on CPU the final weights and optimiser
+state equal the reference's bit for bit. The subprocess runs take minutes on a shared CPU, hence ``slow``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kill_harness as kh
+import pytest
+import torch
+
+TIMEOUT = 900  # seconds per subprocess run: generous, the CPU is shared
+
+
+@dataclass
+class Family:
+    """A task family's tiny config: model section, data section (built in a folder) and run length."""
+
+    name: str
+    model: str
+    data: Callable[[Path], str]
+    max_steps: int
+    step_size: int = 1  # global steps per batch (2 for a GAN stepping two optimisers)
+
+
+def _ctc_data(folder: Path) -> str:
+    # 8 utterances of ~1.3 s, 3 s per batch -> 2 per batch, 4 batches per epoch: 10 steps cross two epoch ends.
+    return kh.ctc_data(kh.tiny_manifest(folder / "train.jsonl", 8))
+
+
+CTC = Family("ctc", kh.CTC_MODEL, _ctc_data, max_steps=10)
+
+
+def _config(family: Family, root: Path, slow_write: float = 0.0) -> Path:
+    return kh.write_config(
+        root.parent / f"{root.name}.yaml",
+        root,
+        model=family.model,
+        data=family.data(root.parent),
+        max_steps=family.max_steps,
+        recorder={"slow_checkpoint_write": slow_write},
+    )
+
+
+def assert_same_tensors(expected: Any, actual: Any, where: str = "") -> None:
+    """Nested dicts / lists / tensors are equal (tensors bitwise)."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor) and expected.shape == actual.shape, where
+        assert torch.equal(expected, actual), f"{where}: max diff {(expected - actual).abs().max()}"
+    elif isinstance(expected, dict):
+        assert expected.keys() == actual.keys(), where
+        for key in expected:
+            assert_same_tensors(expected[key], actual[key], f"{where}.{key}")
+    elif isinstance(expected, list | tuple):
+        assert len(expected) == len(actual), where
+        for i, (e, a) in enumerate(zip(expected, actual, strict=True)):
+            assert_same_tensors(e, a, f"{where}[{i}]")
+
+
+def _trained_state(path: Path) -> dict:
+    from speechlab.checkpoints.safe_load import load_torch_checkpoint
+
+    checkpoint = load_torch_checkpoint(path)
+    return {"state_dict": checkpoint["state_dict"], "optimizer_states": checkpoint["optimizer_states"]}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _all_checkpoints_load(folder: Path) -> None:
+    from speechlab.checkpoints.safe_load import load_torch_checkpoint
+
+    for path in folder.glob("*.ckpt"):
+        assert "global_step" in load_torch_checkpoint(path), path
+
+
+def _interrupt(run: kh.FitRun, steps: Path, how: str, step: int, rng: random.Random) -> None:
+    """Interrupt ``run`` after it logged ``step``: 'kill' (SIGKILL after a random delay), 'write' (SIGKILL
+    while a checkpoint temp file exists) or 'term' (SIGTERM, then it must exit by itself)."""
+    assert run.wait_for_step(step, steps, TIMEOUT), f"run ended before step {step}:\n{run.output[-3000:]}"
+    if how == "kill":
+        time.sleep(rng.uniform(0.0, 0.5))
+        run.send(kh.SIGKILL)
+    elif how == "write":
+        assert run.wait_for_temp_checkpoint(TIMEOUT) is not None, run.output[-3000:]
+        run.send(kh.SIGKILL)
+    else:
+        run.send(kh.SIGTERM)
+
+
+def run_with_interruptions(
+    family: Family,
+    folder: Path,
+    plan: list[tuple[str, int]],
+    extra_args: list[str] | None = None,
+    seed: int = 0,
+) -> tuple[Path, list[int], list[int]]:
+    """Run ``family`` interrupted per ``plan`` ([(how, after step)]), resuming each time, until it finishes.
+
+    Returns the run folder, the step each resume started from, and each interrupted attempt's last logged step.
+    """
+    rng = random.Random(seed)
+    root = folder / "interrupted"
+    config = _config(family, root, slow_write=0.3)
+    steps = root / "steps.jsonl"
+    args = extra_args if extra_args is not None else ["--checkpoint_every_n_steps", "1"]
+    resumed_from, reached = [], []
+    for attempt, (how, step) in enumerate(plan):
+        run = kh.FitRun(config, root, ckpt_path="last" if attempt else None, extra_args=args).start(attempt)
+        _interrupt(run, steps, how, step, rng)
+        code = run.wait(TIMEOUT)
+        if how == "term":
+            assert code == 0, (
+                f"SIGTERM: expected a clean exit after saving, got {code}:\n{run.output[-3000:]}"
+            )
+        else:
+            assert code == -9, f"expected the SIGKILL to end the run, got exit code {code}"
+        reached.append(run.steps(steps)[-1]["step"])
+        _all_checkpoints_load(root / "checkpoints")
+        resumed_from.append(kh.checkpoint_step(root / "checkpoints/last.ckpt"))
+    final = kh.FitRun(config, root, ckpt_path="last", extra_args=args).start(len(plan))
+    assert final.wait(TIMEOUT) == 0, final.output[-3000:]
+    return root, resumed_from, reached
+
+
+def _reference(family: Family, folder: Path) -> kh.FitRun:
+    root = folder / "reference"
+    return kh.FitRun(_config(family, root), root).start(0)
+
+
+def _check_against_reference(
+    family: Family, reference: kh.FitRun, root: Path, resumed_from: list[int]
+) -> None:
+    assert reference.wait(TIMEOUT) == 0, reference.output[-3000:]
+    expected = kh.committed_history(kh.read_steps(reference.root / "steps.jsonl"), [])
+    history = kh.committed_history(kh.read_steps(root / "steps.jsonl"), resumed_from)
+    assert sorted(history) == list(range(family.step_size, family.max_steps + 1, family.step_size))
+    assert history == expected, "a resumed run trained other batches than the uninterrupted one"
+    assert_same_tensors(
+        _trained_state(reference.root / "checkpoints/last.ckpt"),
+        _trained_state(root / "checkpoints/last.ckpt"),
+    )
+
+
+@pytest.mark.slow
+def test_ctc_run_killed_repeatedly_finishes_with_the_uninterrupted_weights(tmp_path):
+    reference = _reference(CTC, tmp_path)
+    # Kills mid-epoch, during a checkpoint write, and right at an epoch end (step 8 of 4-batch epochs).
+    plan = [("kill", 2), ("write", 5), ("kill", 8)]
+    root, resumed_from, reached = run_with_interruptions(CTC, tmp_path, plan)
+    assert all(r - 1 <= start <= r for start, r in zip(resumed_from, reached, strict=True)), (
+        resumed_from,
+        reached,
+    )
+    _check_against_reference(CTC, reference, root, resumed_from)
+    leftovers = sorted(p.name for p in (root / "checkpoints").glob("*.tmp"))
+    assert not leftovers, f"temp files of killed writes must be cleaned up by the next write: {leftovers}"
+    mode = (root / "checkpoints/last.ckpt").stat().st_mode & 0o777
+    assert mode & 0o044 == 0o644 & ~_umask() & 0o044, f"last.ckpt mode {mode:o} ignores the umask"
+
+
+@pytest.mark.slow
+def test_ctc_sigterm_saves_the_current_step_and_resumes_exactly(tmp_path):
+    reference = _reference(CTC, tmp_path)
+    # No periodic checkpoints: the only checkpoint before the end is the one SIGTERM writes.
+    root, resumed_from, reached = run_with_interruptions(
+        CTC, tmp_path, [("term", 3)], extra_args=["--checkpoint_every_n_steps", "1000"]
+    )
+    assert resumed_from == reached, "SIGTERM must checkpoint the step it stopped at"
+    _check_against_reference(CTC, reference, root, resumed_from)
