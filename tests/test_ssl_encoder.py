@@ -18,7 +18,7 @@ from speechlab.models.wavlm import (
     wavlm_tiny,
 )
 from speechlab.nn.attention import MultiHeadSelfAttention
-from speechlab.nn.feature_encoder import conv_output_lengths
+from speechlab.nn.feature_encoder import ConvFeatureEncoder, conv_output_lengths
 from speechlab.nn.masking import span_mask
 from speechlab.nn.position import RelativePositionBias, relative_position_buckets
 from speechlab.nn.transformer import TransformerEncoder
@@ -351,3 +351,21 @@ def test_presets_have_the_reference_parameter_counts():
     assert count(wav2vec2_base()) == 94_371_712
     assert wavlm_large().normalize_waveform and not wavlm_base().normalize_waveform
     assert count(tiny_encoder()) < count(wavlm_tiny()) < 2_000_000
+
+
+@pytest.mark.parametrize("norm", ["group", "layer"])
+def test_fused_gelu_conv_training_path_matches_plain_block_chain(norm):
+    torch.manual_seed(0)
+    encoder = ConvFeatureEncoder([(16, 10, 5)] + [(16, 3, 2)] * 4 + [(16, 2, 2)] * 2, norm, bias=True)
+    audio = torch.randn(2, 4000, requires_grad=True)
+    encoder(audio).square().sum().backward()
+    fused = [p.grad.clone() for p in encoder.parameters()] + [audio.grad.clone()]
+    encoder.zero_grad()
+    audio.grad = None
+    x = audio.unsqueeze(1)
+    for block in encoder.conv_layers:
+        x = block(x)
+    x.square().sum().backward()
+    plain = [p.grad for p in encoder.parameters()] + [audio.grad]
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -51,6 +51,43 @@ class Fp32LayerNorm(nn.LayerNorm):
         return out.to(x.dtype)
 
 
+class _GeluConv1d(torch.autograd.Function):
+    """``conv1d(gelu(pre))`` that saves only ``pre`` for backward (the activation is recomputed), halving the
+    stored CNN activations of a training step."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, weight: Tensor, bias: Tensor | None, stride: int) -> Tensor:  # noqa: D102
+        activation = F.gelu(pre)
+        out = F.conv1d(activation, weight, bias, stride)
+        ctx.stride = stride
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(pre, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # noqa: D102
+        pre, weight = ctx.saved_tensors
+        dtype = grad_out.dtype
+        activation = F.gelu(pre).to(dtype)
+        grad_act, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+            grad_out,
+            activation,
+            weight.to(dtype),
+            [weight.shape[0]] if ctx.has_bias else None,
+            [ctx.stride],
+            [0],
+            [1],
+            False,
+            [0],
+            1,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias],
+        )
+        grad_pre = None
+        if ctx.needs_input_grad[0]:
+            grad_pre = torch.ops.aten.gelu_backward(grad_act.to(pre.dtype), pre)
+        return grad_pre, grad_weight, grad_bias if ctx.has_bias else None, None
+
+
 class ConvBlock(nn.Module):
     """Conv1d -> [norm] -> GELU.  x: (batch, in_channels, time) -> (batch, out_channels, time')."""
 
@@ -68,13 +105,16 @@ class ConvBlock(nn.Module):
         else:
             raise ValueError(f"ConvBlock norm must be 'group', 'layer' or 'none', got {norm!r}")
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.conv(x)
+    def normalize(self, x: Tensor) -> Tensor:
+        """The block's norm (or identity) on the conv output x: (batch, channels, time)."""
         if self.norm_kind == "layer":
-            x = self.norm(x.transpose(1, 2)).transpose(1, 2)
-        elif self.norm_kind == "group":
-            x = self.norm(x)
-        return F.gelu(x)
+            return self.norm(x.transpose(1, 2)).transpose(1, 2)
+        if self.norm_kind == "group":
+            return self.norm(x)
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.gelu(self.normalize(self.conv(x)))
 
 
 class ConvFeatureEncoder(nn.Module):
@@ -105,8 +145,17 @@ class ConvFeatureEncoder(nn.Module):
         return conv_output_lengths(lengths, self.conv_specs)
 
     def forward(self, audio: Tensor) -> Tensor:
-        """audio: (batch, samples) float -> features (batch, channels, frames)."""
-        x = audio.unsqueeze(1)
-        for block in self.conv_layers:
-            x = block(x)
-        return x
+        """audio: (batch, samples) float -> features (batch, channels, frames).
+
+        Same maths as chaining the blocks; with autograd on, each GELU is fused with the following conv so that
+        only the pre-activation is stored (about 40 % less CNN activation memory in a training step).
+        """
+        pre = self.conv_layers[0].normalize(self.conv_layers[0].conv(audio.unsqueeze(1)))
+        for block in self.conv_layers[1:]:
+            conv = block.conv
+            if torch.is_grad_enabled() and (pre.requires_grad or conv.weight.requires_grad):
+                x = _GeluConv1d.apply(pre, conv.weight, conv.bias, conv.stride[0])
+            else:
+                x = conv(F.gelu(pre))
+            pre = block.normalize(x)
+        return F.gelu(pre)
