@@ -105,6 +105,7 @@ def optimizer_for(parameters, lr: float, steps: int, warmup: int):
 def pretrain(row: str, splits, tokenizer, args, seed: int) -> tuple[dict, dict]:
     """Train UniSpeechTask for ``args.pretrain_steps``; returns (encoder state dict, final loss parts)."""
     torch.manual_seed(seed)
+    cpu_start = time.process_time()
     settings = PRETRAIN[row]
     task = UniSpeechTask(
         model="unispeech_tiny",
@@ -134,6 +135,7 @@ def pretrain(row: str, splits, tokenizer, args, seed: int) -> tuple[dict, dict]:
         history.append({k: float(v.detach()) for k, v in parts.items() if not k.startswith("_")})
     tail = history[-20:]
     summary = {k: statistics.fmean(h[k] for h in tail) for k in tail[0]}
+    summary["cpu_seconds"] = time.process_time() - cpu_start
     return {k: v.detach().clone() for k, v in task.model.encoder.state_dict().items()}, summary
 
 
@@ -187,20 +189,29 @@ def finetune_and_score(encoder_state, lang: str, splits, tokenizer, args, seed: 
     return 100.0 * float(counts[0] / counts[1])
 
 
-def run_seed(seed: int, rows: list[str], splits, tokenizer, args) -> dict:
+def run_seed(seed: int, rows: list[str], langs: list[str], splits, tokenizer, args) -> dict:
     from speechlab.models.unispeech import unispeech_tiny
 
     encoder_config = unispeech_tiny(tokenizer.vocab_size).encoder
     result = {"seed": seed, "per": {}, "pretrain": {}, "seconds": {}}
     for row in rows:
-        start = time.process_time()
         state = None
         if row in PRETRAIN:
-            state, summary = pretrain(row, splits, tokenizer, args, seed)
+            # Pretrained encoders are cached so that per-language fine-tuning jobs can run in parallel.
+            cache = args.out / f"encoder_seed{seed}_row{row}_{args.pretrain_steps}steps.pt"
+            if cache.is_file():
+                saved = torch.load(cache, weights_only=True)
+                state, summary = saved["state"], saved["summary"]
+            else:
+                state, summary = pretrain(row, splits, tokenizer, args, seed)
+                torch.save({"state": state, "summary": summary}, cache)
             result["pretrain"][row] = summary
+            if args.pretrain_only:
+                continue
+        start = time.process_time()
         result["per"][row] = {
             lang: finetune_and_score(state, lang, splits, tokenizer, args, seed, encoder_config)
-            for lang in LOW_RESOURCE
+            for lang in langs
         }
         result["seconds"][row] = time.process_time() - start
         if not args.quiet:
@@ -212,12 +223,16 @@ def run_seed(seed: int, rows: list[str], splits, tokenizer, args) -> dict:
 def merge_seed(out: Path, seed: int) -> dict:
     merged = {"seed": seed, "per": {}, "pretrain": {}, "seconds": {}}
     for row in ROWS:
-        path = out / f"seed_{seed}_row_{row}.json"
-        if not path.is_file():
-            raise SystemExit(f"{path} is missing: run --seeds {seed} --rows {row} first")
-        part = json.loads(path.read_text())
-        for key in ("per", "pretrain", "seconds"):
-            merged[key].update(part[key])
+        for path in sorted(out.glob(f"seed_{seed}_row_{row}_*.json")):
+            part = json.loads(path.read_text())
+            merged["per"].setdefault(row, {}).update(part["per"][row])
+            merged["pretrain"].update(part["pretrain"])  # identical across language jobs (same seed)
+            merged["seconds"][row] = merged["seconds"].get(row, 0.0) + part["seconds"][row]
+        missing = [lang for lang in LOW_RESOURCE if lang not in merged["per"].get(row, {})]
+        if missing:
+            raise SystemExit(
+                f"{out}: no result for seed {seed}, row {row}, languages {missing}: run them first"
+            )
     return merged
 
 
@@ -263,7 +278,9 @@ def table(results: list[dict], args) -> str:
             f"| {ROWS[row]} | {values['contrastive']:.3f} | {ctc} | {values['diversity']:.3f} | "
             f"{values['code_perplexity']:.1f} | {values['accuracy']:.3f} |"
         )
-    cpu = sum(sum(r["seconds"].values()) for r in results)
+    cpu = sum(
+        sum(r["seconds"].values()) + sum(p.get("cpu_seconds", 0.0) for p in r["pretrain"].values()) for r in results
+    )
     return "\n".join(
         lines + pre + ["", f"CPU time of the runs (process time, all seeds): {cpu / 60:.1f} min."]
     )
@@ -311,10 +328,17 @@ def main(argv: list[str] | None = None) -> int:
     if not args.merge:
         splits, tokenizer = load_corpus(args.manifest, args.max_seconds)
         for seed in args.seeds:
-            for row in args.rows:  # one file per (seed, row), so rows can run as parallel processes
-                result = run_seed(seed, [row], splits, tokenizer, args)
-                (args.out / f"seed_{seed}_row_{row}.json").write_text(json.dumps(result, indent=1))
-        if sorted(args.rows) != sorted(ROWS):
+            for row in args.rows:  # one file per (seed, row, languages): rows / languages can run in parallel
+                result = run_seed(seed, [row], args.langs, splits, tokenizer, args)
+                if args.pretrain_only:
+                    continue
+                name = f"seed_{seed}_row_{row}_{'-'.join(args.langs)}.json"
+                (args.out / name).write_text(json.dumps(result, indent=1))
+        if (
+            args.pretrain_only
+            or sorted(args.rows) != sorted(ROWS)
+            or sorted(args.langs) != sorted(LOW_RESOURCE)
+        ):
             return 0
     results = [merge_seed(args.out, s) for s in args.seeds]
     text = table(results, args)
