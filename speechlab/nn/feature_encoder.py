@@ -51,27 +51,44 @@ class Fp32LayerNorm(nn.LayerNorm):
         return out.to(x.dtype)
 
 
-class _GeluConv1d(torch.autograd.Function):
-    """``conv1d(gelu(pre))`` that saves only ``pre`` for backward (the activation is recomputed), halving the
-    stored CNN activations of a training step."""
+def _apply_norm(x: Tensor, kind: str, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """Functional fp32 norm of a conv output x: (batch, channels, time), result in x's dtype."""
+    if kind == "none":
+        return x
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        if kind == "group":
+            out = F.group_norm(x.float(), x.shape[1], weight, bias, eps)
+        else:
+            out = F.layer_norm(x.float().transpose(1, 2), (x.shape[1],), weight, bias, eps).transpose(1, 2)
+    return out.to(x.dtype)
+
+
+class _NormGeluConv1d(torch.autograd.Function):
+    """``conv1d(gelu(norm(x)))`` saving only the previous conv output ``x`` for backward: the norm and GELU are
+    recomputed there (cheap, memory-bound), so a training step stores one tensor per conv block instead of three."""
 
     @staticmethod
-    def forward(ctx, pre: Tensor, weight: Tensor, bias: Tensor | None, stride: int) -> Tensor:  # noqa: D102
-        activation = F.gelu(pre)
+    def forward(ctx, x, norm_weight, norm_bias, weight, bias, kind: str, eps: float, stride: int):  # noqa: D102
+        activation = F.gelu(_apply_norm(x, kind, norm_weight, norm_bias, eps))
         out = F.conv1d(activation, weight, bias, stride)
-        ctx.stride = stride
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(pre, weight)
+        ctx.kind, ctx.eps, ctx.stride, ctx.has_bias = kind, eps, stride, bias is not None
+        ctx.save_for_backward(x, norm_weight, norm_bias, weight)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # noqa: D102
-        pre, weight = ctx.saved_tensors
+        x, norm_weight, norm_bias, weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        with torch.enable_grad():
+            leaves = [
+                t.detach().requires_grad_(need) if t is not None else None
+                for t, need in ((x, needs[0]), (norm_weight, needs[1]), (norm_bias, needs[2]))
+            ]
+            activation = F.gelu(_apply_norm(leaves[0], ctx.kind, leaves[1], leaves[2], ctx.eps))
         dtype = grad_out.dtype
-        activation = F.gelu(pre).to(dtype)
         grad_act, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
             grad_out,
-            activation,
+            activation.detach().to(dtype),
             weight.to(dtype),
             [weight.shape[0]] if ctx.has_bias else None,
             [ctx.stride],
@@ -80,12 +97,14 @@ class _GeluConv1d(torch.autograd.Function):
             False,
             [0],
             1,
-            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias],
+            [any(needs[:3]), needs[3], ctx.has_bias and needs[4]],
         )
-        grad_pre = None
-        if ctx.needs_input_grad[0]:
-            grad_pre = torch.ops.aten.gelu_backward(grad_act.to(pre.dtype), pre)
-        return grad_pre, grad_weight, grad_bias if ctx.has_bias else None, None
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(activation, wanted, grad_act.to(activation.dtype)) if wanted else ())
+        grad_x, grad_nw, grad_nb = (
+            next(grads) if t is not None and t.requires_grad else None for t in leaves
+        )
+        return grad_x, grad_nw, grad_nb, grad_weight, grad_bias if ctx.has_bias else None, None, None, None
 
 
 class ConvBlock(nn.Module):
@@ -147,15 +166,19 @@ class ConvFeatureEncoder(nn.Module):
     def forward(self, audio: Tensor) -> Tensor:
         """audio: (batch, samples) float -> features (batch, channels, frames).
 
-        Same maths as chaining the blocks; with autograd on, each GELU is fused with the following conv so that
-        only the pre-activation is stored (about 40 % less CNN activation memory in a training step).
+        Same maths as chaining the blocks; with autograd on, each norm + GELU is fused with the following conv so
+        that only the raw conv outputs are stored (about 60 % less CNN activation memory in a training step).
         """
-        pre = self.conv_layers[0].normalize(self.conv_layers[0].conv(audio.unsqueeze(1)))
-        for block in self.conv_layers[1:]:
+        x = self.conv_layers[0].conv(audio.unsqueeze(1))
+        for previous, block in zip(self.conv_layers[:-1], self.conv_layers[1:], strict=True):
             conv = block.conv
-            if torch.is_grad_enabled() and (pre.requires_grad or conv.weight.requires_grad):
-                x = _GeluConv1d.apply(pre, conv.weight, conv.bias, conv.stride[0])
+            if torch.is_grad_enabled() and any(p.requires_grad for p in (x, conv.weight)):
+                norm = previous.norm
+                weight, bias = (norm.weight, norm.bias) if norm is not None else (None, None)
+                eps = norm.eps if norm is not None else 0.0
+                x = _NormGeluConv1d.apply(
+                    x, weight, bias, conv.weight, conv.bias, previous.norm_kind, eps, conv.stride[0]
+                )
             else:
-                x = conv(F.gelu(pre))
-            pre = block.normalize(x)
-        return F.gelu(pre)
+                x = conv(F.gelu(previous.normalize(x)))
+        return F.gelu(self.conv_layers[-1].normalize(x))
