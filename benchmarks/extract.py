@@ -13,6 +13,11 @@ transformers fp32. Outputs are compared on valid frames of every hidden state:
 * ``ours-exact``: FeatureExtractor(exact=True): each length runs unpadded (no padding work; for this Base model it
   gives every utterance its single-utterance features, compared with transformers run one utterance at a time).
 * ``*-bf16``: the same under ``torch.autocast(cpu, bfloat16)`` (transformers under ``no_grad``, its faster context).
+  Only worthwhile on CPUs with native bf16 (AVX512-BF16 / AMX); on AVX2-only CPUs bf16 matmuls are emulated and
+  several times slower than fp32.
+
+Absolute times on a shared machine are noisy: the table also reports process CPU seconds (robust to other load
+with ``--threads 1``) and CPU utilisation (CPU seconds / (wall x threads); well below 1 means contended).
 
 The long-input part runs in a fresh subprocess: peak RSS growth (``VmHWM`` after resetting it via
 ``/proc/self/clear_refs``, else a polling thread) while extracting the last layer of a long input in chunked mode.
@@ -142,20 +147,24 @@ def run_speed(args: argparse.Namespace) -> dict:
 
     names = list(impls)
     cpu_util = {n: [] for n in names}
+    cpu_times = {n: [] for n in names}
     for r in range(rounds):
         for name in names if r % 2 == 0 else reversed(names):
             cpu0, t0 = time.process_time(), time.perf_counter()
             impls[name]()
             wall = time.perf_counter() - t0
             results[name]["times"].append(wall)
-            cpu_util[name].append((time.process_time() - cpu0) / (wall * args.threads))
-    hf_times = results["hf"]["times"]
+            cpu_times[name].append(time.process_time() - cpu0)
+            cpu_util[name].append(cpu_times[name][-1] / (wall * args.threads))
+    hf_times, hf_cpu = results["hf"]["times"], cpu_times["hf"]
     for name in names:
         times = results[name]["times"]
         results[name].update(
             median_s=statistics.median(times),
             audio_s_per_s=real_seconds / statistics.median(times),
             ratio_vs_hf=statistics.median(h / t for h, t in zip(hf_times, times, strict=True)),
+            median_cpu_s=statistics.median(cpu_times[name]),
+            cpu_ratio_vs_hf=statistics.median(h / t for h, t in zip(hf_cpu, cpu_times[name], strict=True)),
             cpu_util=statistics.median(cpu_util[name]),
         )
     return {
@@ -260,12 +269,14 @@ def main() -> None:
         record["speed"] = speed
         print(f"batch {speed['seconds']} s (real audio {sum(speed['seconds']):.0f} s), {speed['rounds']} interleaved "
               f"rounds, {speed['threads']} threads, loadavg {speed['loadavg']:.1f}")  # fmt: skip
-        print(
-            f"{'impl':18s} {'median s':>9s} {'audio-s/s':>10s} {'vs hf':>7s} {'cpu util':>8s}  max abs diff"
-        )
+        print(f"{'impl':18s} {'median s':>9s} {'audio-s/s':>10s} {'vs hf':>7s} {'cpu s':>8s} {'cpu vs hf':>9s} "
+              f"{'cpu util':>8s}  max abs diff")  # fmt: skip
         for name, r in speed["impls"].items():
             print(f"{name:18s} {r['median_s']:9.3f} {r['audio_s_per_s']:10.2f} {r['ratio_vs_hf']:7.2f} "
-                  f"{r['cpu_util']:8.2f}  {r['max_abs_diff']:.2e} vs {r['vs']}")  # fmt: skip
+                  f"{r['median_cpu_s']:8.2f} {r['cpu_ratio_vs_hf']:9.2f} {r['cpu_util']:8.2f}  "
+                  f"{r['max_abs_diff']:.2e} vs {r['vs']}")  # fmt: skip
+        print(f"CPU capability: {torch.backends.cpu.get_cpu_capability()} (bf16 autocast is fast only with "
+              "AVX512-BF16 / AMX or on GPU)")  # fmt: skip
     if not args.skip_long:
         long = run_long(args)
         record["long"] = long
