@@ -279,10 +279,16 @@ def table(results: list[dict], args) -> str:
             f"{values['code_perplexity']:.1f} | {values['accuracy']:.3f} |"
         )
     cpu = sum(
-        sum(r["seconds"].values()) + sum(p.get("cpu_seconds", 0.0) for p in r["pretrain"].values()) for r in results
+        sum(r["seconds"].values()) + sum(p.get("cpu_seconds", 0.0) for p in r["pretrain"].values())
+        for r in results
     )
     return "\n".join(
-        lines + pre + ["", f"CPU time of the runs (process time, all seeds): {cpu / 60:.1f} min."]
+        lines
+        + pre
+        + [
+            "",
+            f"CPU time (process time of pretraining, fine-tuning and scoring, all seeds): {cpu / 60:.1f} min.",
+        ]
     )
 
 
@@ -297,6 +303,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one full run (rows a-d) per seed")
     parser.add_argument(
         "--rows", nargs="+", default=list(ROWS), choices=list(ROWS), help="rows to run (default all)"
+    )
+    parser.add_argument(
+        "--langs",
+        nargs="+",
+        default=list(LOW_RESOURCE),
+        choices=list(LOW_RESOURCE),
+        help="languages to fine-tune on",
+    )
+    parser.add_argument(
+        "--pretrain-only", action="store_true", help="only pretrain rows b-d and cache the encoders in --out"
     )
     parser.add_argument(
         "--merge", action="store_true", help="only merge <out>/seed_*_row_*.json into the table"
