@@ -16,7 +16,14 @@ import soundfile as sf
 import torch
 from safetensors.torch import load_file, save_file
 
-from speechlab.api import FeatureExtractor, WeightedLayerSum, conv_geometry, load, plan_chunks
+from speechlab.api import (
+    FeatureExtractor,
+    WeightedLayerSum,
+    conv_geometry,
+    cpu_has_native_bf16,
+    load,
+    plan_chunks,
+)
 from speechlab.checkpoints.pretrained_dir import load_pretrained, load_tokenizer, save_pretrained
 from speechlab.checkpoints.safe_load import CheckpointError
 from speechlab.models.ssl_encoder import SSLEncoder, SSLEncoderConfig
@@ -425,7 +432,12 @@ def test_bf16_autocast_runs_in_inference_mode_and_stays_close():
     model = tiny_encoder(conv_norm="layer")
     audio = torch.randn(16000)
     fp32 = FeatureExtractor(model)(audio).hidden_states
-    bf16 = FeatureExtractor(model, bf16=True)(audio).hidden_states
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bf16_extractor = FeatureExtractor(model, bf16=True)
+    # on CPUs without native bf16 the user is told that autocast will be slower there
+    assert any("native bfloat16" in str(w.message) for w in caught) == (not cpu_has_native_bf16())
+    bf16 = bf16_extractor(audio).hidden_states
     assert bf16.dtype == torch.float32
     assert (bf16 - fp32).abs().max() < 0.25 * fp32.abs().max()
     assert not torch.equal(bf16, fp32)
