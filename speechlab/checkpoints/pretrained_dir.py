@@ -68,6 +68,7 @@ _FAMILIES: dict[str, tuple[str, str, str] | tuple[type, type]] = {
     "wav2vec2": _SSL,
     "ssl_encoder": _SSL,
     "unispeech": ("speechlab.models.unispeech", "UniSpeechConfig", "UniSpeech"),
+    "codec": ("speechlab.models.codec", "CodecConfig", "Codec"),
 }
 
 
