@@ -190,6 +190,11 @@ def test_pretraining_heads_match_transformers_unispeech_for_pretraining(tmp_path
     assert (ref.projected_quantized_states - out.targets).abs().max() <= 1e-4
     assert (ref.projected_states - out.last_hidden_state).abs().max() <= 1e-4
     assert (ref_ctc - out.ctc_logits).abs().max() <= 1e-4
+    # raw code vectors (before project_q) of the argmax quantizer
+    with torch.no_grad():
+        hf_codes, _ = hf.quantizer(hf.unispeech(audio).extract_features)
+        our_codes = ours.quantizer(ours.encoder(audio).features).codevectors
+    assert (hf_codes - our_codes).abs().max() <= 1e-4
     # HF's eval perplexity is computed from hard assignments = our code perplexity
     torch.testing.assert_close(out.code_perplexity, ref.codevector_perplexity, atol=1e-4, rtol=0)
 
