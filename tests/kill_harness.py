@@ -37,18 +37,28 @@ TESTS = Path(__file__).resolve().parent
 
 
 # ----------------------------------------------------------------------------------------------- run inputs
-def tiny_manifest(path: Path, count: int = 8, language: str = "en", offset: int = 0) -> Path:
-    """Write the ``count`` shortest espeak utterances of ``language`` (after skipping ``offset``) to ``path``."""
+def tiny_manifest(
+    path: Path, count: int = 8, languages: tuple[str, ...] = ("en",), units: int | None = None
+) -> Path:
+    """Write the ``count`` shortest espeak utterances of each of ``languages`` to ``path``.
+
+    ``units``: also add a ``units`` field (one made-up unit id in ``0..units-1`` per 20 ms frame), standing in
+    for k-means labels.
+    """
     source = REPO / "data/espeak/manifest.jsonl"
     items = [json.loads(line) for line in source.open(encoding="utf-8")]
-    chosen = sorted(
-        (it for it in items if it["language"] == language), key=lambda it: (it["duration"], it["id"])
-    )
-    chosen = chosen[offset : offset + count]
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
-        for it in chosen:
-            f.write(json.dumps({**it, "audio": str(REPO / "data/espeak" / it["audio"])}) + "\n")
+        for language in languages:
+            mine = sorted(
+                (it for it in items if it["language"] == language), key=lambda it: (it["duration"], it["id"])
+            )
+            for n, it in enumerate(mine[:count]):
+                line = {**it, "audio": str(REPO / "data/espeak" / it["audio"])}
+                if units is not None:
+                    frames = int(it["num_samples"]) // 320
+                    line["units"] = " ".join(str((3 * n + i // 4) % units) for i in range(frames))
+                f.write(json.dumps(line) + "\n")
     return path
 
 

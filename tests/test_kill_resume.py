@@ -32,7 +32,6 @@ class Family:
     model: str
     data: Callable[[Path], str]
     max_steps: int
-    step_size: int = 1  # global steps per batch (2 for a GAN stepping two optimisers)
 
 
 def _ctc_data(folder: Path) -> str:
@@ -41,6 +40,77 @@ def _ctc_data(folder: Path) -> str:
 
 
 CTC = Family("ctc", kh.CTC_MODEL, _ctc_data, max_steps=10)
+
+
+def _wavlm_model(mixing: bool) -> str:
+    noise = kh.REPO / "data/noise_opensfx/manifest.jsonl"
+    mix = f"    mixing: {{mix_prob: 1.0, noise_prob: 0.5, noise_manifest: {noise}}}\n" if mixing else ""
+    return f"""model:
+  class_path: speechlab.tasks.wavlm_pretrain.WavLMPretrainTask
+  init_args:
+    encoder: wavlm_tiny
+    encoder_overrides: {{layerdrop: 0.0, num_layers: 1, dropout: 0.1}}
+    num_classes: 8
+    final_dim: 16
+    mask_prob: 0.5
+    mask_length: 2
+{mix}    optim: {{lr: 3.0e-3, warmup_steps: 2}}
+"""
+
+
+def _wavlm_data(folder: Path) -> str:
+    return f"""data:
+  class_path: speechlab.data.datamodule.SpeechDataModule
+  init_args:
+    train_manifest: {kh.tiny_manifest(folder / "train.jsonl", 8, units=8)}
+    units_field: units
+    max_batch_seconds: 3.0
+"""
+
+
+# Masking, dropout and the data order only; then the same with utterance mixing (noise / second speaker).
+WAVLM = Family("wavlm", _wavlm_model(mixing=False), _wavlm_data, max_steps=8)
+WAVLM_MIXING = Family("wavlm_mixing", _wavlm_model(mixing=True), _wavlm_data, max_steps=8)
+
+UNISPEECH = Family(
+    "unispeech",
+    """model:
+  class_path: speechlab.tasks.unispeech.UniSpeechTask
+  init_args:
+    model: unispeech_tiny
+    model_overrides: {swap_prob: 0.5}
+    num_negatives: 10
+    labeled_languages: [en]
+    optim: {lr: 3.0e-3, warmup_steps: 2}
+""",
+    # 4 labeled English + 4 unlabeled Swahili utterances.
+    lambda folder: kh.ctc_data(kh.tiny_manifest(folder / "train.jsonl", 4, languages=("en", "sw"))),
+    max_steps=8,
+)
+
+CODEC = Family(
+    "codec",
+    """model:
+  class_path: speechlab.tasks.codec.CodecTask
+  init_args:
+    codec: codec_tiny
+    segment_seconds: 0.5
+    generator_ema: 0.9
+    adversarial_start_step: 2
+    optim: {lr: 2.0e-3, betas: [0.8, 0.99], weight_decay: 0.0, warmup_steps: 2, decay: constant}
+    discriminator: {stft_n_ffts: [256], stft_filters: 4, periods: [2, 3], period_channels: [4, 8]}
+""",
+    lambda folder: (
+        f"""data:
+  class_path: speechlab.data.datamodule.SpeechDataModule
+  init_args:
+    train_manifest: {kh.tiny_manifest(folder / "train.jsonl", 8)}
+    max_batch_seconds: 3.0
+"""
+    ),
+    # 2 warm-up batches of one (generator) step, then 2 steps a batch: 6 batches, across an epoch end.
+    max_steps=10,
+)
 
 
 def _config(family: Family, root: Path, slow_write: float = 0.0) -> Path:
@@ -149,7 +219,7 @@ def _check_against_reference(
     assert reference.wait(TIMEOUT) == 0, reference.output[-3000:]
     expected = kh.committed_history(kh.read_steps(reference.root / "steps.jsonl"), [])
     history = kh.committed_history(kh.read_steps(root / "steps.jsonl"), resumed_from)
-    assert sorted(history) == list(range(family.step_size, family.max_steps + 1, family.step_size))
+    assert max(expected) == family.max_steps
     assert history == expected, "a resumed run trained other batches than the uninterrupted one"
     assert_same_tensors(
         _trained_state(reference.root / "checkpoints/last.ckpt"),
@@ -183,3 +253,27 @@ def test_ctc_sigterm_saves_the_current_step_and_resumes_exactly(tmp_path):
     )
     assert resumed_from == reached, "SIGTERM must checkpoint the step it stopped at"
     _check_against_reference(CTC, reference, root, resumed_from)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "family",
+    [
+        WAVLM,
+        pytest.param(
+            WAVLM_MIXING,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="UtteranceMixer draws from its own torch.Generator, seeded once in WavLMPretrainTask.setup "
+                "and not saved in checkpoints: a resumed run mixes with other noise/SNRs than the uninterrupted one",
+            ),
+        ),
+        UNISPEECH,
+        CODEC,
+    ],
+    ids=lambda f: f.name,
+)
+def test_every_task_family_resumes_exactly_after_kills(tmp_path, family):
+    reference = _reference(family, tmp_path)
+    root, resumed_from, _ = run_with_interruptions(family, tmp_path, [("write", 2), ("kill", 5)])
+    _check_against_reference(family, reference, root, resumed_from)
