@@ -45,15 +45,16 @@ def main() -> None:
     info = {}
     for name in args.models.split(","):
         name = name.strip()
-        if name == "encodec":
+        if name.split("@")[0] == "encodec":
+            bandwidth = float(name.split("@")[1]) if "@" in name else args.bandwidth
             from transformers import EncodecConfig, EncodecModel
 
             model = EncodecModel(EncodecConfig()).eval()
             sr = model.config.sampling_rate
             audio = torch.randn(1, 1, int(sr * args.seconds)) * 0.1
 
-            def run(model=model, audio=audio):
-                out = model.encode(audio, bandwidth=args.bandwidth)
+            def run(model=model, audio=audio, bandwidth=bandwidth):
+                out = model.encode(audio, bandwidth=bandwidth)
                 return model.decode(out.audio_codes, out.audio_scales)
 
             n_params = sum(p.numel() for p in model.parameters())
@@ -94,7 +95,7 @@ def main() -> None:
                 start = time.perf_counter()
                 runners[name]()
                 times[name].append((time.perf_counter() - start) / args.seconds)
-    ref = "encodec" if "encodec" in names else names[0]
+    ref = next((n for n in names if n.startswith("encodec")), names[0])
     print(
         f"threads={args.threads} audio={args.seconds}s rounds={args.rounds} loadavg={os.getloadavg()[0]:.2f}"
     )
