@@ -21,7 +21,7 @@ from speechlab.nn.attention import MultiHeadSelfAttention
 from speechlab.nn.feature_encoder import ConvFeatureEncoder, conv_output_lengths
 from speechlab.nn.masking import span_mask
 from speechlab.nn.position import RelativePositionBias, relative_position_buckets
-from speechlab.nn.transformer import TransformerEncoder
+from speechlab.nn.transformer import FeedForward, TransformerEncoder
 
 BASE_CONV = SSLEncoderConfig().conv_layers
 
@@ -369,3 +369,16 @@ def test_fused_gelu_conv_training_path_matches_plain_block_chain(norm):
     plain = [p.grad for p in encoder.parameters()] + [audio.grad]
     for a, b in zip(fused, plain, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_gelu_linear_feed_forward_matches_plain_gradients():
+    torch.manual_seed(0)
+    ffn = FeedForward(16, 32, dropout=0.0, activation_dropout=0.0)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    ffn(x).square().sum().backward()
+    fused = [p.grad.clone() for p in ffn.parameters()] + [x.grad.clone()]
+    ffn.zero_grad()
+    x.grad = None
+    ffn.fc2(torch.nn.functional.gelu(ffn.fc1(x))).square().sum().backward()
+    for a, b in zip(fused, [p.grad for p in ffn.parameters()] + [x.grad], strict=True):
+        torch.testing.assert_close(a, b)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 
 class MultiHeadSelfAttention(nn.Module):
-    """Self-attention with separate q/k/v projections (HF-compatible weights), fused into one GEMM at run time.
+    """Self-attention with separate q/k/v projections (HF-compatible weights), fused into one GEMM for inference.
 
     Args:
         dim: model width D. num_heads: H (head_dim = D / H). dropout: attention-probability dropout.
@@ -69,10 +69,18 @@ class MultiHeadSelfAttention(nn.Module):
         """x: (batch, T, D); padding_mask: (batch, T) bool, True at padded frames; position_bias: (heads, T, T)
         ungated (only used when ``gated_relative_bias``). Returns (batch, T, D)."""
         batch, length, _ = x.shape
-        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
-        qkv = F.linear(x, weight, bias).view(batch, length, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, hd) each
+        if torch.is_grad_enabled() and self.q_proj.weight.requires_grad:
+            # Training: three GEMMs sharing the saved input (a concatenated weight would be saved per layer too).
+            q, k, v = (
+                proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+                for proj in (self.q_proj, self.k_proj, self.v_proj)
+            )
+        else:
+            # Inference: one fused GEMM.
+            weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+            bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+            qkv = F.linear(x, weight, bias).view(batch, length, 3, self.num_heads, self.head_dim)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, hd) each
 
         mask: Tensor | None = None
         if self.gated_relative_bias and position_bias is not None:

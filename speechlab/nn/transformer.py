@@ -22,6 +22,32 @@ from speechlab.nn.attention import MultiHeadSelfAttention
 from speechlab.nn.position import ConvPositionalEmbedding, RelativePositionBias
 
 
+class _GeluLinear(torch.autograd.Function):
+    """``linear(gelu(pre))`` that saves only ``pre`` (the GELU is recomputed in backward): one (B, T, F) tensor
+    per layer less in a training step."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, weight: Tensor, bias: Tensor) -> Tensor:  # noqa: D102
+        ctx.save_for_backward(pre, weight)
+        return F.linear(F.gelu(pre), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # noqa: D102
+        pre, weight = ctx.saved_tensors
+        dtype = grad_out.dtype
+        activation = F.gelu(pre).to(dtype).flatten(0, -2)
+        grad_flat = grad_out.flatten(0, -2)
+        grad_pre = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_act = (grad_flat @ weight.to(dtype)).view(pre.shape)
+            grad_pre = torch.ops.aten.gelu_backward(grad_act.to(pre.dtype), pre)
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad_flat.t() @ activation
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_flat.sum(0)
+        return grad_pre, grad_weight, grad_bias
+
+
 class FeedForward(nn.Module):
     """Linear(D, F) -> GELU -> Dropout(activation_dropout) -> Linear(F, D) -> Dropout(dropout)."""
 
@@ -36,7 +62,10 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.fc2(self.activation_dropout(F.gelu(self.fc1(x)))))
+        pre = self.fc1(x)
+        if self.activation_dropout.p == 0.0 and torch.is_grad_enabled() and self.fc2.weight.requires_grad:
+            return self.dropout(_GeluLinear.apply(pre, self.fc2.weight, self.fc2.bias))
+        return self.dropout(self.fc2(self.activation_dropout(F.gelu(pre))))
 
 
 class TransformerEncoderLayer(nn.Module):
