@@ -31,6 +31,12 @@ def main() -> None:
     )
     parser.add_argument("--n-q", type=int, default=None, help="codebooks for speechlab codecs (default: all)")
     parser.add_argument("--bandwidth", type=float, default=6.0, help="EnCodec bandwidth in kbps (default 6)")
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time with process CPU seconds instead of wall seconds (use with "
+        "--threads 1 on a shared machine: other load does not inflate it)",
+    )
     parser.add_argument("--json", default=None, help="append one JSON record per model to this file")
     args = parser.parse_args()
 
@@ -61,7 +67,7 @@ def main() -> None:
             info[name] = {
                 "sample_rate": sr,
                 "params_M": round(n_params / 1e6, 2),
-                "bitrate_kbps": args.bandwidth,
+                "bitrate_kbps": bandwidth,
             }
         else:
             from speechlab.models.codec import PRESETS, Codec
@@ -92,9 +98,10 @@ def main() -> None:
         order = names if r % 2 == 0 else names[::-1]
         for name in order:
             with torch.inference_mode():
-                start = time.perf_counter()
+                clock = time.process_time if args.cpu_time else time.perf_counter
+                start = clock()
                 runners[name]()
-                times[name].append((time.perf_counter() - start) / args.seconds)
+                times[name].append((clock() - start) / args.seconds)
     ref = next((n for n in names if n.startswith("encodec")), names[0])
     print(
         f"threads={args.threads} audio={args.seconds}s rounds={args.rounds} loadavg={os.getloadavg()[0]:.2f}"
@@ -114,6 +121,7 @@ def main() -> None:
             "speedup_vs_" + ref: statistics.median(ratios),
             "threads": args.threads,
             "seconds": args.seconds,
+            "cpu_time": args.cpu_time,
             "rounds": args.rounds,
             "loadavg_1m": os.getloadavg()[0],
         }
