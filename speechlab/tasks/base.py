@@ -32,6 +32,7 @@ class SpeechTask(L.LightningModule):
         self.nonfinite_steps = 0
         self._consecutive_nonfinite = 0
         self._last_nonfinite_batch: int | None = None
+        self._drop_next_step = False
 
     def configure_optimizers(self) -> dict:
         total = self.optim_config.total_steps or int(self.trainer.estimated_stepping_batches)
@@ -42,17 +43,28 @@ class SpeechTask(L.LightningModule):
 
         Under DDP the decision is shared: if any rank's loss is not finite every rank skips the step, since a
         rank that skips its backward pass while the others run theirs would leave them waiting for it forever.
+        Lightning refuses a None ``training_step`` result under DDP, so there (automatic optimisation) every rank
+        returns a zeroed loss instead, runs its backward pass (the gradient all-reduce happens as usual), and the
+        gradients are dropped before the optimiser step.
         """
         finite = bool(torch.isfinite(loss).all())
         trainer = self._trainer
-        if trainer is not None and trainer.world_size > 1:
+        distributed = trainer is not None and trainer.world_size > 1
+        if distributed:
             finite = bool(trainer.strategy.reduce_boolean_decision(finite, all=True))
         if finite:
             return loss
         self._register_nonfinite("loss")
+        if distributed and self.automatic_optimization:
+            self._drop_next_step = True
+            return torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * 0.0
         return None
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._drop_next_step:  # a non-finite loss under DDP (see check_finite_loss), already counted
+            self._drop_next_step = False
+            optimizer.zero_grad(set_to_none=True)
+            return
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
             return
