@@ -64,27 +64,58 @@ def _apply_norm(x: Tensor, kind: str, weight: Tensor | None, bias: Tensor | None
 
 
 class _NormGeluConv1d(torch.autograd.Function):
-    """``conv1d(gelu(norm(x)))`` saving only the previous conv output ``x`` for backward: the norm and GELU are
-    recomputed there (cheap, memory-bound), so a training step stores one tensor per conv block instead of three."""
+    """``conv1d(gelu(norm([first_conv](x))))`` saving only its input ``x`` for backward.
+
+    The optional first conv, the norm and the GELU are recomputed in backward (under the forward's autocast state),
+    so a training step stores one tensor per conv block instead of three, and none for block 0 when ``x`` is the
+    waveform (block 0's output is the largest CNN activation; its conv has one input channel and is cheap to redo).
+    """
 
     @staticmethod
-    def forward(ctx, x, norm_weight, norm_bias, weight, bias, kind: str, eps: float, stride: int):  # noqa: D102
-        activation = F.gelu(_apply_norm(x, kind, norm_weight, norm_bias, eps))
-        out = F.conv1d(activation, weight, bias, stride)
-        ctx.kind, ctx.eps, ctx.stride, ctx.has_bias = kind, eps, stride, bias is not None
-        ctx.save_for_backward(x, norm_weight, norm_bias, weight)
-        return out
+    def forward(
+        ctx,
+        x,
+        first_weight,
+        first_bias,
+        norm_weight,
+        norm_bias,
+        weight,
+        bias,
+        kind,
+        eps,
+        first_stride,
+        stride,
+    ):  # noqa: D102
+        ctx.kind, ctx.eps, ctx.first_stride, ctx.stride = kind, eps, first_stride, stride
+        ctx.has_bias = bias is not None
+        ctx.autocast = (
+            torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+        )
+        activation = _NormGeluConv1d.activation(ctx, x, first_weight, first_bias, norm_weight, norm_bias)
+        ctx.save_for_backward(x, first_weight, first_bias, norm_weight, norm_bias, weight)
+        return F.conv1d(activation, weight, bias, stride)
+
+    @staticmethod
+    def activation(ctx, x, first_weight, first_bias, norm_weight, norm_bias) -> Tensor:
+        if first_weight is not None:
+            x = F.conv1d(x, first_weight, first_bias, ctx.first_stride)
+        return F.gelu(_apply_norm(x, ctx.kind, norm_weight, norm_bias, ctx.eps))
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # noqa: D102
-        x, norm_weight, norm_bias, weight = ctx.saved_tensors
+        x, first_weight, first_bias, norm_weight, norm_bias, weight = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        with torch.enable_grad():
-            leaves = [
-                t.detach().requires_grad_(need) if t is not None else None
-                for t, need in ((x, needs[0]), (norm_weight, needs[1]), (norm_bias, needs[2]))
-            ]
-            activation = F.gelu(_apply_norm(leaves[0], ctx.kind, leaves[1], leaves[2], ctx.eps))
+        saved = (x, first_weight, first_bias, norm_weight, norm_bias)
+        leaves = [
+            t.detach().requires_grad_(need) if t is not None else None
+            for t, need in zip(saved, needs, strict=False)
+        ]
+        device = x.device.type
+        with (
+            torch.enable_grad(),
+            torch.autocast(device, dtype=ctx.autocast, enabled=ctx.autocast is not None),
+        ):
+            activation = _NormGeluConv1d.activation(ctx, *leaves)
         dtype = grad_out.dtype
         grad_act, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
             grad_out,
@@ -97,14 +128,12 @@ class _NormGeluConv1d(torch.autograd.Function):
             False,
             [0],
             1,
-            [any(needs[:3]), needs[3], ctx.has_bias and needs[4]],
+            [any(needs[:5]), needs[5], ctx.has_bias and needs[6]],
         )
         wanted = [t for t in leaves if t is not None and t.requires_grad]
         grads = iter(torch.autograd.grad(activation, wanted, grad_act.to(activation.dtype)) if wanted else ())
-        grad_x, grad_nw, grad_nb = (
-            next(grads) if t is not None and t.requires_grad else None for t in leaves
-        )
-        return grad_x, grad_nw, grad_nb, grad_weight, grad_bias if ctx.has_bias else None, None, None, None
+        leaf_grads = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
+        return (*leaf_grads, grad_weight, grad_bias if ctx.has_bias else None, None, None, None, None)
 
 
 class ConvBlock(nn.Module):
@@ -167,18 +196,23 @@ class ConvFeatureEncoder(nn.Module):
         """audio: (batch, samples) float -> features (batch, channels, frames).
 
         Same maths as chaining the blocks; with autograd on, each norm + GELU is fused with the following conv so
-        that only the raw conv outputs are stored (about 60 % less CNN activation memory in a training step).
+        that only the raw outputs of convs 1..6 are stored (about 80 % less CNN activation memory in a training step).
         """
-        x = self.conv_layers[0].conv(audio.unsqueeze(1))
-        for previous, block in zip(self.conv_layers[:-1], self.conv_layers[1:], strict=True):
+        first = self.conv_layers[0].conv
+        training = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        x = audio.unsqueeze(1) if training else first(audio.unsqueeze(1))
+        for index, (previous, block) in enumerate(
+            zip(self.conv_layers[:-1], self.conv_layers[1:], strict=True)
+        ):
             conv = block.conv
-            if torch.is_grad_enabled() and any(p.requires_grad for p in (x, conv.weight)):
+            if training:
                 norm = previous.norm
-                weight, bias = (norm.weight, norm.bias) if norm is not None else (None, None)
-                eps = norm.eps if norm is not None else 0.0
+                norm_weight, norm_bias = (norm.weight, norm.bias) if norm is not None else (None, None)
+                fused_first = (first.weight, first.bias, first.stride[0]) if index == 0 else (None, None, 1)
                 x = _NormGeluConv1d.apply(
-                    x, weight, bias, conv.weight, conv.bias, previous.norm_kind, eps, conv.stride[0]
-                )
+                    x, fused_first[0], fused_first[1], norm_weight, norm_bias, conv.weight, conv.bias,
+                    previous.norm_kind, norm.eps if norm is not None else 0.0, fused_first[2], conv.stride[0],
+                )  # fmt: skip
             else:
                 x = conv(F.gelu(previous.normalize(x)))
         return F.gelu(self.conv_layers[-1].normalize(x))
