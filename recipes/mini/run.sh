@@ -8,6 +8,10 @@
 #   0  prepare manifests from data/ (train/val/test splits)             -> exp/data/*.jsonl
 #   1  phoneme CTC from scratch on espeak English                        -> exp/ctc_phoneme/
 #   2  evaluate it on the test split (greedy decoding, PER via jiwer)
+#   3  WavLM iteration 1: MFCC k-means units, masked-unit pretraining     -> exp/wavlm/
+#      on noisy / overlapped mixtures of the bundled speech and noise
+#   4  WavLM iteration 2: k-means on the pretrained model's layer 2      -> exp/wavlm/units_l2/
+#   5  phoneme CTC fine-tuned from the pretrained WavLM (same budget as 1), and its test PER
 #   9  print the results table                                           -> exp/results.md
 set -euo pipefail
 
@@ -17,7 +21,7 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --stage) stage="$2"; shift 2 ;;
     --stop-stage) stop_stage="$2"; shift 2 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -40,6 +44,31 @@ fi
 if run 2; then
   log 2 "evaluate phoneme CTC on the test split"
   speechlab test --config recipes/mini/conf/ctc_phoneme.yaml --ckpt_path "$exp/ctc_phoneme/checkpoints/last.ckpt"
+fi
+
+wavlm=$exp/wavlm
+if run 3; then
+  log 3 "WavLM iteration 1: MFCC k-means units, then masked speech denoising pretraining"
+  speechlab kmeans --manifest "$exp/data/pretrain_train.jsonl" --output-dir "$wavlm/units_mfcc" --num-clusters 100
+  speechlab kmeans --manifest "$exp/data/pretrain_val.jsonl" --output-dir "$wavlm/units_mfcc" \
+    --centroids "$wavlm/units_mfcc/centroids.safetensors"
+  speechlab fit --config recipes/mini/conf/wavlm_pretrain.yaml --ckpt_path last
+fi
+
+if run 4; then
+  log 4 "WavLM iteration 2: k-means on layer 2 of the pretrained model"
+  ckpt=$wavlm/iter1/checkpoints/last.ckpt
+  speechlab kmeans --manifest "$exp/data/pretrain_train.jsonl" --output-dir "$wavlm/units_l2" --num-clusters 100 \
+    --checkpoint "$ckpt" --layer 2
+  speechlab kmeans --manifest "$exp/data/pretrain_val.jsonl" --output-dir "$wavlm/units_l2" \
+    --centroids "$wavlm/units_l2/centroids.safetensors" --checkpoint "$ckpt" --layer 2
+fi
+
+if run 5; then
+  log 5 "phoneme CTC fine-tuned from the pretrained WavLM"
+  speechlab fit --config recipes/mini/conf/wavlm_ctc_phoneme.yaml --ckpt_path last
+  speechlab test --config recipes/mini/conf/wavlm_ctc_phoneme.yaml \
+    --ckpt_path "$exp/wavlm_ctc_phoneme/checkpoints/last.ckpt"
 fi
 
 if run 9; then

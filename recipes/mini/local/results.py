@@ -10,6 +10,9 @@ from pathlib import Path
 ROWS = [
     ("ctc_phoneme", "test/per", "phoneme CTC from scratch, espeak English test PER"),
     ("ctc_phoneme", "val/per", "phoneme CTC from scratch, espeak English best val PER"),
+    ("wavlm/iter1", "val/acc_masked", "WavLM pretraining (tiny), masked-unit accuracy on val (last)"),
+    ("wavlm_ctc_phoneme", "test/per", "phoneme CTC fine-tuned from WavLM, espeak English test PER"),
+    ("wavlm_ctc_phoneme", "val/per", "phoneme CTC fine-tuned from WavLM, espeak English best val PER"),
 ]
 
 
@@ -34,7 +37,7 @@ def main() -> None:
         values = logged_values(args.exp / run, metric)
         if not values:
             continue
-        value = values[-1] if metric.startswith("test/") else min(values)
+        value = min(values) if metric.endswith("per") and metric.startswith("val/") else values[-1]
         print(f"| {what} | `{metric}` | {value:.3f} |")
 
 
