@@ -111,16 +111,16 @@ def run_speed(args: argparse.Namespace) -> dict:
 
         return call
 
-    impls = {
-        "hf": hf_call(False),
-        "ours": ours_call(False, False),
-        "ours-exact": ours_call(True, False),
-        "hf-bf16": hf_call(True),
-        "ours-bf16": ours_call(False, True),
-        "ours-exact-bf16": ours_call(True, True),
+    factories = {
+        "hf": lambda: hf_call(False),
+        "ours": lambda: ours_call(False, False),
+        "ours-exact": lambda: ours_call(True, False),
+        "hf-bf16": lambda: hf_call(True),
+        "ours-bf16": lambda: ours_call(False, True),
+        "ours-exact-bf16": lambda: ours_call(True, True),
     }
-    if args.impls:
-        impls = {k: v for k, v in impls.items() if k in args.impls.split(",") or k == "hf"}
+    wanted = set(args.impls.split(",")) | {"hf"} if args.impls else set(factories)
+    impls = {name: make() for name, make in factories.items() if name in wanted}
 
     # correctness, untimed: padded-vs-padded and exact-vs-one-at-a-time, valid frames of every hidden state
     frames = ours.frame_lengths(lengths)
