@@ -1,5 +1,8 @@
 """Non-finite losses and gradients: the step is skipped and counted, nothing non-finite reaches the weights or the
-optimiser state, and too many consecutive faults stop training with ``NonFiniteError``."""
+optimiser state, and too many consecutive faults stop training with ``NonFiniteError``.
+
+In-process tiny CTC runs (1 layer, 4 utterances, a few steps); three of them in the default suite, the other
+variants (inf gradient, consecutive non-finite losses, isolated faults) are ``slow``."""
 
 from __future__ import annotations
 
@@ -132,7 +135,9 @@ def skipped_reference(manifest, tmp_path_factory) -> PoisonedCTCTask:
     return task
 
 
-@pytest.mark.parametrize(("poison", "value"), [("loss", math.nan), ("grad", -math.inf)])
+@pytest.mark.parametrize(
+    ("poison", "value"), [("loss", math.nan), pytest.param("grad", -math.inf, marks=pytest.mark.slow)]
+)
 def test_nonfinite_step_is_skipped_counted_and_equals_never_applying_that_batch(
     manifest, skipped_reference, tmp_path, poison, value
 ):
@@ -146,7 +151,7 @@ def test_nonfinite_step_is_skipped_counted_and_equals_never_applying_that_batch(
         assert torch.equal(expected, actual), name
 
 
-@pytest.mark.parametrize("poison", ["loss", "grad"])
+@pytest.mark.parametrize("poison", [pytest.param("loss", marks=pytest.mark.slow), "grad"])
 def test_consecutive_nonfinite_steps_stop_training_with_a_clear_error(manifest, tmp_path, poison):
     with pytest.raises(
         NonFiniteError,
@@ -156,6 +161,7 @@ def test_consecutive_nonfinite_steps_stop_training_with_a_clear_error(manifest, 
     assert "learning rate" in str(info.value) and "NaN" in str(info.value), "the error must say what to check"
 
 
+@pytest.mark.slow
 def test_isolated_faults_do_not_add_up_to_an_error(manifest, tmp_path):
     # 2 faults in a row, a good step, 2 more: never 3 consecutive, so the run finishes.
     task, audit = _fit(manifest, tmp_path, 7, poison="grad", at=(1, 2, 4, 5), max_nonfinite_steps=3)
