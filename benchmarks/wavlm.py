@@ -95,8 +95,10 @@ class MaskedPredictionHead(nn.Module):
         self.label_embs = nn.Parameter(torch.rand(classes, final_dim))
 
     def forward(self, hidden, frame_mask, targets):
-        projected = self.final_proj(hidden[frame_mask]).float()
-        logits = F.cosine_similarity(projected[:, None, :], self.label_embs[None].float(), dim=-1) / 0.1
+        projected = F.normalize(self.final_proj(hidden[frame_mask]).float(), dim=-1)
+        logits = (
+            projected @ F.normalize(self.label_embs.float(), dim=-1).t() / 0.1
+        )  # cosine / 0.1, no (N, C, D)
         return F.cross_entropy(logits, targets[frame_mask])
 
 
