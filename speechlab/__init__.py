@@ -20,6 +20,8 @@ _EXPORTS = {
     "FeatureExtractor": "speechlab.api",
     "Features": "speechlab.api",
     "WeightedLayerSum": "speechlab.api",
+    "save_pretrained": "speechlab.checkpoints.pretrained_dir",
+    "load_pretrained": "speechlab.checkpoints.pretrained_dir",
     "SSLEncoder": "speechlab.models.ssl_encoder",
     "SSLEncoderConfig": "speechlab.models.ssl_encoder",
     "Codec": "speechlab.models.codec",
