@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from speechlab.train import (
     BASE_TRAINER_ARGS,
@@ -104,7 +106,14 @@ def _tool_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
-        SpeechLabCLI(args=argv)
+        try:
+            SpeechLabCLI(args=argv)
+        except SIGTERMException:  # Lightning saved last.ckpt (save_on_exception) and stopped
+            print(
+                "speechlab: stopped by SIGTERM after writing checkpoints/last.ckpt; resume with --ckpt_path last",
+                file=sys.stderr,
+            )
+            return 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
         return 0
     parser = _tool_parser()
     args = parser.parse_args(argv)

@@ -50,11 +50,12 @@ class Recorder(L.Callback):
         self.mel.append(float(trainer.callback_metrics["train/mel"]))
 
 
-def fit(task: CodecTask, batch, steps: int) -> Recorder:
+def fit(task: CodecTask, batch, steps: int, root: Path) -> Recorder:
     recorder = Recorder()
     loader = DataLoader([batch], batch_size=None)
     trainer = L.Trainer(
         accelerator="cpu",
+        default_root_dir=root,  # on_train_end exports <root>/pretrained
         max_steps=steps,
         logger=False,
         enable_checkpointing=False,
@@ -82,14 +83,14 @@ def tiny_task(**kwargs) -> CodecTask:
     return task
 
 
-def test_gan_steps_on_real_audio_reduce_mel_loss_and_update_both_networks():
+def test_gan_steps_on_real_audio_reduce_mel_loss_and_update_both_networks(tmp_path: Path):
     torch.manual_seed(0)
     audio, lengths = real_batch(3, 0.4)
     task = tiny_task(segment_seconds=0.4)
     gen0 = [p.detach().clone() for p in task.codec.parameters()]
     disc0 = [p.detach().clone() for p in task.discriminator.parameters()]
     ema0 = [p.detach().clone() for p in task.codec_ema.parameters()]
-    recorder = fit(task, (audio, lengths), steps=24)  # 12 batches: D step + G step each
+    recorder = fit(task, (audio, lengths), steps=24, root=tmp_path)  # 12 batches: D step + G step each
     assert len(recorder.mel) == 12
     first, last = sum(recorder.mel[:3]) / 3, sum(recorder.mel[-3:]) / 3
     assert last < 0.8 * first, recorder.mel
@@ -174,7 +175,7 @@ def test_random_crop_keeps_lengths_and_zero_pads_short_items():
 
 
 @pytest.mark.slow
-def test_longer_training_improves_held_out_mel_distance():
+def test_longer_training_improves_held_out_mel_distance(tmp_path: Path):
     from speechlab.nn.spectral import MultiScaleMelLoss
 
     torch.manual_seed(0)
@@ -189,7 +190,7 @@ def test_longer_training_improves_held_out_mel_distance():
         codes, frames = codec.encode(held, held_lengths)
         return float(mel(codec.decode(codes, frames)[:, : held.shape[1]], held, held_lengths))
 
-    fit(task, (audio, lengths), steps=2)
+    fit(task, (audio, lengths), steps=2, root=tmp_path)
     before = score()
-    fit(task, (audio, lengths), steps=120)
+    fit(task, (audio, lengths), steps=120, root=tmp_path)
     assert score() < before

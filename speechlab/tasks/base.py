@@ -21,7 +21,7 @@ class SpeechTask(L.LightningModule):
     """Base LightningModule: subclasses define the model and ``compute_loss``; this class owns the optimiser.
 
     A step whose loss or gradients are not finite is skipped (no weight update) and counted in
-    ``nonfinite_steps`` (logged as ``train/nonfinite_steps``). After ``max_nonfinite_steps`` consecutive skipped
+    ``nonfinite_steps`` (logged as ``train/nonfinite_steps``, saved in checkpoints). After ``max_nonfinite_steps`` consecutive skipped
     steps, training stops with :class:`NonFiniteError` telling what to check.
     """
 
@@ -30,9 +30,24 @@ class SpeechTask(L.LightningModule):
         self.optim_config = optim if isinstance(optim, OptimConfig) else OptimConfig(**(optim or {}))
         self.max_nonfinite_steps = max_nonfinite_steps
         self.nonfinite_steps = 0
+        self.empty_batches = 0
         self._consecutive_nonfinite = 0
         self._last_nonfinite_batch: int | None = None
         self._drop_next_step = False
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Subclasses that override this call ``super()`` so the skip counters survive a resume."""
+        checkpoint["speechlab_nonfinite"] = {
+            "steps": self.nonfinite_steps,
+            "consecutive": self._consecutive_nonfinite,
+            "last_batch": self._last_nonfinite_batch,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("speechlab_nonfinite") or {}
+        self.nonfinite_steps = int(state.get("steps", 0))
+        self._consecutive_nonfinite = int(state.get("consecutive", 0))
+        self._last_nonfinite_batch = state.get("last_batch")
 
     def configure_optimizers(self) -> dict:
         total = self.optim_config.total_steps or int(self.trainer.estimated_stepping_batches)
@@ -59,6 +74,23 @@ class SpeechTask(L.LightningModule):
             self._drop_next_step = True
             return torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * 0.0
         return None
+
+    def skip_empty_batch(self) -> torch.Tensor | None:
+        """``training_step`` result for an empty batch (every item failed to load under the skip policy).
+
+        Single process: None (Lightning skips the step). Under DDP every rank must run the same collectives, so
+        this rank returns a zero loss touching every trainable parameter and contributes zero gradients to the
+        all-reduce (the other ranks' update is then averaged over the full world size).
+        """
+        self.empty_batches += 1
+        log.warning(
+            "empty batch at step %d (every item was skipped): %d so far", self.global_step, self.empty_batches
+        )
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return None
+        zero = torch.stack([p.sum() for p in self.parameters() if p.requires_grad]).sum() * 0.0
+        return self.check_finite_loss(zero)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self._drop_next_step:  # a non-finite loss under DDP (see check_finite_loss), already counted

@@ -221,6 +221,7 @@ class CodecTask(SpeechTask):
         return [gen, disc]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["codec_batches_seen"] = self.batches_seen
         checkpoint["codec_crop_rng"] = self._crop_generator.get_state()
         # the frozen teacher is supplied at construction, not stored
@@ -229,6 +230,7 @@ class CodecTask(SpeechTask):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.batches_seen = int(checkpoint.get("codec_batches_seen", 0))
         if "codec_crop_rng" in checkpoint:
             self._crop_generator.set_state(checkpoint["codec_crop_rng"])
@@ -277,6 +279,14 @@ class CodecTask(SpeechTask):
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         audio, lengths = _batch_audio(batch)
+        if audio.shape[0] == 0:
+            if self.trainer.world_size > 1:  # the codebook updates are collectives: a rank cannot sit one out
+                raise RuntimeError(
+                    "CodecTask: every item of a training batch failed to load on this rank under DDP; the codec "
+                    "cannot skip a batch there. Clean the manifest first (speechlab check-manifest)."
+                )
+            self.skip_empty_batch()
+            return
         audio, lengths = random_crop(audio, lengths, self.segment, self._crop_generator)
         opt_g, opt_d = self.optimizers()
         sched_g, sched_d = self.lr_schedulers()
@@ -340,6 +350,8 @@ class CodecTask(SpeechTask):
     @torch.no_grad()
     def _evaluate(self, batch: Any, stage: str) -> None:
         audio, lengths = _batch_audio(batch)
+        if audio.shape[0] == 0:
+            return
         codec = self.eval_codec().eval()
         n_qs = [*self.val_n_q, None]
         for n_q in n_qs:

@@ -115,12 +115,14 @@ class CTCTask(SpeechTask):
 
     # -- checkpoints carry the tokenizer ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["encoder_config"] = dataclasses.asdict(self.encoder_config)
         with tempfile.TemporaryDirectory() as tmp:
             self.tokenizer.save(tmp)
             checkpoint["tokenizer_files"] = {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         if self.model is not None:
             return
         self.encoder_config = SSLEncoderConfig(**checkpoint["encoder_config"])
@@ -169,6 +171,8 @@ class CTCTask(SpeechTask):
         return loss / batch.target_lengths.sum().clamp_min(1), logits, frame_lengths
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        if len(batch) == 0:
+            return self.skip_empty_batch()
         frame_mask = None
         if self.hparams.mask_prob > 0:
             frame_lengths = self.model.encoder.frame_lengths(batch.lengths)
@@ -206,6 +210,8 @@ class CTCTask(SpeechTask):
         ]
 
     def _evaluate(self, batch: Any, stage: str) -> None:
+        if len(batch) == 0:
+            return
         loss, logits, frame_lengths = self._ctc_loss(batch)
         self.log(f"{stage}/loss", loss, batch_size=len(batch), sync_dist=True)
         hyps = [

@@ -159,6 +159,7 @@ class UniSpeechTask(SpeechTask):
         self._build(tokenizer.vocab_size)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["num_ctc_classes"] = self.config.num_ctc_classes
         if self.tokenizer is not None:
             with tempfile.TemporaryDirectory() as tmp:
@@ -166,6 +167,7 @@ class UniSpeechTask(SpeechTask):
                 checkpoint["tokenizer_files"] = {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         if "tokenizer_files" in checkpoint and self.tokenizer is None:
             with tempfile.TemporaryDirectory() as tmp:
                 for name, data in checkpoint["tokenizer_files"].items():
@@ -270,7 +272,7 @@ class UniSpeechTask(SpeechTask):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         if len(batch) == 0:
-            return None
+            return self.skip_empty_batch()
         parts = self.compute_losses(batch)
         self._log_parts(parts, "train", len(batch))
         self.log("train/temperature", float(self.model.quantizer.temperature), batch_size=len(batch))

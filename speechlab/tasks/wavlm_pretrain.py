@@ -104,7 +104,8 @@ class WavLMPretrainTask(SpeechTask):
         pred_masked_weight, pred_nomask_weight: loss weights of masked / unmasked frames (1 / 0).
         feature_penalty_weight: weight of mean(CNN features^2) (10 for Base, as HuBERT).
         mixing: utterance mixing (training batches only); None = no mixing (plain HuBERT).
-        mixing_seed: seed of the mixer's generator (offset by the global rank under DDP).
+        mixing_seed: seed of the mixing draws; each training step mixes with a generator seeded from
+            (mixing_seed, global rank, global step), so resumed runs mix exactly as uninterrupted ones.
         optim: optimiser + schedule (:class:`speechlab.optim.OptimConfig`).
     """
 
@@ -144,6 +145,7 @@ class WavLMPretrainTask(SpeechTask):
         self._units_checked = False
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         # plain containers only, so the checkpoint loads with torch.load(weights_only=True)
         hparams = checkpoint.get("hyper_parameters")
         if hparams:
@@ -159,6 +161,14 @@ class WavLMPretrainTask(SpeechTask):
             log.info(
                 "utterance mixing on: %s (%d noise clips)", self.mixing_config, self.mixer.num_noise_clips
             )
+
+    def _mixing_generator(self) -> torch.Generator:
+        """This step's mixing RNG, a function of (mixing_seed, rank, global_step) only: a resumed run mixes
+        exactly as the uninterrupted one did, with no generator state to save in the checkpoint."""
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        step = self.trainer.global_step if self._trainer is not None else 0
+        seed = (self.hparams.mixing_seed * 1_000_003 + rank) * 1_000_000_007 + step
+        return torch.Generator().manual_seed(seed % (2**63))
 
     # -- the step ----------------------------------------------------------------------------------------------
     def compute_loss(
@@ -223,11 +233,11 @@ class WavLMPretrainTask(SpeechTask):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         if len(batch) == 0:
-            return None
+            return self.skip_empty_batch()
         self._check_batch(batch)
         audio, lengths = batch.audio, batch.lengths
         if self.mixer is not None:
-            audio, lengths = self.mixer(audio, lengths)
+            audio, lengths, _ = self.mixer.mix(audio, lengths, generator=self._mixing_generator())
         results = self.compute_loss(audio, lengths, batch.units)
         self._log("train", results, len(batch))
         return self.check_finite_loss(results["loss"])
