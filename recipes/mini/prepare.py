@@ -9,6 +9,7 @@ Output (``--out``, default ``recipes/mini/exp/data``):
 | ``lowres_<lang>_train/test.jsonl`` | espeak Swahili / Turkish / Welsh (the low-resource languages) |
 | ``lj_train/val/test.jsonl`` | LJ Speech English (real speech with transcripts) |
 | ``pretrain_train/val.jsonl`` | everything with speech, for self-supervised pretraining and the codec |
+| ``unispeech_train.jsonl`` | espeak English (labeled) + the low-resource train splits (unlabeled in pretraining) |
 | ``noise.jsonl`` | real noise clips for WavLM utterance mixing |
 """
 
@@ -56,6 +57,9 @@ def main() -> None:
         + [it for k, v in outputs.items() if k.endswith("_train") and "lowres" in k for it in v]
     )
     outputs["pretrain_val"] = outputs["en_val"] + outputs["lj_val"]
+    outputs["unispeech_train"] = outputs["en_train"] + [
+        it for lang in ("sw", "tr", "cy") for it in outputs[f"lowres_{lang}_train"]
+    ]
     outputs["noise"] = noise
 
     for name, items in outputs.items():

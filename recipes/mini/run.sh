@@ -12,7 +12,10 @@
 #      on noisy / overlapped mixtures of the bundled speech and noise
 #   4  WavLM iteration 2: k-means on the pretrained model's layer 2      -> exp/wavlm/units_l2/
 #   5  phoneme CTC fine-tuned from the pretrained WavLM (same budget as 1), and its test PER
+#   6  UniSpeech: multitask pretraining (English phone CTC with the swap + contrastive on all languages),
+#      then CTC fine-tuning on Swahili and its test PER                  -> exp/unispeech/, exp/unispeech_ft_sw/
 #   7  neural codec (tiny): train on the bundled speech, evaluate on held-out LJ Speech clips -> exp/codec/
+#   8  the UniSpeech low-resource table: rows (a)-(d) x sw/tr/cy      -> exp/unispeech_experiment/results.md
 #   9  print the results table                                           -> exp/results.md
 set -euo pipefail
 
@@ -22,7 +25,7 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --stage) stage="$2"; shift 2 ;;
     --stop-stage) stop_stage="$2"; shift 2 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -72,11 +75,25 @@ if run 5; then
     --ckpt_path "$exp/wavlm_ctc_phoneme/checkpoints/last.ckpt"
 fi
 
+if run 6; then
+  log 6 "UniSpeech multitask pretraining, then low-resource (Swahili) CTC fine-tuning"
+  speechlab fit --config recipes/mini/conf/unispeech.yaml --ckpt_path last
+  speechlab fit --config recipes/mini/conf/unispeech_ft_sw.yaml --ckpt_path last
+  speechlab test --config recipes/mini/conf/unispeech_ft_sw.yaml \
+    --ckpt_path "$exp/unispeech_ft_sw/checkpoints/last.ckpt"
+fi
+
 if run 7; then
   log 7 "neural codec: train (reconstruction, then GAN), evaluate at 1 and 4 quantizer levels"
   speechlab fit --config recipes/mini/conf/codec.yaml --ckpt_path last
   speechlab codec-eval --manifest "$exp/data/lj_test.jsonl" --max-seconds 4 --n-q 1,4 \
     --codec preset:codec_tiny --codec "$exp/codec/pretrained" | tee "$exp/codec/eval.md"
+fi
+
+if run 8; then
+  log 8 "UniSpeech low-resource experiment table (same budget per row)"
+  python recipes/mini/local/unispeech_experiment.py --out "$exp/unispeech_experiment" \
+    --seeds 0 --pretrain-steps 300 --finetune-steps 200 --batch-size 6
 fi
 
 if run 9; then
