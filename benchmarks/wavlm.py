@@ -277,12 +277,16 @@ def run_benchmark(args) -> list[dict]:
         records.append(record)
         print(json.dumps(record), flush=True)
 
+    precisions = ("fp32",) if args.no_bf16 else ("fp32", "bf16")
+    emit({"cpu_capability": torch.backends.cpu.get_cpu_capability(), "precisions": precisions})
     if "extract" in args.tasks:
         inputs = extraction_inputs(args.quick)
         frames = ours.frame_lengths(inputs[1])
         reference = extract_call("hf", hf_model, inputs, "fp32", "no_grad")()
         for precision, context in (("fp32", "no_grad"), ("bf16", "no_grad"), ("fp32", "inference_mode"),
                                    ("bf16", "inference_mode")):  # fmt: skip
+            if precision not in precisions:
+                continue
             got = extract_call("ours", ours, inputs, precision, context)()
             emit({"check": "extract", "precision": precision, "context": context,
                   "max_abs_diff_vs_hf_fp32_valid_frames": max_valid_diff(reference, got, frames)})  # fmt: skip
@@ -293,6 +297,7 @@ def run_benchmark(args) -> list[dict]:
             "ours_fp32_inference_mode": extract_call("ours", ours, inputs, "fp32", "inference_mode"),
             "ours_bf16_inference_mode": extract_call("ours", ours, inputs, "bf16", "inference_mode"),
         }
+        calls = {name: call for name, call in calls.items() if "bf16" not in name or "bf16" in precisions}
         if args.hf_bf16:
             calls["hf_bf16_no_grad"] = extract_call("hf", hf_model, inputs, "bf16", "no_grad")
         audio_seconds = inputs[1].sum().item() / SAMPLE_RATE
@@ -319,6 +324,7 @@ def run_benchmark(args) -> list[dict]:
             "ours_fp32": train_call("ours", ours, head_ours, inputs, "fp32"),
             "ours_bf16": train_call("ours", ours, head_ours, inputs, "bf16"),
         }
+        calls = {name: call for name, call in calls.items() if "bf16" not in name or "bf16" in precisions}
         if args.hf_bf16:
             calls["hf_bf16"] = train_call("hf", hf_model, head_hf, inputs, "bf16")
         audio_seconds = inputs[0].numel() / SAMPLE_RATE
@@ -343,6 +349,7 @@ def run_benchmark(args) -> list[dict]:
                 ("ours", "train", "bf16", "grad"),
             ]
         memory = {}
+        plan = [entry for entry in plan if entry[2] in precisions]
         for impl, task, precision, context in plan:
             record = measure_memory(impl, task, precision, context, args.quick, args.threads)
             memory[(impl, task, precision)] = record
@@ -376,6 +383,11 @@ def main(argv: list[str] | None = None) -> int:
         "--tasks", default="extract,train", help="comma list of: extract, train (default both)"
     )
     parser.add_argument("--hf-bf16", action="store_true", help="also time transformers under bf16 autocast")
+    parser.add_argument(
+        "--no-bf16",
+        action="store_true",
+        help="fp32 only: on CPUs without native bf16 (cpu_capability AVX2) bf16 matmuls are emulated, ~20x slower",
+    )
     parser.add_argument(
         "--skip-memory", action="store_true", help="skip the per-configuration memory subprocesses"
     )
