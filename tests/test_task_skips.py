@@ -51,3 +51,16 @@ def test_nonfinite_counters_load_with_weights_only(tmp_path):
     task.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, tmp_path / "c.ckpt")
     assert torch.load(tmp_path / "c.ckpt", weights_only=True)["speechlab_nonfinite"]["steps"] == 2
+
+
+def test_items_skipped_by_the_data_policy_are_counted_by_reason_and_reported_at_the_end(caplog):
+    task = TASKS["wavlm"]()
+    good = {"id": "a", "audio": torch.zeros(800)}
+    batch = collate([good, {"id": "b", "skipped": "audio"}, {"id": "c", "skipped": "audio"}, None])
+    assert batch.ids == ["a"] and batch.skipped == {"audio": 2, "unknown": 1}
+    task.on_train_batch_start(batch, 0)
+    task.on_train_batch_start(collate([{"id": "d", "skipped": "unknown_unit"}]), 1)
+    assert task.skipped_items == {"audio": 2, "unknown": 1, "unknown_unit": 1}
+    with caplog.at_level("WARNING"):
+        task.on_train_end()
+    assert "training skipped 4 items (2 audio, 1 unknown, 1 unknown_unit" in caplog.text

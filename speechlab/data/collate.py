@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -29,6 +31,7 @@ class Batch:
         texts: transcripts ("" where there is none), length B.
         languages: language codes (None where unknown), length B.
         speakers: speaker ids (None where unknown), length B; utterance mixing uses them.
+        skipped: items of this batch dropped under the skip policy, by reason (``{"audio": 1}``).
 
     An empty batch (``len(batch) == 0``: every item failed to load under ``on_error="skip"``) has ``audio`` of
     shape (0, 0); a task should return ``None`` from ``training_step`` for it (Lightning then skips the step).
@@ -46,6 +49,7 @@ class Batch:
     texts: list[str] = field(default_factory=list)
     languages: list[str | None] = field(default_factory=list)
     speakers: list[str | None] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -82,13 +86,16 @@ def _pad_int(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tenso
 def collate(items: list[dict | None]) -> Batch:
     """Pad dataset items (dicts from :class:`speechlab.data.dataset.AudioDataset`) into a :class:`Batch`.
 
-    ``None`` items (loads that failed under ``on_error="skip"``) are dropped. ``targets``/``units`` are present
+    Items that failed to load under ``on_error="skip"`` (``{"id", "skipped": reason}``, or ``None``) are dropped
+    and counted in ``Batch.skipped``. ``targets``/``units`` are present
     when every remaining item has them.
     """
-    items = [it for it in items if it is not None]
+    skipped = Counter(it["skipped"] for it in items if it is not None and "skipped" in it)
+    skipped.update({"unknown": sum(it is None for it in items)} if None in items else {})
+    items = [it for it in items if it is not None and "skipped" not in it]
     if not items:
         empty = torch.zeros(0, dtype=torch.int64)
-        return Batch(ids=[], audio=torch.zeros(0, 0), lengths=empty)
+        return Batch(ids=[], audio=torch.zeros(0, 0), lengths=empty, skipped=dict(skipped))
     lengths = torch.tensor([it["audio"].shape[0] for it in items], dtype=torch.int64)
     audio = pad_sequence([it["audio"].to(torch.float32) for it in items], batch_first=True, padding_value=0.0)
     targets = target_lengths = units = unit_lengths = None
@@ -107,4 +114,5 @@ def collate(items: list[dict | None]) -> Batch:
         texts=[it.get("text") or "" for it in items],
         languages=[it.get("language") for it in items],
         speakers=[it.get("speaker") for it in items],
+        skipped=dict(skipped),
     )

@@ -40,8 +40,9 @@ class AudioDataset(Dataset):
             transcript, so with a tokenizer an item longer than ``max_seconds`` is an error: filter such items with
             the DataModule's ``max_duration`` instead.
         on_error: ``"raise"`` lets an :class:`AudioError` / :class:`UnknownUnitError` propagate; ``"skip"`` logs a
-            warning, counts the reason in ``self.skipped`` (per worker process) and returns ``None``, which
-            :func:`speechlab.data.collate.collate` drops.
+            warning, counts the reason in ``self.skipped`` (per worker process) and returns
+            ``{"id": ..., "skipped": reason}``, which :func:`speechlab.data.collate.collate` drops and counts in
+            ``Batch.skipped`` (so the training process sees every skip, whatever the worker count).
     """
 
     def __init__(
@@ -79,7 +80,7 @@ class AudioDataset(Dataset):
     def durations(self) -> list[float]:
         return [float(it["duration"]) for it in self.items]
 
-    def __getitem__(self, index: int) -> dict | None:
+    def __getitem__(self, index: int) -> dict:
         item = self.items[index]
         try:
             return self._load(item)
@@ -89,7 +90,7 @@ class AudioDataset(Dataset):
             reason = "audio" if isinstance(err, AudioError) else "unknown_unit"
             self.skipped[reason] += 1
             log.warning("skipping item %s (%s): %s", item.get("id"), reason, err)
-            return None
+            return {"id": item.get("id"), "skipped": reason}
 
     def _load(self, item: dict) -> dict:
         offset = float(item.get("offset", 0.0))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
+from typing import Any
 
 import lightning as L
 import torch
@@ -31,6 +33,7 @@ class SpeechTask(L.LightningModule):
         self.max_nonfinite_steps = max_nonfinite_steps
         self.nonfinite_steps = 0
         self.empty_batches = 0
+        self.skipped_items: Counter = Counter()  # training items dropped by the data skip policy, by reason
         self._consecutive_nonfinite = 0
         self._last_nonfinite_batch: int | None = None
         self._drop_next_step = False
@@ -42,12 +45,39 @@ class SpeechTask(L.LightningModule):
             "consecutive": self._consecutive_nonfinite,
             "last_batch": self._last_nonfinite_batch,
         }
+        checkpoint["speechlab_skipped"] = {
+            "empty_batches": self.empty_batches,
+            "items": dict(self.skipped_items),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("speechlab_nonfinite") or {}
         self.nonfinite_steps = int(state.get("steps", 0))
         self._consecutive_nonfinite = int(state.get("consecutive", 0))
         self._last_nonfinite_batch = state.get("last_batch")
+        skipped = checkpoint.get("speechlab_skipped") or {}
+        self.empty_batches = int(skipped.get("empty_batches", 0))
+        self.skipped_items = Counter(skipped.get("items", {}))
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.skipped_items.update(getattr(batch, "skipped", None) or {})
+
+    def on_train_end(self) -> None:
+        """Say what was skipped during training (this rank), so no skip goes unnoticed."""
+        rank = (
+            f"rank {self.global_rank}: " if self._trainer is not None and self.trainer.world_size > 1 else ""
+        )
+        if self.skipped_items or self.empty_batches or self.nonfinite_steps:
+            reasons = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped_items.items())) or "none"
+            log.warning(
+                "%straining skipped %d items (%s; the reasons are in the warnings above), %d empty batches, "
+                "%d steps with a non-finite loss or gradient",
+                rank,
+                sum(self.skipped_items.values()),
+                reasons,
+                self.empty_batches,
+                self.nonfinite_steps,
+            )
 
     def configure_optimizers(self) -> dict:
         total = self.optim_config.total_steps or int(self.trainer.estimated_stepping_batches)

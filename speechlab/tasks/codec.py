@@ -371,6 +371,7 @@ class CodecTask(SpeechTask):
 
     def on_train_end(self) -> None:
         """Export the EMA generator to ``<default_root_dir>/pretrained`` (for encode/decode/codec-eval)."""
+        super().on_train_end()
         if self.trainer is not None and self.trainer.is_global_zero:
             path = self.export_pretrained(Path(self.trainer.default_root_dir) / "pretrained")
             print(f"exported the codec to {path}")

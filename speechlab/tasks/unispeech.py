@@ -260,6 +260,7 @@ class UniSpeechTask(SpeechTask):
 
     # -- steps --------------------------------------------------------------------------------------------------
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
         self.model.set_step(self.global_step)
 
     def _log_parts(self, parts: dict[str, Tensor], stage: str, batch_size: int) -> None:
