@@ -12,6 +12,7 @@ ROWS = [
     ("ctc_phoneme", "test/per", "last", "phoneme CTC from scratch: espeak English test PER"),
     ("wavlm/iter1", "val/acc_masked", "first_last", "WavLM pretraining (tiny): val masked-unit accuracy"),
     ("wavlm/iter1", "val/loss_masked", "first_last", "WavLM pretraining (tiny): val masked-unit CE (nats)"),
+    ("wavlm/iter1", "val/acc_unmasked", "first_last", "WavLM pretraining (tiny): val unmasked-unit accuracy"),
     ("wavlm_ctc_phoneme", "val/per", "best", "phoneme CTC fine-tuned from WavLM: val PER (best of the run)"),
     ("wavlm_ctc_phoneme", "test/per", "last", "phoneme CTC fine-tuned from WavLM: test PER"),
     ("unispeech", "val/per", "best", "UniSpeech pretraining: English val PER (best)"),
