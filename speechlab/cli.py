@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from speechlab.tool_errors import add_debug_argument, run_tool
 from speechlab.train import (
     BASE_TRAINER_ARGS,
     default_callbacks,
@@ -100,6 +101,9 @@ def _tool_parser() -> argparse.ArgumentParser:
         )
     for module_name in TOOL_MODULES:
         importlib.import_module(module_name).add_parser(subparsers)
+    for name, tool in subparsers.choices.items():
+        if name not in LIGHTNING_SUBCOMMANDS:
+            add_debug_argument(tool)
     return parser
 
 
@@ -120,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0 if not argv else 2
-    return int(args.func(args) or 0)
+    return run_tool(args.command, args.func, args)
 
 
 if __name__ == "__main__":

@@ -323,6 +323,7 @@ def _check_info(output_dir: Path, info: dict, overwrite: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from speechlab.api import FeatureExtractor, find_encoder, load
+    from speechlab.tool_errors import ToolError, one_line
 
     if bool(args.manifest) == bool(args.input_dir):
         print("speechlab extract: give exactly one of --manifest or --input-dir", file=sys.stderr)
@@ -330,15 +331,12 @@ def run(args: argparse.Namespace) -> int:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        items = (
-            items_from_manifest(args.manifest, args.on_error)
-            if args.manifest
-            else items_from_folder(args.input_dir)
-        )
-    except Exception as err:  # ManifestError / FileNotFoundError carry the file name and the fix
-        print(f"speechlab extract: {err}", file=sys.stderr)
-        return 1
+    # A ManifestError / FileNotFoundError names the file and the fix; the tool error boundary prints it.
+    items = (
+        items_from_manifest(args.manifest, args.on_error)
+        if args.manifest
+        else items_from_folder(args.input_dir)
+    )
     model = load(args.model, device=device)
     layers = _parse_layers(args.layers, find_encoder(model).config.num_layers)
     extractor = FeatureExtractor(
@@ -378,11 +376,9 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
     except Exception as err:
-        print(
-            f"speechlab extract: {err}\n(re-run to resume; pass --on-error skip to skip unreadable files)",
-            file=sys.stderr,
-        )
-        return 1
+        raise ToolError(
+            f"{one_line(err)} -> re-run to resume; pass --on-error skip to skip unreadable files"
+        ) from err
     print(
         f"extracted {report.done} utterances ({report.audio_seconds:.1f} s of audio) to {output_dir}; "
         f"{report.skipped_existing} already done, {report.failed} skipped after errors"
@@ -475,11 +471,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from speechlab.tool_errors import add_debug_argument, run_tool
+
     parser = argparse.ArgumentParser(
         prog="speechlab extract", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    add_debug_argument(parser)
+    return run_tool("extract", run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

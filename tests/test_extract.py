@@ -78,7 +78,7 @@ def test_unreadable_file_is_a_clear_error_or_a_counted_skip(model_dir, tmp_corpu
     (tmp_corpus.root / "audio").joinpath("broken.flac").write_bytes(b"fLaC" + b"\0" * 100)
     out = tmp_path / "features"
     folder = str(tmp_corpus.root / "audio")
-    assert extract.main(_args(model_dir, out, "--input-dir", folder)) == 1
+    assert extract.main(_args(model_dir, out, "--input-dir", folder)) == 2
     assert "broken.flac" in capsys.readouterr().err
     assert extract.main(_args(model_dir, out, "--input-dir", folder, "--on-error", "skip")) == 0
     text = capsys.readouterr().out
