@@ -7,7 +7,10 @@ All tokenizers share one protocol:
 - ``vocab_size`` (including the blank), ``blank_id == 0``, ``units`` (``units[i]`` is the string of id ``i``),
   ``field`` (the manifest field the tokenizer reads: ``"text"`` or ``"phonemes"``);
 - ``save(directory)`` writes ``units.json`` (plus ``spm.model`` for sentencepiece); :func:`load_tokenizer`
-  reads it back, so a pretrained model directory can carry its tokenizer.
+  reads it back, so a pretrained model directory can carry its tokenizer. :func:`tokenizer_to_files` /
+  :func:`tokenizer_from_files` are the same files as bytes in memory: what a Lightning checkpoint stores. Restoring
+  from a checkpoint writes nothing to disk and accepts only those two names, so a crafted checkpoint cannot name
+  a path (``../../x``, ``/etc/x``) to write or read.
 
 Unknown units: by default (``unknown="error"``) ``encode`` raises :class:`UnknownUnitError` naming the unit and
 the text, because silently dropping characters corrupts CTC targets. ``unknown="skip"`` drops them instead.
@@ -32,6 +35,8 @@ __all__ = [
     "UnknownUnitError",
     "build_tokenizer",
     "load_tokenizer",
+    "tokenizer_from_files",
+    "tokenizer_to_files",
 ]
 
 BLANK = "<blank>"
@@ -335,6 +340,59 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist -> point tokenizer_dir at a folder written by save()")
     config = json.loads(path.read_text(encoding="utf-8"))
+
+    def read_model(name: str) -> bytes:
+        model = directory / name
+        if not model.is_file():
+            raise FileNotFoundError(f"{model} (the sentencepiece model named by {path}) does not exist")
+        return model.read_bytes()
+
+    return _from_config(config, read_model, str(path))
+
+
+def tokenizer_to_files(tokenizer: Tokenizer) -> dict[str, bytes]:
+    """``{file name: bytes}`` of what ``tokenizer.save`` writes (``units.json``, ``spm.model``), built in memory."""
+    files = {
+        UNITS_FILE: (json.dumps(tokenizer._config(), ensure_ascii=False, indent=1) + "\n").encode("utf-8")
+    }
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        files[SPM_FILE] = tokenizer.model_proto
+    return files
+
+
+def tokenizer_from_files(files: Any, source: str = "checkpoint") -> Tokenizer:
+    """The tokenizer of :func:`tokenizer_to_files` output (e.g. a checkpoint's ``tokenizer_files``), from memory.
+
+    Nothing is written to or read from disk. Only ``units.json`` and ``spm.model`` are accepted: any other name
+    (a path such as ``../../x`` or ``/etc/x`` in a crafted checkpoint) is refused with a ``ValueError``.
+    """
+    if not isinstance(files, dict) or not all(isinstance(v, bytes | bytearray) for v in files.values()):
+        raise ValueError(f"{source}: tokenizer_files must map file names to bytes -> re-save the checkpoint")
+    unexpected = sorted(str(name) for name in files if name not in (UNITS_FILE, SPM_FILE))
+    if unexpected:
+        raise ValueError(
+            f"{source}: tokenizer_files holds unexpected entries {unexpected[:5]} (only {UNITS_FILE!r} and "
+            f"{SPM_FILE!r} are read) -> the checkpoint is corrupt or crafted; do not use it"
+        )
+    if UNITS_FILE not in files:
+        raise ValueError(f"{source}: tokenizer_files has no {UNITS_FILE!r} -> re-save the checkpoint")
+    try:
+        config = json.loads(bytes(files[UNITS_FILE]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{source}: tokenizer_files[{UNITS_FILE!r}] is not valid JSON ({err})") from err
+
+    def read_model(name: str) -> bytes:
+        if name not in files:
+            raise ValueError(f"{source}: tokenizer_files has no {name!r} (named by {UNITS_FILE})")
+        return bytes(files[name])
+
+    return _from_config(config, read_model, f"{source}: tokenizer_files[{UNITS_FILE!r}]")
+
+
+def _from_config(config: Any, read_model: Any, where: str) -> Tokenizer:
+    """Build the tokenizer a ``units.json`` describes; ``read_model(name)`` gives the sentencepiece model bytes."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: expected a JSON object")
     kind = config.get("kind")
     unknown = config.get("unknown", "error")
     if kind == "char":
@@ -342,13 +400,15 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     if kind == "phoneme":
         return PhonemeTokenizer(config["units"], unknown=unknown)
     if kind == "sentencepiece":
-        model = directory / config.get("model", SPM_FILE)
-        if not model.is_file():
-            raise FileNotFoundError(f"{model} (the sentencepiece model named by {path}) does not exist")
+        name = config.get("model", SPM_FILE)
+        if name != SPM_FILE:  # a name is a path: '../x' or '/etc/x' would read outside the folder
+            raise ValueError(
+                f"{where}: model file must be {SPM_FILE!r}, got {name!r}; save the tokenizer again"
+            )
         tokenizer = SentencePieceTokenizer(
-            model.read_bytes(), lowercase=config.get("lowercase", True), unknown=unknown
+            read_model(name), lowercase=config.get("lowercase", True), unknown=unknown
         )
         if tokenizer.units != config["units"]:
-            raise ValueError(f"{path}: units do not match {model}; save the tokenizer again")
+            raise ValueError(f"{where}: units do not match {name}; save the tokenizer again")
         return tokenizer
-    raise ValueError(f"{path}: unknown tokenizer kind {kind!r} (expected one of {sorted(_KINDS)})")
+    raise ValueError(f"{where}: unknown tokenizer kind {kind!r} (expected one of {sorted(_KINDS)})")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from speechlab.checkpoints.encoder_weights import load_encoder_state_dict
-from speechlab.data.text import load_tokenizer
+from speechlab.data.text import tokenizer_from_files, tokenizer_to_files
 from speechlab.models.ctc import CTCModel, ctc_greedy_decode
 from speechlab.models.presets import encoder_config
 from speechlab.models.ssl_encoder import SSLEncoderConfig
@@ -117,19 +116,14 @@ class CTCTask(SpeechTask):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["encoder_config"] = dataclasses.asdict(self.encoder_config)
-        with tempfile.TemporaryDirectory() as tmp:
-            self.tokenizer.save(tmp)
-            checkpoint["tokenizer_files"] = {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
+        checkpoint["tokenizer_files"] = tokenizer_to_files(self.tokenizer)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         if self.model is not None:
             return
         self.encoder_config = SSLEncoderConfig(**checkpoint["encoder_config"])
-        with tempfile.TemporaryDirectory() as tmp:
-            for name, data in checkpoint["tokenizer_files"].items():
-                (Path(tmp) / name).write_bytes(data)
-            self.build(load_tokenizer(tmp))
+        self.build(tokenizer_from_files(checkpoint["tokenizer_files"]))
 
     # -- optimisation -------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict:

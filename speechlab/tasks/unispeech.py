@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from speechlab.data.text import load_tokenizer
+from speechlab.data.text import tokenizer_from_files, tokenizer_to_files
 from speechlab.models.ctc import ctc_greedy_decode
 from speechlab.models.unispeech import (
     UniSpeech,
@@ -162,17 +160,12 @@ class UniSpeechTask(SpeechTask):
         super().on_save_checkpoint(checkpoint)
         checkpoint["num_ctc_classes"] = self.config.num_ctc_classes
         if self.tokenizer is not None:
-            with tempfile.TemporaryDirectory() as tmp:
-                self.tokenizer.save(tmp)
-                checkpoint["tokenizer_files"] = {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
+            checkpoint["tokenizer_files"] = tokenizer_to_files(self.tokenizer)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         if "tokenizer_files" in checkpoint and self.tokenizer is None:
-            with tempfile.TemporaryDirectory() as tmp:
-                for name, data in checkpoint["tokenizer_files"].items():
-                    (Path(tmp) / name).write_bytes(data)
-                self.tokenizer = load_tokenizer(tmp)
+            self.tokenizer = tokenizer_from_files(checkpoint["tokenizer_files"])
         if self.model is None:
             self._build(int(checkpoint["num_ctc_classes"]))
 
