@@ -5,6 +5,12 @@
   then GELU. Used by wav2vec 2.0, HuBERT, WavLM and UniSpeech.
 - :func:`relative_position_buckets` and :class:`RelativePositionBias`: WavLM's bidirectional T5-style log buckets
   (320 buckets, max distance 800 in every released checkpoint) and the (heads, T, T) bias built from the layer-0 table.
+
+bf16 on CPU: oneDNN in torch 2.11 returns wrong values for bf16 grouped conv1d with few channels per group on
+CPUs with native bf16 (AVX512-BF16 / AMX): relative error > 1 for 4-12 channels per group and kernel 16 or 128,
+correct for >= 16 channels per group (Base: 48, Large: 64) and with ``torch.backends.mkldnn`` off; the backward
+pass is correct. :func:`cpu_bf16_grouped_conv_is_unsafe` names the geometry, and the positional conv runs it in
+fp32 under autocast (``tests/test_bf16.py`` checks the upstream behaviour and the workaround).
 """
 
 from __future__ import annotations
@@ -71,6 +77,23 @@ class RelativePositionBias(nn.Module):
         return F.embedding(index, self.embedding.weight).permute(2, 0, 1)
 
 
+# Smallest channels-per-group count measured correct for bf16 grouped conv1d under CPU autocast (see above).
+_CPU_BF16_SAFE_CHANNELS_PER_GROUP = 16
+
+
+def cpu_bf16_grouped_conv_is_unsafe(x: Tensor, conv: nn.Conv1d) -> bool:
+    """Whether ``conv(x)`` would hit the oneDNN bf16 grouped-conv bug: CPU bf16 autocast, grouped, < 16 ch/group."""
+    return (
+        x.device.type == "cpu"
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        and conv.groups > 1
+        and conv.in_channels // conv.groups < _CPU_BF16_SAFE_CHANNELS_PER_GROUP
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+    )
+
+
 class ConvPositionalEmbedding(nn.Module):
     """x: (batch, frames, dim) -> GELU(SamePad(WeightNorm(Conv1d)(x))) of the same shape (added by the caller)."""
 
@@ -86,7 +109,12 @@ class ConvPositionalEmbedding(nn.Module):
         self.remove_last = kernel_size % 2 == 0
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.conv(x.transpose(1, 2))
+        x = x.transpose(1, 2)
+        if cpu_bf16_grouped_conv_is_unsafe(x, self.conv):
+            with torch.autocast("cpu", enabled=False):
+                out = self.conv(x.float())
+        else:
+            out = self.conv(x)
         if self.remove_last:
             out = out[:, :, :-1]
         return F.gelu(out).transpose(1, 2)
