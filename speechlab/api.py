@@ -553,7 +553,7 @@ class FeatureExtractor:
         self, inputs: AudioInput, lengths: Tensor | Sequence[int] | None, sample_rate: int
     ) -> tuple[list[Tensor], bool]:
         """-> (list of 1-D float32 CPU waveforms at 16 kHz, whether the input was one 1-D waveform)."""
-        from speechlab.audio import load_audio
+        from speechlab.audio import load_audio, resample
 
         def as_wave(item: Any, index: int) -> Tensor:
             if isinstance(item, str | os.PathLike):
@@ -562,11 +562,7 @@ class FeatureExtractor:
             if wave.dim() != 1:
                 raise ValueError(f"input {index}: expected a 1-D waveform, got shape {tuple(wave.shape)}")
             wave = wave.detach().to("cpu", torch.float32)
-            if sample_rate != SAMPLE_RATE:
-                import torchaudio.functional as AF
-
-                wave = AF.resample(wave, sample_rate, SAMPLE_RATE)
-            return wave
+            return resample(wave, sample_rate, SAMPLE_RATE)  # bounded memory for any rate pair
 
         single = False
         if isinstance(inputs, str | os.PathLike):

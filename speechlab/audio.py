@@ -1,14 +1,22 @@
 """Audio reading: soundfile decode, segment reads, mono mix-down, resampling.
 
 One function each: :func:`audio_info` reads only the header, :func:`load_audio` reads (a segment of) a file
-and returns a mono float32 tensor at the requested rate. Every failure is an :class:`AudioError` that names the
-file, says what is wrong and what to do, so a bad file never surfaces as an obscure crash inside a worker.
+and returns a mono float32 tensor at the requested rate, :func:`resample` changes the rate with bounded memory.
+Every failure is an :class:`AudioError` that names the file, says what is wrong and what to do, so a bad file
+never surfaces as an obscure crash inside a worker.
+
+Sanity checks at read time (:func:`check_header` for what the header says, and the decoded samples in
+:func:`load_audio`): a sample rate outside [``MIN_SAMPLE_RATE``, ``MAX_SAMPLE_RATE``], a WAV whose data chunk is
+cut short of the length its header declares, NaN/inf samples, and samples beyond ``MAX_ABS_SAMPLE`` (float files
+written on the integer PCM scale, or garbage) are errors; a rate pair whose sinc kernel would be huge (16001 Hz
+to 16 kHz needs ~5 GB with torchaudio) is resampled by a polyphase filter of bounded size instead.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +24,35 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-__all__ = ["AudioError", "audio_info", "load_audio"]
+__all__ = [
+    "MAX_ABS_SAMPLE",
+    "MAX_SAMPLE_RATE",
+    "MIN_SAMPLE_RATE",
+    "AudioError",
+    "audio_info",
+    "check_header",
+    "load_audio",
+    "resample",
+]
+
+MIN_SAMPLE_RATE = 1000  # below: not speech audio (a 1 Hz header would turn 3 KB into 64M samples at 16 kHz)
+MAX_SAMPLE_RATE = 768_000
+MAX_ABS_SAMPLE = 100.0  # float audio is nominally in [-1, 1]; far beyond is integer-scale PCM or garbage
+# torchaudio's sinc kernel has new * (orig + 2 * width) elements for the gcd-reduced rates (a few copies are live
+# at once); up to this many it is used (44.1 kHz -> 16 kHz: 76k), beyond it a bounded polyphase filter is.
+MAX_SINC_KERNEL_ELEMENTS = 4_000_000
+# WAV subtypes whose data chunk size gives the frame count: bytes per sample.
+_WAV_SAMPLE_BYTES = {
+    "PCM_U8": 1,
+    "PCM_S8": 1,
+    "ULAW": 1,
+    "ALAW": 1,
+    "PCM_16": 2,
+    "PCM_24": 3,
+    "PCM_32": 4,
+    "FLOAT": 4,
+    "DOUBLE": 8,
+}
 
 
 class AudioError(RuntimeError):
@@ -69,6 +105,52 @@ def _open_info(path: Path) -> sf._SoundFileInfo:
         ) from err
 
 
+def _wav_declared_frames(path: Path, channels: int, subtype: str) -> int | None:
+    """Frames the WAV ``data`` chunk header declares, or None when unknown (streamed WAVs write 0 / 0xFFFFFFFF)."""
+    sample_bytes = _WAV_SAMPLE_BYTES.get(subtype)
+    if sample_bytes is None:
+        return None
+    with path.open("rb") as handle:
+        riff = handle.read(12)
+        if len(riff) < 12 or riff[:4] != b"RIFF" or riff[8:12] != b"WAVE":
+            return None  # RF64 / W64 / other containers: libsndfile's count is all we have
+        for _ in range(64):  # a WAV has a handful of chunks before its data
+            chunk = handle.read(8)
+            if len(chunk) < 8:
+                return None
+            name, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+            if name == b"data":
+                return None if size in (0, 0xFFFFFFFF) else size // (sample_bytes * channels)
+            handle.seek(size + (size & 1), os.SEEK_CUR)
+    return None
+
+
+def check_header(path: str | os.PathLike, info: sf._SoundFileInfo) -> None:
+    """Refuse a header that is not trustworthy audio: rate outside the bounds, no channels, a cut-short WAV.
+
+    Raises:
+        AudioError: naming the file, what the header says and what to do.
+    """
+    rate, channels = int(info.samplerate), int(info.channels)
+    if channels <= 0 or rate <= 0:
+        raise AudioError(path, f"invalid header (rate={rate}, channels={channels})", "re-encode it")
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise AudioError(
+            path,
+            f"header sample rate {rate} Hz is outside [{MIN_SAMPLE_RATE}, {MAX_SAMPLE_RATE}] Hz; the header is "
+            "corrupt or the file is not speech audio",
+            "re-encode it with its true rate (e.g. ffmpeg -i in -ar 16000 out.flac) or drop it",
+        )
+    if info.format == "WAV":
+        declared = _wav_declared_frames(Path(path), channels, info.subtype)
+        if declared is not None and declared > info.frames:
+            raise AudioError(
+                path,
+                f"the WAV header declares {declared} frames but the file holds {info.frames}; it is truncated",
+                "re-create or re-download the file, or remove it from the manifest",
+            )
+
+
 def audio_info(path: str | os.PathLike) -> tuple[int, int, int]:
     """Header-only metadata of an audio file.
 
@@ -76,14 +158,40 @@ def audio_info(path: str | os.PathLike) -> tuple[int, int, int]:
         (sample_rate, num_frames, channels).
 
     Raises:
-        AudioError: missing, empty, unreadable or non-audio file.
+        AudioError: missing, empty, unreadable or non-audio file, or a header :func:`check_header` refuses.
     """
     info = _open_info(Path(path))
-    if info.samplerate <= 0 or info.channels <= 0:
-        raise AudioError(
-            path, f"invalid header (rate={info.samplerate}, channels={info.channels})", "re-encode it"
-        )
+    check_header(path, info)
     return int(info.samplerate), int(info.frames), int(info.channels)
+
+
+def sinc_kernel_elements(orig_rate: int, new_rate: int) -> int:
+    """Elements of torchaudio's sinc resampling kernel for this rate pair (default width 6, rolloff 0.99)."""
+    g = math.gcd(orig_rate, new_rate)
+    orig, new = orig_rate // g, new_rate // g
+    width = math.ceil(6 * orig / (0.99 * min(orig, new)))
+    return new * (orig + 2 * width)
+
+
+def resample(samples: torch.Tensor, orig_rate: int, new_rate: int) -> torch.Tensor:
+    """samples: (..., time) float -> (..., time * new_rate / orig_rate) at ``new_rate``, with bounded memory.
+
+    ``torchaudio.functional.resample`` for the usual rate pairs. Its kernel grows with the gcd-reduced rates
+    (16001 -> 16000 Hz: 16000 x 16013, ~5 GB of temporaries), so beyond ``MAX_SINC_KERNEL_ELEMENTS`` a polyphase
+    FIR (``scipy.signal.resample_poly``, about ``20 * max(up, down)`` taps) is used: exact ratio, memory linear in
+    the rates.
+    """
+    if orig_rate <= 0 or new_rate <= 0:
+        raise ValueError(f"sample rates must be positive, got {orig_rate} -> {new_rate}")
+    if orig_rate == new_rate:
+        return samples
+    if sinc_kernel_elements(orig_rate, new_rate) <= MAX_SINC_KERNEL_ELEMENTS:
+        return AF.resample(samples, orig_rate, new_rate)
+    from scipy.signal import resample_poly
+
+    g = math.gcd(orig_rate, new_rate)
+    out = resample_poly(samples.detach().cpu().numpy(), new_rate // g, orig_rate // g, axis=-1)
+    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).to(samples.device)
 
 
 def load_audio(
@@ -95,7 +203,7 @@ def load_audio(
     """Read a file (or a segment of it) as mono float32 at ``sample_rate``.
 
     Only the requested segment is decoded (soundfile ``start``/``frames``). Multichannel audio is mixed down by
-    the mean over channels; a file at another rate is resampled with ``torchaudio.functional.resample``.
+    the mean over channels; a file at another rate is resampled with :func:`resample`.
 
     Args:
         path: FLAC, WAV, OGG or any other format libsndfile decodes.
@@ -108,8 +216,9 @@ def load_audio(
         samples: (samples,) float32, nominally in [-1, 1].
 
     Raises:
-        AudioError: missing, empty, unreadable, corrupt or truncated file, non-audio bytes, NaN/inf samples,
-            an offset at or beyond the end of the file, or a segment with no samples.
+        AudioError: missing, empty, unreadable, corrupt or truncated file, non-audio bytes, a header
+            :func:`check_header` refuses, NaN/inf samples or samples beyond ``MAX_ABS_SAMPLE``, an offset at or
+            beyond the end of the file, or a segment with no samples.
         ValueError: negative offset/duration or a non-positive sample_rate (a caller bug, not a data problem).
     """
     if sample_rate <= 0:
@@ -120,6 +229,7 @@ def load_audio(
         raise ValueError(f"duration must be a finite number >= 0 seconds or None, got {duration}")
     path = Path(path)
     info = _open_info(path)
+    check_header(path, info)
     file_rate, num_frames = int(info.samplerate), int(info.frames)
     start = int(round(offset * file_rate))
     if num_frames == 0:
@@ -152,10 +262,16 @@ def load_audio(
             f"decoded {data.shape[0]} samples but the header promises {expected}; the file is truncated",
             "re-create or re-download the file, or remove it from the manifest",
         )
-    if not np.isfinite(data).all():
+    peak = float(np.abs(data).max())  # NaN when any sample is NaN, inf when any is inf
+    if not math.isfinite(peak):
         bad = int((~np.isfinite(data)).sum())
         raise AudioError(path, f"{bad} NaN/inf samples", "re-export the audio; it cannot be trained on")
+    if peak > MAX_ABS_SAMPLE:
+        bad = int((np.abs(data) > MAX_ABS_SAMPLE).sum())
+        raise AudioError(
+            path,
+            f"{bad} samples beyond +-{MAX_ABS_SAMPLE:g} (peak {peak:.3g}); float audio should lie in [-1, 1]",
+            "the file holds integer-scale or corrupt float samples: re-export it normalised (or as 16-bit PCM)",
+        )
     samples = torch.from_numpy(data.mean(axis=1) if data.shape[1] > 1 else data[:, 0])
-    if file_rate != sample_rate:
-        samples = AF.resample(samples, file_rate, sample_rate)
-    return samples.contiguous()
+    return resample(samples, file_rate, sample_rate).contiguous()

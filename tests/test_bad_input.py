@@ -164,3 +164,154 @@ def test_a_units_json_naming_another_model_path_is_refused(tmp_path):
     (folder / "units.json").write_bytes(files["units.json"])
     with pytest.raises(ValueError, match="secret.model"):
         load_tokenizer(folder)
+
+
+# ------------------------------------------------------------------------------------ audio sanity at read time
+
+_BOUNDED_RESAMPLE = """
+import resource, sys
+import numpy as np
+from speechlab.audio import load_audio
+
+def vm_bytes():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmSize:"))
+
+load_audio(sys.argv[1])  # warm up torch / torchaudio / scipy imports and allocators (a 44.1 kHz file)
+limit = vm_bytes() + 1024**3  # 1 GiB more address space; the sinc kernel for 16001 Hz needs ~5 GB
+resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for path in sys.argv[2:]:
+    wave = load_audio(path)
+    print(path, wave.numel(), float(wave.abs().max()))
+print("grew_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+def _sine_wav(path, rate: int, samples: int, frequency: float = 440.0, subtype: str = "PCM_16"):
+    import numpy as np
+    import soundfile as sf
+
+    t = np.arange(samples) / rate
+    sf.write(path, (0.5 * np.sin(2 * np.pi * frequency * t)).astype(np.float32), rate, subtype=subtype)
+    return path
+
+
+def test_odd_header_rates_resample_with_bounded_memory_and_keep_the_signal(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    warm = _sine_wav(tmp_path / "warm.wav", 44100, 4410)
+    odd = [_sine_wav(tmp_path / f"r{rate}.wav", rate, 1500) for rate in (16001, 44101, 8191)]
+    assert all(p.stat().st_size < 3200 for p in odd)  # 3 KB files
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-c", _BOUNDED_RESAMPLE, str(warm), *map(str, odd)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.split("\n")
+    for path, rate, line in zip(odd, (16001, 44101, 8191), lines, strict=False):
+        name, numel, peak = line.split()
+        assert name == str(path) and abs(int(numel) - 1500 * 16000 / rate) <= 1
+        assert 0.45 < float(peak) < 0.55  # the sine survives (no garbage, no blow-up)
+    grew_mb = int(lines[len(odd)].split()[1]) / 1024
+    assert grew_mb < 300
+
+
+def test_the_bounded_resampler_matches_the_ideal_signal():
+    import numpy as np
+    import torch
+
+    from speechlab.audio import MAX_SINC_KERNEL_ELEMENTS, resample, sinc_kernel_elements
+
+    assert sinc_kernel_elements(16001, 16000) > MAX_SINC_KERNEL_ELEMENTS  # takes the polyphase path
+    assert sinc_kernel_elements(44100, 16000) < MAX_SINC_KERNEL_ELEMENTS  # the usual rates keep torchaudio
+    t = np.arange(16001) / 16001
+    out = resample(torch.from_numpy(np.sin(2 * np.pi * 440 * t).astype(np.float32)), 16001, 16000)
+    ideal = np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)
+    assert out.dtype == torch.float32 and out.numel() == 16000
+    assert np.abs(out.numpy()[200:-200] - ideal[200:-200]).max() < 1e-3
+
+
+@pytest.mark.parametrize("rate", [1, 999, 1_000_000])
+def test_a_header_sample_rate_outside_the_bounds_is_an_audio_error(tmp_path, rate):
+    from speechlab.audio import AudioError, audio_info, load_audio
+    from speechlab.data.manifest import ManifestError, read_manifest
+
+    path = _sine_wav(tmp_path / "odd.wav", rate, 1500, frequency=rate / 10)
+    for read in (audio_info, load_audio):
+        with pytest.raises(AudioError, match=rf"odd.wav: header sample rate {rate} Hz is outside"):
+            read(path)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "a", "audio": "odd.wav", "duration": 1500 / rate}) + "\n")
+    with pytest.raises(ManifestError, match="m.jsonl:1: field 'audio'.*sample rate"):
+        read_manifest(manifest)
+
+
+@pytest.mark.parametrize("value", [1e30, 3e4, -500.0])
+def test_float_samples_of_absurd_amplitude_are_an_audio_error_naming_the_file(tmp_path, value):
+    import numpy as np
+    import soundfile as sf
+
+    from speechlab.audio import AudioError, load_audio
+
+    data = np.full(1600, 0.1, dtype=np.float32)
+    data[100:110] = value
+    sf.write(tmp_path / "loud.wav", data, 16000, subtype="FLOAT")
+    with pytest.raises(AudioError, match=r"loud.wav: 10 samples beyond \+-100"):
+        load_audio(tmp_path / "loud.wav")
+
+
+def test_float_samples_a_little_over_full_scale_still_load(tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    from speechlab.audio import load_audio
+
+    data = np.full(1600, 1.5, dtype=np.float32)
+    sf.write(tmp_path / "hot.wav", data, 16000, subtype="FLOAT")
+    assert float(load_audio(tmp_path / "hot.wav").max()) == 1.5
+
+
+@pytest.mark.parametrize("subtype", ["PCM_16", "FLOAT", "PCM_24"])
+def test_a_wav_whose_data_is_cut_short_of_its_header_is_an_error_not_a_shorter_clip(tmp_path, subtype):
+    import soundfile as sf
+
+    from speechlab.audio import AudioError, audio_info, load_audio
+    from speechlab.data.manifest import read_manifest
+
+    full = _sine_wav(tmp_path / "full.wav", 16000, 16000, subtype=subtype)
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    assert sf.info(str(cut)).frames < 16000  # libsndfile silently reports only the frames present
+    for read in (audio_info, load_audio):
+        with pytest.raises(
+            AudioError, match=r"cut.wav: the WAV header declares 16000 frames but the file holds"
+        ):
+            read(cut)
+    manifest = tmp_path / "m.jsonl"
+    lines = [{"id": n, "audio": f"{n}.wav", "duration": 1.0} for n in ("full", "cut")]
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    from speechlab.data.manifest import SkipReport
+
+    report = SkipReport()
+    kept = read_manifest(manifest, on_error="skip", report=report)
+    assert [it["id"] for it in kept] == ["full"] and report.counts == {"unreadable_audio": 1}
+
+
+def test_a_streamed_wav_with_an_unknown_data_size_still_loads(tmp_path):
+    import struct
+
+    from speechlab.audio import load_audio
+
+    path = _sine_wav(tmp_path / "stream.wav", 16000, 8000)
+    raw = bytearray(path.read_bytes())
+    at = raw.find(b"data")
+    raw[at + 4 : at + 8] = struct.pack("<I", 0xFFFFFFFF)  # what a writer to a pipe leaves in the header
+    path.write_bytes(bytes(raw))
+    assert load_audio(path).numel() == 8000
