@@ -30,7 +30,6 @@ the output instead). With waveform normalisation (Large models) the whole file i
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import warnings
@@ -43,19 +42,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from speechlab.checkpoints.pretrained_dir import config_to_dict
-from speechlab.checkpoints.safe_load import (
-    DEFAULT_CONFIG_LIMITS,
-    CheckpointError,
-    TensorInfo,
-    check_config_limits,
-    check_state_dict,
-    load_safetensors,
-    load_torch_checkpoint,
-    read_json,
-    read_safetensors_header,
-    tensor_infos,
-)
+from speechlab.checkpoints.hf_dir import HF_MODEL_TYPES, read_hf_directory
+from speechlab.checkpoints.safe_load import CheckpointError
 from speechlab.models.ssl_encoder import SSLEncoder, normalize_waveform
 
 __all__ = [
@@ -72,10 +60,6 @@ __all__ = [
 ]
 
 SAMPLE_RATE = 16000
-HF_MODEL_TYPES = ("wavlm", "hubert", "wav2vec2", "unispeech")
-_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-_FAIRSEQ_LIMITS = {"encoder_layers": 256, "encoder_embed_dim": 16384, "encoder_ffn_embed_dim": 65536,
-                   "encoder_attention_heads": 256, "conv_pos": 1024}  # fmt: skip
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
@@ -91,11 +75,16 @@ def load(
 ) -> nn.Module:
     """Load a model from any supported source; returns it in eval mode on ``device``.
 
-    ``source`` is one of:
+    ``source`` is one of (each read by one reader of :mod:`speechlab.checkpoints.registry`):
 
-    * a speechlab pretrained directory (``config.json`` with ``family`` + ``model.safetensors``);
+    * a training run folder (``trainer.default_root_dir``): its best checkpoint by the task's monitored metric,
+      else ``checkpoints/last.ckpt``;
+    * a Lightning ``.ckpt`` of a speechlab task: CTC -> :class:`~speechlab.models.ctc.CTCModel` with its
+      ``tokenizer``; WavLM pretraining -> the encoder; UniSpeech -> :class:`~speechlab.models.unispeech.UniSpeech`;
+      codec -> :class:`~speechlab.models.codec.Codec`;
+    * a speechlab pretrained directory (``config.json`` with ``family`` + ``model.safetensors``), any family;
     * a Hugging Face model directory (``config.json`` with ``model_type`` in ``wavlm``, ``hubert``, ``wav2vec2``,
-      ``unispeech``; weights as ``model.safetensors`` or ``pytorch_model.bin``);
+      ``unispeech`` — ``*ForCTC`` ones give a CTCModel with head and vocabulary — or ``encodec`` / ``dac``);
     * a Hugging Face hub id (``"microsoft/wavlm-base-plus"``), fetched with ``huggingface_hub.snapshot_download``;
       when the hub cannot be reached the local cache is used (``local_files_only``), and an id that is neither
       reachable nor cached is a clear error naming it;
@@ -105,166 +94,12 @@ def load(
     WavLM / HuBERT / wav2vec2 give an :class:`~speechlab.models.ssl_encoder.SSLEncoder`; UniSpeech gives
     :class:`~speechlab.models.unispeech.UniSpeech` (its backbone is ``model.encoder``).
     """
+    from speechlab.checkpoints import registry
+
     path = Path(source)
-    if path.is_dir():
-        model = _load_directory(path)
-    elif path.is_file():
-        if path.suffix.lower() not in _CHECKPOINT_SUFFIXES:
-            raise CheckpointError(
-                f"{path}: unsupported checkpoint file type {path.suffix!r}; expected a fairseq/unilm "
-                f"{'/'.join(_CHECKPOINT_SUFFIXES)} file or a directory (speechlab or Hugging Face)."
-            )
-        model = _load_fairseq_file(path)
-    else:
-        model = _load_directory(_snapshot(str(source), revision=revision, cache_dir=cache_dir))
-    return model.to(device).eval()
-
-
-def _load_directory(directory: Path) -> nn.Module:
-    from speechlab.checkpoints.pretrained_dir import CONFIG_NAME, is_pretrained_dir, load_pretrained
-
-    config_path = directory / CONFIG_NAME
-    if not config_path.is_file():
-        raise CheckpointError(
-            f"{directory}: no {CONFIG_NAME}; expected a speechlab pretrained directory or a Hugging Face model "
-            "directory (config.json + model.safetensors)."
-        )
-    if is_pretrained_dir(directory):
-        return load_pretrained(directory)
-    config = read_json(config_path)
-    model_type = config.get("model_type")
-    if model_type is None:
-        raise CheckpointError(
-            f"{config_path}: neither a speechlab config (no 'family') nor a Hugging Face config (no 'model_type')."
-        )
-    if model_type == "unispeech":
-        from speechlab.checkpoints.hf_unispeech import load_hf_unispeech
-
-        return load_hf_unispeech(directory)
-    if model_type in ("wavlm", "hubert", "wav2vec2"):
-        return _load_hf_ssl(directory, config)
-    raise CheckpointError(
-        f"{config_path}: unsupported model_type {model_type!r}; speechlab.load reads {', '.join(HF_MODEL_TYPES)} "
-        "Hugging Face checkpoints."
-    )
-
-
-def _meta_expected(config: Any) -> dict[str, TensorInfo]:
-    """Expected tensor shapes of an SSLEncoder built on the meta device (allocates nothing)."""
-    with torch.device("meta"):
-        return tensor_infos(SSLEncoder(config))
-
-
-def _build_checked(config: Any, state: dict[str, Any], source: str) -> SSLEncoder:
-    """Validate ``state`` against the config's shapes, then build the encoder and load it strictly."""
-    expected = _meta_expected(config)
-    if "mask_emb" not in state:  # HF drops masked_spec_embed when masking is off; it is unused at inference
-        state = {**state, "mask_emb": None}
-    check_state_dict({k: v for k, v in state.items() if v is not None}, expected, source=source,
-                     ignore_missing=("mask_emb",))  # fmt: skip
-    model = SSLEncoder(config)
-    if state.get("mask_emb") is None:
-        state = {**state, "mask_emb": model.mask_emb.detach().clone()}
-    model.load_state_dict(state, strict=True)
-    return model
-
-
-def _load_hf_ssl(directory: Path, hf_config: dict) -> SSLEncoder:
-    """HF WavLM / HuBERT / wav2vec2 directory -> SSLEncoder, through the backbone engineer's key map
-    (:mod:`speechlab.checkpoints.hf_ssl`) and our safe readers: config limits and shapes (from the safetensors
-    header) are checked before any weight is read."""
-    from speechlab.checkpoints import hf_ssl
-
-    source = str(directory / "config.json")
-    check_config_limits(hf_config, source=source)
-    normalize = None
-    preprocessor = directory / "preprocessor_config.json"
-    if preprocessor.is_file():
-        normalize = bool(read_json(preprocessor).get("do_normalize", False))
-    try:
-        config = hf_ssl.config_from_hf(hf_config, normalize_waveform=normalize)
-        check_config_limits(config_to_dict(config), source=source)
-        single = directory / "model.safetensors"
-        if single.is_file():  # shapes from the header first: refuse mismatches before reading any tensor data
-            infos, _ = read_safetensors_header(single)
-            mapped = hf_ssl.state_dict_from_hf(infos, config)
-            check_state_dict(mapped, _meta_expected(config), source=str(single), ignore_missing=("mask_emb",))
-        _, hf_state = read_hf_directory(directory)
-        state = hf_ssl.state_dict_from_hf(hf_state, config)
-    except (KeyError, ValueError) as err:
-        if isinstance(err, CheckpointError):
-            raise
-        raise CheckpointError(f"{directory}: cannot convert the Hugging Face checkpoint: {err}") from err
-    return _build_checked(config, state, str(directory))
-
-
-def read_hf_directory(directory: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
-    """``(config dict, state dict)`` of a Hugging Face ``save_pretrained`` directory, loaded safely.
-
-    Weights: ``model.safetensors``, sharded ``model.safetensors.index.json``, or ``pytorch_model.bin``
-    (``torch.load(weights_only=True)``).
-    """
-    directory = Path(directory)
-    config = read_json(directory / "config.json")
-    single = directory / "model.safetensors"
-    index = directory / "model.safetensors.index.json"
-    if single.is_file():
-        return config, dict(load_safetensors(single))
-    if index.is_file():
-        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
-        state: dict[str, Tensor] = {}
-        for shard in shards:
-            if Path(shard).name != shard:
-                raise CheckpointError(f"{index}: shard name {shard!r} must be a plain file name.")
-            state.update(load_safetensors(directory / shard))
-        return config, state
-    binary = directory / "pytorch_model.bin"
-    if binary.is_file():
-        state = load_torch_checkpoint(binary)
-        if not isinstance(state, dict):
-            raise CheckpointError(f"{binary}: expected a state dict, found {type(state).__name__}.")
-        return config, state
-    raise CheckpointError(f"{directory}: no model.safetensors or pytorch_model.bin next to config.json.")
-
-
-_CONV_MULTIPLIER = re.compile(r"\*\s*(\d+)|(\d+)\s*\*")
-
-
-def _load_fairseq_file(path: Path) -> SSLEncoder:
-    """unilm WavLM / fairseq HuBERT / wav2vec2 ``.pt`` -> SSLEncoder via :mod:`speechlab.checkpoints.unilm`,
-    read with ``torch.load(weights_only=True)`` (memory-mapped) and validated before building the model."""
-    from speechlab.checkpoints import unilm
-
-    checkpoint = load_torch_checkpoint(path)
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "cfg" not in checkpoint:
-        found = (
-            sorted(map(str, checkpoint))[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        )
-        raise CheckpointError(
-            f"{path}: expected a fairseq/unilm checkpoint (a dict with 'cfg' and 'model'), found {found}. "
-            "speechlab pretrained directories and Hugging Face directories are loaded by passing the directory."
-        )
-    cfg = checkpoint["cfg"]
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: 'cfg' must be a plain dict, found {type(cfg).__name__}.")
-    model_cfg = cfg["model"] if isinstance(cfg.get("model"), dict) else cfg
-    check_config_limits(model_cfg, source=str(path), limits={**DEFAULT_CONFIG_LIMITS, **_FAIRSEQ_LIMITS})
-    conv_spec = model_cfg.get("conv_feature_layers")
-    if isinstance(conv_spec, str):  # bound the list it expands to before evaluating it
-        factor = math.prod(int(a or b) for a, b in _CONV_MULTIPLIER.findall(conv_spec))
-        if len(conv_spec) > 1000 or factor > 1024:
-            raise CheckpointError(
-                f"{path}: cfg conv_feature_layers {conv_spec[:100]!r} is implausibly large."
-            )
-    try:
-        config = unilm.config_from_unilm(cfg)
-        check_config_limits(config_to_dict(config), source=str(path))
-        state = unilm.state_dict_from_unilm(checkpoint["model"], config)
-    except (KeyError, ValueError) as err:
-        if isinstance(err, CheckpointError):
-            raise
-        raise CheckpointError(f"{path}: cannot convert the fairseq/unilm checkpoint: {err}") from err
-    return _build_checked(config, state, str(path))
+    if not path.exists():
+        path = _snapshot(str(source), revision=revision, cache_dir=cache_dir)
+    return registry.read(path).to(device).eval()
 
 
 def _snapshot(repo_id: str, *, revision: str | None, cache_dir: str | os.PathLike | None) -> Path:

@@ -69,6 +69,7 @@ _FAMILIES: dict[str, tuple[str, str, str] | tuple[type, type]] = {
     "ssl_encoder": _SSL,
     "unispeech": ("speechlab.models.unispeech", "UniSpeechConfig", "UniSpeech"),
     "codec": ("speechlab.models.codec", "CodecConfig", "Codec"),
+    "ctc": ("speechlab.models.ctc", "CTCConfig", "CTCModel"),
 }
 
 
@@ -215,8 +216,21 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _model_card(family: str, config: dict[str, Any], num_params: int, version: str, name: str) -> str:
-    size = {k: config[k] for k in ("num_layers", "hidden_size", "num_heads", "ffn_size") if k in config}
+    backbone = config.get("encoder") if isinstance(config.get("encoder"), dict) else config
+    size = {k: backbone[k] for k in ("num_layers", "hidden_size", "num_heads", "ffn_size") if k in backbone}
     sizes = ", ".join(f"{k}={v}" for k, v in size.items())
+    if family == "ctc":
+        return (
+            f"# {name}\n\n"
+            f"A speechlab **CTC** speech recognition model ({num_params / 1e6:.2f} M parameters"
+            f"{', ' + sizes if sizes else ''}, {config.get('vocab_size')} units), saved by speechlab {version}.\n\n"
+            "```python\nimport speechlab\n\n"
+            f'transcriber = speechlab.Transcriber(speechlab.load("{name}"))\n'
+            'print(transcriber(["a.wav"])[0].text)\n```\n\n'
+            "or `speechlab transcribe --model DIR a.wav`. Files: `config.json` (family + every hyperparameter), "
+            "`model.safetensors` (weights), `units.json` (the unit inventory; `spm.model` for sentencepiece). "
+            "Training data, licence and evaluation results: add them here.\n"
+        )
     return (
         f"# {name}\n\n"
         f"A speechlab **{family}** model ({num_params / 1e6:.2f} M parameters{', ' + sizes if sizes else ''}), "
@@ -248,6 +262,10 @@ def save_pretrained(
         model_card: README.md text; default a short generated card.
     """
     family_classes(family)  # unknown family -> clear error before writing anything
+    if tokenizer is None:
+        tokenizer = getattr(model, "tokenizer", None)  # a CTC model carries its unit inventory
+    if family == "ctc" and tokenizer is None:
+        raise ValueError("save_pretrained(family='ctc'): the model has no tokenizer; pass tokenizer=...")
     config = config if config is not None else getattr(model, "config", None)
     if config is None or not dataclasses.is_dataclass(config):
         raise ValueError(f"save_pretrained: {type(model).__name__} has no config dataclass; pass config=...")
@@ -336,6 +354,14 @@ def load_pretrained(
     state = load_safetensors(weights, expected=expected, max_bytes=max_bytes)
     model = build_model(family, config, source=str(directory))
     load_state_checked(model, state, source=str(weights))
+    if hasattr(model, "tokenizer"):  # CTC models: restore the unit inventory saved next to the weights
+        model.tokenizer = load_tokenizer(directory)
+        size = getattr(model.tokenizer, "vocab_size", None)
+        if size is not None and size != getattr(config, "vocab_size", size):
+            raise CheckpointError(
+                f"{directory}: the saved tokenizer has {size} units but the model head has {config.vocab_size}; "
+                "the tokenizer files do not belong to these weights."
+            )
     return model.to(device).eval()
 
 
@@ -367,3 +393,16 @@ def load_tokenizer(directory: str | os.PathLike) -> Any:
     if hasattr(module, "load_tokenizer"):  # speechlab.data.text: one loader for every tokenizer kind
         return module.load_tokenizer(Path(directory))
     raise CheckpointError(f"{directory}: tokenizer class {qualname} has no loader (from_pretrained / load).")
+
+
+# --------------------------------------------------------------------------------------------------- reader
+
+
+def detect(path: Path) -> bool:
+    """Reader hook (:mod:`speechlab.checkpoints.registry`): a directory with a speechlab ``config.json``."""
+    return path.is_dir() and is_pretrained_dir(path)
+
+
+def read(path: Path) -> nn.Module:
+    """Reader hook: :func:`load_pretrained` (every registered family; CTC models get their tokenizer)."""
+    return load_pretrained(path)

@@ -368,13 +368,19 @@ def check_config_limits(
             for i, item in enumerate(obj):
                 visit(item, f"{where}[{i}]")
 
+    def estimate(obj: Mapping[str, Any]) -> None:
+        layers = obj.get("num_layers", obj.get("num_hidden_layers"))
+        width = obj.get("hidden_size")
+        if isinstance(layers, int) and isinstance(width, int):
+            size = 12 * layers * width * width
+            if size > max_parameters:
+                raise CheckpointError(
+                    f"{source}: num_layers={layers}, hidden_size={width} means ~{size / 1e9:.1f} B parameters, "
+                    f"above the limit of {max_parameters / 1e9:.0f} B; refusing to allocate it."
+                )
+        for value in obj.values():  # nested model configs (a CTC model's encoder, UniSpeech's backbone)
+            if isinstance(value, Mapping):
+                estimate(value)
+
     visit(values, "")
-    layers = values.get("num_layers", values.get("num_hidden_layers"))
-    width = values.get("hidden_size")
-    if isinstance(layers, int) and isinstance(width, int):
-        estimate = 12 * layers * width * width
-        if estimate > max_parameters:
-            raise CheckpointError(
-                f"{source}: num_layers={layers}, hidden_size={width} means ~{estimate / 1e9:.1f} B parameters, "
-                f"above the limit of {max_parameters / 1e9:.0f} B; refusing to allocate it."
-            )
+    estimate(values)

@@ -2,22 +2,54 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import torch
 from torch import nn
 
 from speechlab.models.ssl_encoder import SSLEncoder, SSLEncoderConfig
 
 
-class CTCModel(nn.Module):
-    """``SSLEncoder`` followed by dropout and a linear layer over the unit inventory (index 0 = CTC blank)."""
+@dataclasses.dataclass
+class CTCConfig:
+    """A CTC model: the encoder's config, the unit inventory size (blank included) and the head dropout."""
 
-    def __init__(self, encoder_config: SSLEncoderConfig, vocab_size: int, head_dropout: float = 0.1) -> None:
+    encoder: SSLEncoderConfig = dataclasses.field(default_factory=SSLEncoderConfig)
+    vocab_size: int = 32
+    head_dropout: float = 0.1
+
+
+class CTCModel(nn.Module):
+    """``SSLEncoder`` followed by dropout and a linear layer over the unit inventory (index 0 = CTC blank).
+
+    Built from a :class:`CTCConfig` (``CTCModel(config)``, how pretrained directories rebuild it) or from the
+    encoder config and the vocabulary size (``CTCModel(encoder_config, vocab_size, head_dropout)``).
+    ``tokenizer`` is the unit inventory when the model was loaded with one (``speechlab.load``), else None.
+    """
+
+    def __init__(
+        self,
+        config: CTCConfig | SSLEncoderConfig,
+        vocab_size: int | None = None,
+        head_dropout: float = 0.1,
+    ) -> None:
         super().__init__()
-        if vocab_size < 2:
-            raise ValueError(f"vocab_size must be >= 2 (blank + at least one unit), got {vocab_size}")
-        self.encoder = SSLEncoder(encoder_config)
-        self.dropout = nn.Dropout(head_dropout)
-        self.head = nn.Linear(encoder_config.hidden_size, vocab_size)
+        if isinstance(config, SSLEncoderConfig):
+            if vocab_size is None:
+                raise ValueError("CTCModel(encoder_config, vocab_size): vocab_size is required")
+            config = CTCConfig(encoder=config, vocab_size=vocab_size, head_dropout=head_dropout)
+        elif vocab_size is not None:
+            raise ValueError(
+                "CTCModel(CTCConfig): pass the vocabulary size inside the config, not separately"
+            )
+        if config.vocab_size < 2:
+            raise ValueError(f"vocab_size must be >= 2 (blank + at least one unit), got {config.vocab_size}")
+        self.config = config
+        self.tokenizer: Any = None
+        self.encoder = SSLEncoder(config.encoder)
+        self.dropout = nn.Dropout(config.head_dropout)
+        self.head = nn.Linear(config.encoder.hidden_size, config.vocab_size)
 
     def forward(
         self, audio: torch.Tensor, lengths: torch.Tensor | None = None, frame_mask: torch.Tensor | None = None

@@ -1,0 +1,80 @@
+"""Reader for original fairseq / unilm checkpoint files (``WavLM-Base+.pt``: a dict with ``cfg`` and ``model``).
+
+Read with ``torch.load(weights_only=True)`` (memory-mapped), the cfg checked against size limits (fairseq names
+included) and its ``conv_feature_layers`` expression bounded before it is expanded, then converted by
+:mod:`speechlab.checkpoints.unilm` and the weights checked against the model's shapes. A file that turns out to
+be a Lightning checkpoint (a ``.ckpt`` renamed ``.pt``) is handed to :mod:`speechlab.checkpoints.lightning_ckpt`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from speechlab.checkpoints.pretrained_dir import config_to_dict
+from speechlab.checkpoints.safe_load import (
+    DEFAULT_CONFIG_LIMITS,
+    CheckpointError,
+    check_config_limits,
+    load_torch_checkpoint,
+)
+
+__all__ = ["SUFFIXES", "detect", "read", "read_fairseq_checkpoint"]
+
+SUFFIXES = (".pt", ".pth", ".bin")
+_FAIRSEQ_LIMITS = {"encoder_layers": 256, "encoder_embed_dim": 16384, "encoder_ffn_embed_dim": 65536,
+                   "encoder_attention_heads": 256, "conv_pos": 1024}  # fmt: skip
+_CONV_MULTIPLIER = re.compile(r"\*\s*(\d+)|(\d+)\s*\*")
+
+
+def detect(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in SUFFIXES
+
+
+def read(path: Path) -> nn.Module:
+    checkpoint = load_torch_checkpoint(path)
+    from speechlab.checkpoints import lightning_ckpt
+
+    if lightning_ckpt.is_lightning_checkpoint(checkpoint):
+        return lightning_ckpt.read_checkpoint(checkpoint, str(path))
+    return read_fairseq_checkpoint(checkpoint, path)
+
+
+def read_fairseq_checkpoint(checkpoint: Any, path: Path) -> nn.Module:
+    """unilm WavLM / fairseq HuBERT / wav2vec2 checkpoint dict -> SSLEncoder, validated before it is built."""
+    from speechlab.checkpoints import unilm
+    from speechlab.checkpoints.hf_dir import build_checked_encoder
+
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "cfg" not in checkpoint:
+        found = (
+            sorted(map(str, checkpoint))[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        )
+        raise CheckpointError(
+            f"{path}: expected a fairseq/unilm checkpoint (a dict with 'cfg' and 'model'), found {found}. "
+            "speechlab pretrained directories and Hugging Face directories are loaded by passing the directory."
+        )
+    cfg = checkpoint["cfg"]
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: 'cfg' must be a plain dict, found {type(cfg).__name__}.")
+    model_cfg = cfg["model"] if isinstance(cfg.get("model"), dict) else cfg
+    check_config_limits(model_cfg, source=str(path), limits={**DEFAULT_CONFIG_LIMITS, **_FAIRSEQ_LIMITS})
+    conv_spec = model_cfg.get("conv_feature_layers")
+    if isinstance(conv_spec, str):  # bound the list it expands to before evaluating it
+        factor = math.prod(int(a or b) for a, b in _CONV_MULTIPLIER.findall(conv_spec))
+        if len(conv_spec) > 1000 or factor > 1024:
+            raise CheckpointError(
+                f"{path}: cfg conv_feature_layers {conv_spec[:100]!r} is implausibly large."
+            )
+    try:
+        config = unilm.config_from_unilm(cfg)
+        check_config_limits(config_to_dict(config), source=str(path))
+        state = unilm.state_dict_from_unilm(checkpoint["model"], config)
+    except (KeyError, ValueError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: cannot convert the fairseq/unilm checkpoint: {err}") from err
+    return build_checked_encoder(config, state, str(path))

@@ -1,0 +1,126 @@
+"""The checkpoint reader registry behind ``speechlab.load``: one reader per on-disk format, asked in order.
+
+Each reader lives in its own module of :mod:`speechlab.checkpoints` and provides two functions:
+
+* ``detect(path: Path) -> bool`` — cheap: looks at the path, its suffix or a small ``config.json``, never at
+  tensor data;
+* ``read(path: Path) -> nn.Module`` — the model, loaded safely (``torch.load(weights_only=True)`` or validated
+  safetensors, config values checked against limits and shapes checked before weights are loaded).
+
+The built-in readers, in the order they are asked:
+
+=================  ===================================================================================
+``run_dir``        a training run folder (``trainer.default_root_dir``): its best checkpoint, else last.ckpt
+``pretrained_dir`` a speechlab pretrained directory (``config.json`` with ``family``), every family
+``hf_dir``         a Hugging Face directory: WavLM / HuBERT / wav2vec2 / UniSpeech (+ ``*ForCTC``), EnCodec / DAC
+``lightning_ckpt`` a Lightning ``.ckpt`` of any speechlab task (CTC, WavLM pretraining, UniSpeech, codec)
+``fairseq_pt``     an original fairseq / unilm ``.pt`` (``{"cfg", "model"}``)
+=================  ===================================================================================
+
+A new format is one module with ``detect`` and ``read`` plus one :func:`register_reader` call.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from speechlab.checkpoints.safe_load import CheckpointError, read_json
+
+__all__ = ["Reader", "register_reader", "readers", "find_reader", "read"]
+
+
+@dataclass(frozen=True)
+class Reader:
+    """A checkpoint format: ``module`` holds its ``detect(path)`` and ``read(path)`` (imported when first used)."""
+
+    name: str
+    module: str
+    description: str
+
+    def detect(self, path: Path) -> bool:
+        return bool(importlib.import_module(self.module).detect(path))
+
+    def read(self, path: Path) -> nn.Module:
+        return importlib.import_module(self.module).read(path)
+
+
+_READERS: list[Reader] = [
+    Reader(
+        "run_dir", "speechlab.checkpoints.run_dir", "a training run folder (best checkpoint, else last.ckpt)"
+    ),
+    Reader("pretrained_dir", "speechlab.checkpoints.pretrained_dir", "a speechlab pretrained directory"),
+    Reader("hf_dir", "speechlab.checkpoints.hf_dir", "a Hugging Face model directory"),
+    Reader("lightning_ckpt", "speechlab.checkpoints.lightning_ckpt", "a Lightning .ckpt of a speechlab task"),
+    Reader("fairseq_pt", "speechlab.checkpoints.fairseq_pt", "a fairseq / unilm .pt checkpoint"),
+]
+
+
+def register_reader(name: str, module: str, description: str, *, before: str | None = None) -> None:
+    """Add (or replace) a reader; ``before`` names the reader it is asked ahead of (default: asked last)."""
+    global _READERS
+    kept = [r for r in _READERS if r.name != name]
+    reader = Reader(name, module, description)
+    if before is None:
+        kept.append(reader)
+    else:
+        names = [r.name for r in kept]
+        if before not in names:
+            raise ValueError(f"register_reader: no reader named {before!r}; readers: {names}")
+        kept.insert(names.index(before), reader)
+    _READERS = kept
+
+
+def readers() -> list[Reader]:
+    """The registered readers, in the order ``find_reader`` asks them."""
+    return list(_READERS)
+
+
+def find_reader(path: str | os.PathLike) -> Reader:
+    """The first reader that recognises ``path``; otherwise a :class:`CheckpointError` saying what was found."""
+    path = Path(path)
+    for reader in _READERS:
+        if reader.detect(path):
+            return reader
+    raise CheckpointError(_unrecognised(path))
+
+
+def read(path: str | os.PathLike) -> nn.Module:
+    """Load ``path`` with the reader that recognises it."""
+    path = Path(path)
+    return find_reader(path).read(path)
+
+
+def _unrecognised(path: Path) -> str:
+    formats = "; ".join(f"{r.description} ({r.name})" for r in _READERS)
+    if path.is_dir():
+        config_path = path / "config.json"
+        if not config_path.is_file():
+            return (
+                f"{path}: no config.json and no checkpoints/ folder; expected a speechlab pretrained directory, "
+                f"a Hugging Face model directory (config.json + model.safetensors) or a training run folder. "
+                f"Readable formats: {formats}."
+            )
+        config = read_json(config_path)
+        model_type = config.get("model_type")
+        if model_type is None:
+            return (
+                f"{config_path}: neither a speechlab config (no 'family') nor a Hugging Face config (no "
+                "'model_type')."
+            )
+        from speechlab.checkpoints.hf_dir import HF_MODEL_TYPES
+
+        return (
+            f"{config_path}: unsupported model_type {model_type!r}; speechlab.load reads "
+            f"{', '.join(HF_MODEL_TYPES)} Hugging Face checkpoints."
+        )
+    if path.is_file():
+        return (
+            f"{path}: unsupported checkpoint file type {path.suffix!r}; expected a Lightning .ckpt, a fairseq/unilm "
+            ".pt/.pth/.bin file or a directory (speechlab pretrained, Hugging Face, or a training run folder)."
+        )
+    return f"{path}: no such file or directory."
