@@ -291,7 +291,11 @@ def run_encode(args: argparse.Namespace) -> int:
             audio = torch.zeros(len(clips), int(lengths.max()))
             for row, clip in enumerate(clips):
                 audio[row, : clip.shape[0]] = clip
-            codes, frame_lengths = codec.encode(audio.to(args.device), lengths.to(args.device), n_q=n_q)
+            try:
+                codes, frame_lengths = codec.encode(audio.to(args.device), lengths.to(args.device), n_q=n_q)
+            except ValueError as err:  # e.g. a non-finite latent: name the items, write nothing for them
+                ids = [str(items[i]["id"]) for i in idx]
+                raise ValueError(f"{args.model}: encoding ids {ids}: {err}") from err
             for row, i in enumerate(idx):
                 name = _safe_name(str(items[i]["id"]))
                 while name in used_names:

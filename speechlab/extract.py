@@ -99,7 +99,9 @@ def _write_utterance(
             save_file(tensors, str(tmp), metadata={"layers": json.dumps(list(layers))})
 
 
-def _stream_long(extractor: Any, wave: torch.Tensor, path: Path, fmt: str, dtype: np.dtype) -> None:
+def _stream_long(
+    extractor: Any, item: Item, wave: torch.Tensor, path: Path, fmt: str, dtype: np.dtype
+) -> None:
     """Chunked extraction of one long input streamed into a memory-mapped .npy (bounded RAM)."""
     from speechlab.checkpoints.pretrained_dir import atomic_write
 
@@ -109,6 +111,7 @@ def _stream_long(extractor: Any, wave: torch.Tensor, path: Path, fmt: str, dtype
         with atomic_write(path) as tmp:
             array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
             for start, states in extractor.iter_chunks(wave):
+                check_finite_features(item, states)
                 array[:, start : start + states.shape[1]] = states.numpy().astype(dtype, copy=False)
             array.flush()
             del array
@@ -116,6 +119,7 @@ def _stream_long(extractor: Any, wave: torch.Tensor, path: Path, fmt: str, dtype
     # safetensors needs the whole tensor at once; assemble per layer (memory = the output itself)
     out = torch.empty(shape, dtype=torch.float16 if dtype == np.float16 else torch.float32)
     for start, states in extractor.iter_chunks(wave):
+        check_finite_features(item, states)
         out[:, start : start + states.shape[1]] = states
     _write_utterance(path, out, extractor.layers, fmt, dtype)
 
@@ -142,6 +146,17 @@ def _load(item: Item, min_samples: int) -> torch.Tensor:
             f"({min_samples} samples); it gives no feature frames"
         )
     return wave
+
+
+def check_finite_features(item: Item, states: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming the item if ``states`` holds NaN/inf (never write them as a finished output)."""
+    bad = int((~torch.isfinite(states)).sum())
+    if bad:
+        raise ValueError(
+            f"{item.audio}: id {item.id!r}: {bad} of {states.numel()} feature values are NaN/inf; nothing was "
+            "written -> the model overflows or its weights are corrupt (check it with speechlab.load and a "
+            "known-good file)"
+        )
 
 
 def _batches(items: list[Item], batch_seconds: float) -> Iterator[list[Item]]:
@@ -231,12 +246,19 @@ def extract_items(
                     except (AudioError, OSError, ValueError) as err:
                         fail(item, err)
                 tensors: dict[str, torch.Tensor] = {}
+                shard_ids: list[str] = []  # the items whose features are in the shard
                 torch_dtype = torch.float16 if np_dtype == np.float16 else torch.float32
                 for chunk in _batches([i for i, _ in loaded], batch_seconds):
                     waves = {i.id: w for i, w in loaded if i in chunk}
                     for item, states in run_batch([(i, waves[i.id]) for i in chunk]):
+                        try:
+                            check_finite_features(item, states)
+                        except ValueError as err:
+                            fail(item, err)
+                            continue
                         for row, layer in enumerate(extractor.layers):
                             tensors[f"{item.id}/layer_{layer}"] = states[row].to(torch_dtype).contiguous()
+                        shard_ids.append(item.id)
                         report.audio_seconds += waves[item.id].numel() / 16000
                         report.done += 1
                 bar.update(len(group))
@@ -245,7 +267,7 @@ def extract_items(
                 from speechlab.checkpoints.pretrained_dir import atomic_write
 
                 meta = {
-                    "ids": json.dumps([i.id for i, _ in loaded]),
+                    "ids": json.dumps(shard_ids),
                     "layers": json.dumps(list(extractor.layers)),
                 }
                 with atomic_write(path) as tmp:
@@ -257,6 +279,11 @@ def extract_items(
             def flush() -> None:
                 nonlocal pending, pending_seconds
                 for item, states in run_batch(pending):
+                    try:
+                        check_finite_features(item, states)
+                    except ValueError as err:
+                        fail(item, err)
+                        continue
                     _write_utterance(
                         output_path(output_dir, item.id, fmt), states, extractor.layers, fmt, np_dtype
                     )
@@ -273,8 +300,13 @@ def extract_items(
                     continue
                 report.audio_seconds += wave.numel() / 16000
                 if threshold is not None and wave.numel() > threshold:
-                    _stream_long(extractor, wave, output_path(output_dir, item.id, fmt), fmt, np_dtype)
-                    report.done += 1
+                    try:
+                        _stream_long(
+                            extractor, item, wave, output_path(output_dir, item.id, fmt), fmt, np_dtype
+                        )
+                        report.done += 1
+                    except ValueError as err:
+                        fail(item, err)
                     bar.update(1)
                     continue
                 pending.append((item, wave))

@@ -315,3 +315,82 @@ def test_a_streamed_wav_with_an_unknown_data_size_still_loads(tmp_path):
     raw[at + 4 : at + 8] = struct.pack("<I", 0xFFFFFFFF)  # what a writer to a pipe leaves in the header
     path.write_bytes(bytes(raw))
     assert load_audio(path).numel() == 8000
+
+
+# ------------------------------------------------------------------------------ non-finite outputs are failures
+
+
+def _overflowing_encoder_dir(tmp_path):
+    """A saved encoder whose weights are finite but whose features overflow to NaN/inf."""
+    import torch
+    from test_api import tiny_encoder
+
+    from speechlab.checkpoints.pretrained_dir import save_pretrained
+
+    encoder = tiny_encoder()
+    with torch.no_grad():
+        encoder.feature_projection.weight.mul_(1e30)
+    assert all(torch.isfinite(p).all() for p in encoder.parameters())
+    return save_pretrained(encoder, tmp_path / "model", family="wavlm")
+
+
+def _two_utterances(tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(2):
+        sf.write(tmp_path / f"u{i}.wav", (0.1 * rng.standard_normal(8000)).astype(np.float32), 16000)
+        lines.append({"id": f"u{i}", "audio": f"u{i}.wav", "duration": 0.5})
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return manifest
+
+
+@pytest.mark.parametrize("layout", [[], ["--shard-size", "2"], ["--chunk-seconds", "0.2"]])
+def test_extract_never_writes_non_finite_features_as_done(tmp_path, capsys, layout):
+    model, manifest, out = _overflowing_encoder_dir(tmp_path), _two_utterances(tmp_path), tmp_path / "out"
+    argv = ["extract", "--model", str(model), "--manifest", str(manifest), "--output-dir", str(out)]
+    argv += ["--no-progress", "--context-seconds", "0.1", *layout]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "u0.wav: id 'u0':" in err and "feature values are NaN/inf; nothing was written" in err
+    assert not list(out.glob("u*")) and not list(out.glob("shard-*"))
+    assert cli.main([*argv, "--on-error", "skip"]) == 0
+    printed = capsys.readouterr().out
+    assert "extracted 0 utterances" in printed and "2 skipped after errors" in printed
+    assert not list(out.glob("u*.npy"))
+    for shard in out.glob("shard-*"):  # a shard may be written, holding none of the failed items
+        from safetensors import safe_open
+
+        with safe_open(str(shard), "pt") as handle:
+            assert json.loads(handle.metadata()["ids"]) == [] and not list(handle.keys())
+
+
+def test_encode_refuses_a_non_finite_codec_latent_and_writes_no_tokens(tmp_path, capsys):
+    import torch
+
+    from speechlab.models.codec import Codec, codec_tiny
+
+    torch.manual_seed(0)
+    codec = Codec(codec_tiny()).eval()
+    with torch.no_grad():  # finite weights whose encoder overflows
+        for name, param in codec.named_parameters():
+            if name.startswith("encoder.") and name.endswith("original0"):
+                param.mul_(1e20)
+    codec.save_pretrained(tmp_path / "codec")
+    manifest, out = _two_utterances(tmp_path), tmp_path / "tokens"
+    argv = [
+        "encode",
+        "--manifest",
+        str(manifest),
+        "--model",
+        str(tmp_path / "codec"),
+        "--output-dir",
+        str(out),
+    ]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "encoding ids ['u0', 'u1']" in err and "codec latent is NaN/inf for batch rows [0, 1]" in err
+    assert not list(out.glob("*.tokens.safetensors")) and not (out / "manifest.jsonl").exists()

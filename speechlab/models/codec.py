@@ -259,9 +259,18 @@ class Codec(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """``audio: (B, S)`` float in [-1, 1] at ``sample_rate`` -> ``codes (B, n_q, T) int64, frame_lengths (B,)``.
 
-        Codes of padded frames are meaningless (ignore them using ``frame_lengths``).
+        Codes of padded frames are meaningless (ignore them using ``frame_lengths``). A latent with NaN/inf at a
+        real frame raises ``ValueError`` naming the batch rows: its nearest codes would be arbitrary.
         """
         latent, frame_lengths = self.encode_latent(audio, lengths)
+        real = torch.arange(latent.shape[-1], device=latent.device)[None] < frame_lengths[:, None]
+        bad_rows = (~torch.isfinite(latent) & real[:, None]).any(dim=2).any(dim=1)
+        if bool(bad_rows.any()):
+            rows = bad_rows.nonzero().flatten().tolist()
+            raise ValueError(
+                f"codec latent is NaN/inf for batch rows {rows}, so their codes would be meaningless -> the codec "
+                "overflows or its weights are corrupt; re-export or retrain it"
+            )
         return self.quantizer.encode(latent, frame_lengths, n_q), frame_lengths
 
     def decode_latent(self, quantized: Tensor, frame_lengths: Tensor | None = None) -> Tensor:
