@@ -15,12 +15,14 @@ from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from speechlab.tool_errors import add_debug_argument, run_tool
 from speechlab.train import (
     BASE_TRAINER_ARGS,
+    AtomicCheckpointIO,
     default_callbacks,
     default_loggers,
     default_precision,
@@ -79,9 +81,37 @@ class SpeechLabCLI(LightningCLI):
             every = self._get(self.config, "checkpoint_every_n_steps")
             user_callbacks += default_callbacks(root, monitor, mode, every_n_train_steps=every)
         kwargs["callbacks"] = user_callbacks
+        # Added here, not in trainer_defaults, so the saved config.yaml stays parseable (see BASE_TRAINER_ARGS).
+        plugins = config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            plugins.append(AtomicCheckpointIO())
+        kwargs["plugins"] = plugins
         if getattr(self.model, "automatic_optimization", True) is False:
             kwargs["gradient_clip_val"] = None  # manual optimisation clips inside the task
         return super().instantiate_trainer(**kwargs)
+
+    def _resolve_best(self) -> None:
+        """``--ckpt_path best`` in a new process: the run folder's best checkpoint, as recorded in last.ckpt.
+
+        Lightning knows "best" only from the ModelCheckpoint of the current process, which has saved nothing in
+        a ``speechlab test`` run, so ``speechlab test --ckpt_path best`` after ``speechlab fit`` needs this.
+        """
+        section = self.config_init[self.subcommand]
+        if section.get("ckpt_path") != "best":
+            return
+        callback = self.trainer.checkpoint_callback
+        if callback is not None and getattr(callback, "best_model_path", ""):
+            return
+        from speechlab.checkpoints.run_dir import run_checkpoint
+
+        section["ckpt_path"] = str(run_checkpoint(self.trainer.default_root_dir, "best"))
+
+    def before_validate(self) -> None:
+        self._resolve_best()
+
+    def before_test(self) -> None:
+        self._resolve_best()
 
 
 def _tool_parser() -> argparse.ArgumentParser:

@@ -149,8 +149,9 @@ def default_callbacks(
         ExactResume(),
         LearningRateMonitor(logging_interval="step"),
     ]
-    if monitor is not None:
-        callbacks.append(
+    if monitor is not None:  # first: Lightning's ckpt_path="best" asks the first ModelCheckpoint
+        callbacks.insert(
+            0,
             ModelCheckpoint(
                 dirpath=dirpath,
                 filename="best-step{step:07d}",
@@ -160,7 +161,29 @@ def default_callbacks(
                 save_top_k=save_top_k,
             )
         )
+    callbacks.append(ExportPretrained(str(Path(default_root_dir) / PRETRAINED_DIR)))
     return callbacks
+
+
+PRETRAINED_DIR = "pretrained"
+
+
+class ExportPretrained(Callback):
+    """When ``fit`` finishes (global rank 0), write the task's model to ``directory`` as a pretrained directory.
+
+    Every task has ``export_pretrained(directory)`` (CTC: model + tokenizer; WavLM pretraining: the encoder;
+    UniSpeech: the model; codec: the EMA generator), so a finished run is directly usable by ``speechlab.load``,
+    ``speechlab transcribe`` and ``speechlab export``. A run stopped by an exception or SIGTERM exports nothing.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        export = getattr(pl_module, "export_pretrained", None)
+        if export is None or not trainer.is_global_zero:
+            return
+        print(f"exported the trained model to {export(self.directory)}")
 
 
 def default_loggers(default_root_dir: str) -> list:
@@ -173,8 +196,10 @@ def default_loggers(default_root_dir: str) -> list:
 
 # Trainer arguments every task shares; run-specific parts (loggers, checkpoint folder, monitored metric) are
 # added by ``build_trainer`` and the CLI from the run's root folder and the task's ``checkpoint_monitor``.
+# The checkpoint plugin (AtomicCheckpointIO) is added by ``build_trainer`` and ``SpeechLabCLI.instantiate_trainer``,
+# not here: a plugin instance among the CLI's defaults ends up in the run's saved config.yaml, which then cannot
+# be parsed again ("Unable to serialize instance").
 BASE_TRAINER_ARGS: dict[str, Any] = {
-    "plugins": [AtomicCheckpointIO()],
     # Our data modules shard the length-bucketed batch sampler per rank themselves.
     "use_distributed_sampler": False,
     "gradient_clip_val": 10.0,
