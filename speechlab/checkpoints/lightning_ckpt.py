@@ -22,7 +22,6 @@ Nothing is instantiated from the checkpoint's class paths.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -138,7 +137,7 @@ def _build_and_load(make: Callable[[], nn.Module], state: dict[str, Tensor], sou
 
 
 def _ctc(checkpoint: dict, hparams: dict, source: str) -> nn.Module:
-    from speechlab.data.text import load_tokenizer
+    from speechlab.data.text import tokenizer_from_files
     from speechlab.models.ctc import CTCConfig, CTCModel
     from speechlab.models.ssl_encoder import SSLEncoderConfig
 
@@ -154,17 +153,10 @@ def _ctc(checkpoint: dict, hparams: dict, source: str) -> nn.Module:
         raise CheckpointError(f"{source}: no model.head.weight in the CTC checkpoint.")
     config = CTCConfig(encoder, int(head.shape[0]), float(hparams.get("head_dropout", 0.1)))
     check_config_limits(config_to_dict(config), source=source)
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, data in files.items():
-            if not isinstance(name, str) or Path(name).name != name or name.startswith("."):
-                raise CheckpointError(f"{source}: tokenizer file name {name!r} is not a plain file name.")
-            if not isinstance(data, bytes):
-                raise CheckpointError(f"{source}: tokenizer file {name!r} is not stored as bytes.")
-            (Path(tmp) / name).write_bytes(data)
-        try:
-            tokenizer = load_tokenizer(tmp)
-        except (OSError, ValueError) as err:
-            raise CheckpointError(f"{source}: the stored tokenizer cannot be read ({err}).") from err
+    try:  # in memory, only units.json / spm.model accepted: a crafted name cannot reach the file system
+        tokenizer = tokenizer_from_files(files, source)
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"{source}: the stored tokenizer cannot be read ({err}).") from err
     if tokenizer.vocab_size != config.vocab_size:
         raise CheckpointError(
             f"{source}: the stored tokenizer has {tokenizer.vocab_size} units but the CTC head {config.vocab_size}."
