@@ -26,6 +26,7 @@ from speechlab.train import (
     default_callbacks,
     default_loggers,
     default_precision,
+    resolve_strategy,
     task_monitor,
 )
 
@@ -69,6 +70,13 @@ class SpeechLabCLI(LightningCLI):
             default=None,
             help="also write checkpoints/last.ckpt every N optimiser steps (default: at validation / epoch end)",
         )
+        parser.add_argument(
+            "--ddp_timeout_seconds",
+            type=float | None,
+            default=None,
+            help="with trainer.strategy ddp: a collective that has not completed after this long fails the run "
+            "(default 600)",
+        )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})
@@ -89,6 +97,8 @@ class SpeechLabCLI(LightningCLI):
         kwargs["plugins"] = plugins
         if getattr(self.model, "automatic_optimization", True) is False:
             kwargs["gradient_clip_val"] = None  # manual optimisation clips inside the task
+        timeout = self._get(self.config, "ddp_timeout_seconds")
+        kwargs["strategy"] = resolve_strategy(config.get("strategy", "auto"), self.model, timeout)
         return super().instantiate_trainer(**kwargs)
 
     def _resolve_best(self) -> None:

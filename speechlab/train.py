@@ -8,9 +8,16 @@ a progress bar, learning-rate logging, the resolved config saved with every run,
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import random
+import signal
+import socket
+import sys
 import tempfile
+import threading
+import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +28,9 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import DDPStrategy
+
+log = logging.getLogger(__name__)
 
 
 def _umask() -> int:
@@ -68,6 +78,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return load_torch_checkpoint(path)
 
 
+def _seed_from(entropy: list[int]) -> int:
+    """A 63-bit seed that is a function of ``entropy`` only (negative entries allowed)."""
+    words = [v % 2**32 for v in entropy]
+    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 class ExactResume(Callback):
     """Make a resumed run continue exactly where the interrupted one stopped.
 
@@ -76,7 +92,9 @@ class ExactResume(Callback):
       since the loop prefetches batches; the data module saves the sampler state in every checkpoint.
     * Randomness: before every training batch the torch / numpy / Python RNGs are reseeded from
       ``(base_seed, epoch, batch index, rank)`` (as fairseq seeds each update), and ``base_seed`` is saved with
-      the checkpoint. Dropout and masking of a batch therefore draw the same numbers however the run got there:
+      the checkpoint. Draws that every rank must make alike (which layers LayerDrop skips: a layer dropped on
+      one rank only would leave DDP's all-reduce waiting for its gradients) come from a second seed without the
+      rank, handed to every submodule with a ``reseed_shared(seed)`` method. Dropout and masking of a batch therefore draw the same numbers however the run got there:
       restoring a saved RNG state instead is not enough, since whatever runs between a checkpoint and the next
       batch (the next epoch's DataLoader iterator, validation) draws from the same generators and differs between
       a resumed and an uninterrupted run (at an epoch end, for one).
@@ -93,11 +111,15 @@ class ExactResume(Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        entropy = [self.base_seed or 0, trainer.current_epoch, batch_idx, trainer.global_rank]
-        seed = int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
+        shared = [self.base_seed or 0, trainer.current_epoch, batch_idx]
+        seed = _seed_from([*shared, trainer.global_rank])
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)
         random.seed(seed)
+        shared_seed = _seed_from([*shared, -1])
+        for module in pl_module.modules():
+            if hasattr(module, "reseed_shared"):
+                module.reseed_shared(shared_seed)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         sampler = (
@@ -112,6 +134,120 @@ class ExactResume(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("base_seed") is not None:
             self.base_seed = int(state_dict["base_seed"])
+
+
+class GracefulSigterm(Callback):
+    """SIGTERM stops every rank at the same optimiser-step boundary, writes ``last.ckpt``, and never hangs.
+
+    Lightning's own handler runs a collective *inside* the signal handler, which can interleave with the
+    gradient all-reduce of another rank and deadlock, and it lets ranks stop at different batches. Here the
+    handler only notes the signal. After every optimiser step (the last micro-batch of an accumulation) the ranks
+    agree, with one small all-reduce, whether any of them was signalled, and all raise Lightning's
+    ``SIGTERMException`` after the same step: ``last.ckpt`` is written (``save_on_exception``) with no
+    half-accumulated gradients lost, and resuming continues exactly. A stop at an epoch's last batch is deferred
+    to the next step, because Lightning miscounts the epoch when it resumes from that point.
+
+    A process stuck in a collective (a dead peer) never returns to Python, so no Python handler can run: a
+    watchdog thread, woken through ``signal.set_wakeup_fd`` by the signal itself, ends the process with exit
+    code 143 if it is still alive ``grace_seconds`` after the SIGTERM.
+    """
+
+    def __init__(self, grace_seconds: float = 120.0) -> None:
+        self.grace_seconds = grace_seconds
+        self.signalled = False
+        self._previous_handler: Any = None
+        self._previous_wakeup_fd: int | None = None
+        self._launcher: Any = None
+        self._sockets: tuple[socket.socket, socket.socket] | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be installed from the main thread
+        self.signalled = False
+        self._launcher = trainer.strategy.launcher  # rank 0 of a `speechlab fit` DDP run started the others
+        self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)  # replaces Lightning's
+        reader, writer = socket.socketpair()
+        writer.setblocking(False)
+        self._sockets = (reader, writer)
+        self._previous_wakeup_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        threading.Thread(target=self._watchdog, args=(reader,), name="sigterm-watchdog", daemon=True).start()
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if not self.signalled:
+            self.signalled = True
+            if self._launcher is not None and hasattr(self._launcher, "kill"):
+                self._launcher.kill(signum)  # the other ranks stop at the same step
+            print(
+                f"speechlab: SIGTERM received; stopping after the current optimiser step (a process still alive "
+                f"{self.grace_seconds:.0f} s from now is ended)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def _watchdog(self, reader: socket.socket) -> None:
+        while True:
+            try:
+                data = reader.recv(64)
+            except OSError:
+                return
+            if not data:
+                return
+            if signal.SIGTERM in data:
+                time.sleep(self.grace_seconds)
+                print(
+                    f"speechlab: still running {self.grace_seconds:.0f} s after SIGTERM (stuck in a collective or "
+                    "a checkpoint write?); exiting now. Resume with --ckpt_path last.",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os._exit(128 + signal.SIGTERM)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        epoch_loop = trainer.fit_loop.epoch_loop
+        processed = epoch_loop.batch_progress.current.processed
+        if processed % trainer.accumulate_grad_batches != 0:
+            return  # mid-accumulation: the next optimiser step comes first
+        stop = self.signalled
+        if trainer.world_size > 1:  # every rank takes part, so every rank decides alike
+            stop = bool(trainer.strategy.reduce_boolean_decision(stop, all=False))
+        if stop and processed >= trainer.num_training_batches:
+            return  # the epoch's last batch: stop after the next step (see the class docstring)
+        if stop:
+            trainer._signal_connector.received_sigterm = (
+                True  # Lightning raises SIGTERMException after this batch
+            )
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._sockets is None or self.signalled:
+            return  # once signalled, the watchdog stays armed until the process exits
+        signal.set_wakeup_fd(self._previous_wakeup_fd if self._previous_wakeup_fd is not None else -1)
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+        for sock in self._sockets:
+            sock.close()
+        self._sockets = None
+
+
+# A collective that has not completed after this long fails (a rank died or hangs) instead of waiting forever.
+DDP_TIMEOUT_SECONDS = 600
+
+
+def resolve_strategy(
+    strategy: Any, task: L.LightningModule | None, timeout_seconds: float | None = None
+) -> Any:
+    """``"ddp"`` -> Lightning's ``DDPStrategy`` with the settings our tasks need; anything else unchanged.
+
+    ``find_unused_parameters``: a task's ``ddp_find_unused_parameters`` (default True). LayerDrop, a UniSpeech
+    rank whose batch has no labeled utterance (the CTC head gets no gradient), the codec GAN's two backward
+    passes and an unused mask embedding all leave parameters without a gradient in some steps; without the
+    search DDP either crashes at the next step ("Expected to have finished reduction") or, when ranks differ,
+    waits forever. ``timeout``: collectives fail after ``timeout_seconds`` (default :data:`DDP_TIMEOUT_SECONDS`).
+    """
+    if strategy != "ddp":
+        return strategy
+    find_unused = bool(getattr(task, "ddp_find_unused_parameters", True))
+    timeout = timedelta(seconds=timeout_seconds if timeout_seconds is not None else DDP_TIMEOUT_SECONDS)
+    return DDPStrategy(find_unused_parameters=find_unused, timeout=timeout)
 
 
 def default_precision() -> str:
@@ -147,6 +283,7 @@ def default_callbacks(
             save_on_exception=True,
         ),
         ExactResume(),
+        GracefulSigterm(),
         LearningRateMonitor(logging_interval="step"),
     ]
     if monitor is not None:  # first: Lightning's ckpt_path="best" asks the first ModelCheckpoint
@@ -237,6 +374,7 @@ def build_trainer(
     if getattr(task, "automatic_optimization", True) is False:
         kwargs.pop("gradient_clip_val")  # manual optimisation clips inside the task
     kwargs.update(overrides)
+    kwargs["strategy"] = resolve_strategy(kwargs.get("strategy", "auto"), task)
     if not kwargs.get("logger"):  # nothing to log the learning rate to
         kwargs["callbacks"] = [cb for cb in kwargs["callbacks"] if not isinstance(cb, LearningRateMonitor)]
     return L.Trainer(**kwargs)

@@ -107,7 +107,9 @@ class TransformerEncoder(nn.Module):
 
     LayerDrop skips whole layers in training with probability ``layerdrop`` but never layer 0 (WavLM's bias table
     belongs to layer 0 in every checkpoint; spec §2.5). Here the bias is built once at encoder level, so it is
-    available to every layer regardless.
+    available to every layer regardless. The draws come from a generator that the training loop reseeds alike on
+    every rank before each batch (:meth:`reseed_shared`), so DDP ranks drop the same layers, as one process
+    training on the global batch would; without a reseed they come from the global torch RNG.
     """
 
     def __init__(
@@ -135,6 +137,7 @@ class TransformerEncoder(nn.Module):
         self.layerdrop = layerdrop
         self.skip_padding = skip_padding
         self.skip_padding_min_fraction = skip_padding_min_fraction
+        self._layerdrop_generator: torch.Generator | None = None
         self.pos_conv = ConvPositionalEmbedding(dim, pos_conv_kernel, pos_conv_groups)
         self.layer_norm = nn.LayerNorm(dim, eps=layer_norm_eps)
         self.dropout = nn.Dropout(dropout)
@@ -156,11 +159,18 @@ class TransformerEncoder(nn.Module):
             for _ in range(num_layers)
         )
 
+    def reseed_shared(self, seed: int) -> None:
+        """Seed the LayerDrop draws with a seed every rank shares (called before each training batch)."""
+        if self._layerdrop_generator is None:
+            self._layerdrop_generator = torch.Generator()
+        self._layerdrop_generator.manual_seed(seed)
+
     def layers_to_run(self) -> Tensor:
-        """(num_layers,) bool: which layers run this step. Layer 0 always runs."""
+        """(num_layers,) bool on the CPU: which layers run this step. Layer 0 always runs."""
         keep = torch.ones(len(self.layers), dtype=torch.bool)
         if self.training and self.layerdrop > 0.0 and len(self.layers) > 1:
-            keep[1:] = torch.rand(len(self.layers) - 1) >= self.layerdrop
+            draws = torch.rand(len(self.layers) - 1, generator=self._layerdrop_generator)
+            keep[1:] = draws >= self.layerdrop
         return keep
 
     def forward(

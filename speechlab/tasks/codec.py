@@ -369,13 +369,7 @@ class CodecTask(SpeechTask):
             )
             self.log(f"{stage}/si_sdr{suffix}", sdr, batch_size=audio.shape[0], sync_dist=True)
 
-    def on_train_end(self) -> None:
-        """Export the EMA generator to ``<default_root_dir>/pretrained`` (for encode/decode/codec-eval)."""
-        super().on_train_end()
-        if self.trainer is not None and self.trainer.is_global_zero:
-            path = self.export_pretrained(Path(self.trainer.default_root_dir) / "pretrained")
-            print(f"exported the codec to {path}")
-
     def export_pretrained(self, directory: str | Path) -> Path:
-        """Write the evaluation weights (EMA generator) as a speechlab pretrained codec directory."""
+        """Write the evaluation weights (EMA generator) as a speechlab pretrained codec directory; ``fit`` with the
+        standard callbacks (:class:`speechlab.train.ExportPretrained`) does it into ``<default_root_dir>/pretrained``."""
         return copy.deepcopy(self.eval_codec()).cpu().save_pretrained(directory)

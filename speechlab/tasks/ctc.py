@@ -38,7 +38,12 @@ class CTCTask(SpeechTask):
         freeze_feature_encoder: keep the conv feature encoder frozen for the whole run.
         freeze_encoder_steps: train only the CTC head for this many optimiser steps, then everything.
         layerwise_lr_decay: if set (e.g. 0.9), layer ``i`` of ``L`` gets ``lr * decay ** (L - i)``.
+
+    Best-k checkpoints are ranked by ``val/error_rate`` (PER for phonemes, WER otherwise), which every validation
+    logs; :meth:`export_pretrained` writes the model with its tokenizer (what ``fit`` leaves in ``<run>/pretrained``).
     """
+
+    checkpoint_monitor = ("val/error_rate", "min")
 
     def __init__(
         self,
@@ -124,6 +129,12 @@ class CTCTask(SpeechTask):
             return
         self.encoder_config = SSLEncoderConfig(**checkpoint["encoder_config"])
         self.build(tokenizer_from_files(checkpoint["tokenizer_files"]))
+
+    def export_pretrained(self, directory: str | Path) -> Path:
+        """Write the model and its tokenizer as a speechlab pretrained directory (family ``ctc``)."""
+        from speechlab.checkpoints.pretrained_dir import save_pretrained
+
+        return save_pretrained(self.model, directory, family="ctc", tokenizer=self.tokenizer)
 
     # -- optimisation -------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict:

@@ -16,8 +16,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -104,8 +106,8 @@ class WavLMPretrainTask(SpeechTask):
         pred_masked_weight, pred_nomask_weight: loss weights of masked / unmasked frames (1 / 0).
         feature_penalty_weight: weight of mean(CNN features^2) (10 for Base, as HuBERT).
         mixing: utterance mixing (training batches only); None = no mixing (plain HuBERT).
-        mixing_seed: seed of the mixing draws; each training step mixes with a generator seeded from
-            (mixing_seed, global rank, global step), so resumed runs mix exactly as uninterrupted ones.
+        mixing_seed: seed of the mixing draws; each training micro-batch mixes with a generator seeded from
+            (mixing_seed, global rank, epoch, batch index), so resumed runs mix exactly as uninterrupted ones.
         optim: optimiser + schedule (:class:`speechlab.optim.OptimConfig`).
     """
 
@@ -153,6 +155,14 @@ class WavLMPretrainTask(SpeechTask):
                 k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in hparams.items()
             }
 
+    def export_pretrained(self, directory: str | Path) -> Path:
+        """Write the encoder (what fine-tuning and feature extraction use) as a speechlab pretrained directory;
+        family ``wavlm`` with the gated relative position bias, else ``hubert``."""
+        from speechlab.checkpoints.pretrained_dir import save_pretrained
+
+        family = "wavlm" if self.encoder_config.relative_position_bias else "hubert"
+        return save_pretrained(self.encoder, directory, family=family)
+
     def setup(self, stage: str) -> None:
         if self.mixing_config is not None and self.mixer is None:
             rank = getattr(self.trainer, "global_rank", 0) if self._trainer is not None else 0
@@ -162,13 +172,19 @@ class WavLMPretrainTask(SpeechTask):
                 "utterance mixing on: %s (%d noise clips)", self.mixing_config, self.mixer.num_noise_clips
             )
 
-    def _mixing_generator(self) -> torch.Generator:
-        """This step's mixing RNG, a function of (mixing_seed, rank, global_step) only: a resumed run mixes
-        exactly as the uninterrupted one did, with no generator state to save in the checkpoint."""
-        rank = self.trainer.global_rank if self._trainer is not None else 0
-        step = self.trainer.global_step if self._trainer is not None else 0
-        seed = (self.hparams.mixing_seed * 1_000_003 + rank) * 1_000_000_007 + step
-        return torch.Generator().manual_seed(seed % (2**63))
+    def _mixing_generator(self, batch_idx: int) -> torch.Generator:
+        """This micro-batch's mixing RNG, a function of (mixing_seed, rank, epoch, batch index) only.
+
+        The batch index counts micro-batches (under gradient accumulation every micro-batch of one update mixes
+        differently, which a seed from ``global_step`` would not), and a resumed run mixes exactly as the
+        uninterrupted one did, with no generator state to save in the checkpoint.
+        """
+        trainer = self._trainer
+        rank = trainer.global_rank if trainer is not None else 0
+        epoch = trainer.current_epoch if trainer is not None else 0
+        entropy = [self.hparams.mixing_seed % 2**32, rank, epoch, batch_idx]
+        seed = int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
+        return torch.Generator().manual_seed(seed)
 
     # -- the step ----------------------------------------------------------------------------------------------
     def compute_loss(
@@ -237,7 +253,7 @@ class WavLMPretrainTask(SpeechTask):
         self._check_batch(batch)
         audio, lengths = batch.audio, batch.lengths
         if self.mixer is not None:
-            audio, lengths, _ = self.mixer.mix(audio, lengths, generator=self._mixing_generator())
+            audio, lengths, _ = self.mixer.mix(audio, lengths, generator=self._mixing_generator(batch_idx))
         results = self.compute_loss(audio, lengths, batch.units)
         self._log("train", results, len(batch))
         return self.check_finite_loss(results["loss"])
