@@ -139,6 +139,12 @@ class UniSpeechTask(SpeechTask):
                 )
             log.info("initialised UniSpeech from %s (fresh: %s)", h.init_from, missing)
 
+    def export_pretrained(self, directory: str | Path) -> Path:
+        """Write the UniSpeech model (backbone, quantizer, heads) as a speechlab pretrained directory."""
+        from speechlab.checkpoints.pretrained_dir import save_pretrained
+
+        return save_pretrained(self.model, directory, family="unispeech")
+
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         tokenizer = getattr(datamodule, "tokenizer", None)
