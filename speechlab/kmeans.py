@@ -162,6 +162,16 @@ def kmeans_plus_plus(x: Tensor, k: int, generator: torch.Generator) -> Tensor:
     return centroids
 
 
+def check_finite(values: Tensor, what: str) -> None:
+    """Raise ``ValueError`` naming ``what`` if ``values`` holds NaN/inf (a NaN distance picks an arbitrary unit)."""
+    if not bool(torch.isfinite(values).all()):
+        bad = int((~torch.isfinite(values)).sum())
+        raise ValueError(
+            f"{what}: {bad} of {values.numel()} values are NaN/inf -> the features overflow (check the "
+            "--checkpoint encoder on a known-good file) or the centroids file is corrupt (fit it again)"
+        )
+
+
 class KMeans:
     """Mini-batch k-means on a (N, D) tensor, on whatever device the tensor (or ``device``) is on.
 
@@ -180,6 +190,7 @@ class KMeans:
         cfg = self.config
         device = self.device or x.device
         x = x.to(device, torch.float32)
+        check_finite(x, "k-means fit features")
         n, k = x.shape[0], cfg.num_clusters
         if n < k:
             raise ValueError(f"k-means: {n} feature frames for {k} clusters; use more data or fewer clusters")
@@ -219,6 +230,7 @@ class KMeans:
             if previous - inertia <= cfg.tol * inertia and not empty.any():
                 break
             previous = inertia
+        check_finite(centroids, "k-means centroids after fitting")  # finite but huge features overflow
         self.centroids = centroids
         self.inertia = float(assign(x, centroids)[1].double().mean())
         return self
@@ -226,6 +238,7 @@ class KMeans:
     def predict(self, x: Tensor) -> Tensor:
         if self.centroids is None:
             raise RuntimeError("k-means: call fit() or load() before predict()")
+        check_finite(x, "k-means features to label")
         return assign(x, self.centroids)[0].cpu()
 
     def save(self, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
@@ -249,6 +262,7 @@ class KMeans:
                 )
             centroids = f.get_tensor("centroids")
             meta = f.metadata() or {}
+        check_finite(centroids, f"{path}: centroids")
         km = cls(KMeansConfig(num_clusters=centroids.shape[0]), device=device)
         km.centroids = centroids.float().to(device or "cpu")
         km.inertia = float(meta.get("inertia", "nan"))
@@ -370,6 +384,7 @@ def run(args: argparse.Namespace) -> int:
         for index, feats in iterate_features(
             fit_items, feature_fn, args.num_workers, "k-means features", in_workers=in_workers
         ):
+            check_finite(feats, f"id {fit_items[index]['id']!r} ({fit_items[index]['audio']}): features")
             if keep < 1.0:
                 feats = feats[torch.rand(feats.shape[0], generator=gen) < keep]
             else:  # every frame is kept anyway: reuse them for labelling instead of recomputing
@@ -408,6 +423,7 @@ def run(args: argparse.Namespace) -> int:
         for index, feats in iterate_features(
             [items[i] for i in todo], feature_fn, args.num_workers, f"units {name}", in_workers=in_workers
         ):
+            check_finite(feats, f"{manifest}: id {items[todo[index]]['id']!r}: features")
             labels = kmeans.predict(feats)
             labelled[todo[index]]["units"] = " ".join(map(str, labels.tolist()))
         first += len(items)

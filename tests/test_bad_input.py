@@ -394,3 +394,62 @@ def test_encode_refuses_a_non_finite_codec_latent_and_writes_no_tokens(tmp_path,
     err = capsys.readouterr().err
     assert "encoding ids ['u0', 'u1']" in err and "codec latent is NaN/inf for batch rows [0, 1]" in err
     assert not list(out.glob("*.tokens.safetensors")) and not (out / "manifest.jsonl").exists()
+
+
+def test_nan_weights_are_a_clear_error_when_a_pretrained_dir_or_a_ckpt_is_loaded(tmp_path):
+    import torch
+    from test_api import tiny_encoder
+
+    import speechlab
+    from speechlab.checkpoints.pretrained_dir import save_pretrained
+    from speechlab.checkpoints.safe_load import CheckpointError
+
+    encoder = tiny_encoder()
+    with torch.no_grad():
+        encoder.feature_projection.weight[0, :3] = float("nan")
+    directory = save_pretrained(encoder, tmp_path / "model", family="wavlm")
+    with pytest.raises(CheckpointError, match=r"NaN/inf values.*feature_projection.weight \(3 of \d+\)"):
+        speechlab.load(directory)
+
+    _, task, path = _tiny_ctc_checkpoint(tmp_path, {})
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["state_dict"]["model.head.weight"][0, 0] = float("inf")
+    torch.save(checkpoint, path)
+    with pytest.raises(
+        CheckpointError, match=r"(?s)crafted.ckpt: checkpoint weights hold NaN/inf.*head.weight \(1 of"
+    ):
+        speechlab.load(path)
+
+
+def test_nan_kmeans_centroids_are_refused_on_load_and_never_label(tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    from speechlab.kmeans import KMeans
+
+    centroids = torch.randn(4, 39)
+    centroids[2, 5] = float("nan")
+    save_file({"centroids": centroids}, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(ValueError, match=r"nan.safetensors: centroids: 1 of 156 values are NaN/inf"):
+        KMeans.load(tmp_path / "nan.safetensors")
+    manifest, out = _two_utterances(tmp_path), tmp_path / "units"
+    argv = ["kmeans", "--manifest", str(manifest), "--output-dir", str(out)]
+    assert cli.main([*argv, "--centroids", str(tmp_path / "nan.safetensors")]) == 2
+    assert "nan.safetensors: centroids: 1 of 156 values are NaN/inf" in capsys.readouterr().err
+    assert not (out / "m.jsonl").exists()
+
+
+def test_kmeans_fit_refuses_non_finite_features_naming_the_item(tmp_path, capsys):
+    import torch
+
+    from speechlab.kmeans import KMeans, KMeansConfig
+
+    x = torch.randn(100, 8)
+    x[7, 3] = float("inf")
+    with pytest.raises(ValueError, match="k-means fit features: 1 of 800 values are NaN/inf"):
+        KMeans(KMeansConfig(num_clusters=4)).fit(x)
+    model, manifest = _overflowing_encoder_dir(tmp_path), _two_utterances(tmp_path)
+    argv = ["kmeans", "--manifest", str(manifest), "--output-dir", str(tmp_path / "units")]
+    assert cli.main([*argv, "--checkpoint", str(model), "--layer", "1", "--num-clusters", "2"]) == 2
+    assert "id 'u0' (" in capsys.readouterr().err
+    assert not (tmp_path / "units" / "centroids.safetensors").exists()

@@ -276,7 +276,9 @@ def check_state_dict(
     """Compare a checkpoint's tensors with a model's; raise one :class:`CheckpointError` listing every problem.
 
     Values may be tensors or :class:`TensorInfo`. Floating tensors may differ in float precision (they are cast
-    on load); a floating parameter stored as an integer tensor (or vice versa) is an error.
+    on load); a floating parameter stored as an integer tensor (or vice versa) is an error. A found floating
+    tensor holding NaN/inf (a diverged or damaged checkpoint) is an error too: a model built from it would turn
+    every input into NaN features, silently.
     """
     found_i = {k: _info(v) for k, v in found.items()}
     expected_i = {k: _info(v) for k, v in expected.items()}
@@ -291,19 +293,39 @@ def check_state_dict(
             mismatched.append(f"{key}: checkpoint {list(have.shape)} vs model {list(want.shape)}")
         elif want.dtype.is_floating_point != have.dtype.is_floating_point:
             mismatched.append(f"{key}: checkpoint dtype {have.dtype} vs model {want.dtype}")
-    if not (missing or unexpected or mismatched):
+    nonfinite = [
+        f"{key} ({int((~torch.isfinite(value)).sum())} of {value.numel()})"
+        for key, value in found.items()
+        if key in expected_i
+        and isinstance(value, torch.Tensor)
+        and value.is_floating_point()
+        and value.device.type != "meta"
+        and not bool(torch.isfinite(value).all())
+    ]
+    if not (missing or unexpected or mismatched or nonfinite):
         return
     lines = [f"{source}: checkpoint does not match the model built from its config."]
+    if nonfinite and not (missing or unexpected or mismatched):
+        lines = [f"{source}: checkpoint weights hold NaN/inf values."]
     for title, items in (
         ("missing keys", missing),
         ("unexpected keys", unexpected),
         ("mismatches", mismatched),
+        ("tensors with NaN/inf values", nonfinite),
     ):
         if items:
             shown = sorted(items)[:20]
             more = f" ... and {len(items) - 20} more" if len(items) > 20 else ""
             lines.append(f"  {len(items)} {title}: " + ", ".join(shown) + more)
-    lines.append("  Check that config.json belongs to these weights (family, sizes, conv_norm, layer count).")
+    if missing or unexpected or mismatched:
+        lines.append(
+            "  Check that config.json belongs to these weights (family, sizes, conv_norm, layer count)."
+        )
+    if nonfinite:
+        lines.append(
+            "  The weights are corrupt (training diverged or the file is damaged): use an earlier checkpoint or "
+            "re-download / re-export this one."
+        )
     raise CheckpointError("\n".join(lines))
 
 
