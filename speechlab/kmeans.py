@@ -320,13 +320,10 @@ def iterate_features(
 
 
 def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """An ``SSLEncoder`` in eval mode on ``device``, from a ``WavLMPretrainTask`` Lightning ``.ckpt`` or any source
-    ``speechlab.load`` reads (our pretrained dir, a Hugging Face WavLM / HuBERT / wav2vec2 dir, a unilm/fairseq
-    ``.pt``) — e.g. layer 6 of a released HuBERT Base for 500 iteration-2 units."""
-    if Path(path).suffix == ".ckpt":
-        from speechlab.tasks.wavlm_pretrain import load_pretrained_encoder
-
-        return load_pretrained_encoder(path, map_location="cpu").to(device).eval()
+    """An ``SSLEncoder`` in eval mode on ``device``, from any source ``speechlab.load`` reads: a Lightning ``.ckpt``
+    of a speechlab task (e.g. WavLM pretraining), our pretrained dir, a Hugging Face WavLM / HuBERT / wav2vec2 dir,
+    a unilm/fairseq ``.pt`` — e.g. layer 6 of a released HuBERT Base for 500 iteration-2 units. One reader for all,
+    so every source goes through the same config limits and weight checks before a model is built."""
     from speechlab.api import find_encoder, load
 
     return find_encoder(load(path)).to(device).eval()

@@ -453,3 +453,80 @@ def test_kmeans_fit_refuses_non_finite_features_naming_the_item(tmp_path, capsys
     assert cli.main([*argv, "--checkpoint", str(model), "--layer", "1", "--num-clusters", "2"]) == 2
     assert "id 'u0' (" in capsys.readouterr().err
     assert not (tmp_path / "units" / "centroids.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------------------ config bombs
+
+_CONFIG_BOMB = """
+import resource, sys, time
+import speechlab
+from speechlab.checkpoints.safe_load import CheckpointError
+
+start = time.perf_counter()
+try:
+    speechlab.load(sys.argv[1])
+except CheckpointError as err:
+    print("refused", time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    print(str(err).replace(chr(10), " "))
+"""
+
+
+def test_a_conv_feature_layers_bomb_is_refused_without_expanding_it(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    spec = "[(1,1,1)]*(10000)*(10000)"  # 10^8 tuples (~8 GB) if evaluated
+    cfg = {"conv_feature_layers": spec, "encoder_layers": 1, "encoder_embed_dim": 32}
+    torch.save({"cfg": cfg, "model": {}}, tmp_path / "bomb.pt")
+    run = subprocess.run(
+        [sys.executable, "-c", _CONFIG_BOMB, str(tmp_path / "bomb.pt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    status, message = run.stdout.splitlines()
+    _, seconds, maxrss_kb = status.split()
+    assert float(seconds) < 5 and int(maxrss_kb) < 2 * 1024**2  # no 8 GB list was built
+    assert "bomb.pt" in message and "conv_feature_layers: a repetition to 1 x 10000 items" in message
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["[(1,1,1)]*10000", "[(1,1,1)]*(60)+[(1,1,1)]*(60)", "(1,)*1000", "9" * 20 + "*[(1,1,1)]", "[" * 3000],
+)
+def test_conv_feature_layers_specs_are_bounded_while_parsed(spec):
+    from speechlab.checkpoints.unilm import parse_conv_feature_layers
+
+    with pytest.raises(ValueError, match="cfg conv_feature_layers"):
+        parse_conv_feature_layers(spec)
+
+
+def test_kmeans_checkpoint_goes_through_the_config_limits(tmp_path, capsys):
+    import lightning as L
+    import torch
+
+    checkpoint = {
+        "state_dict": {},
+        "pytorch-lightning_version": L.__version__,
+        "hyper_parameters": {
+            "_class_path": "speechlab.tasks.wavlm_pretrain.WavLMPretrainTask",
+            "encoder": "wavlm_tiny",
+            "encoder_overrides": {
+                "num_layers": 200,
+                "hidden_size": 16384,
+                "num_heads": 16,
+                "ffn_size": 16384,
+            },
+        },
+    }
+    torch.save(checkpoint, tmp_path / "huge.ckpt")
+    manifest = _two_utterances(tmp_path)
+    argv = ["kmeans", "--manifest", str(manifest), "--output-dir", str(tmp_path / "u")]
+    assert cli.main([*argv, "--checkpoint", str(tmp_path / "huge.ckpt")]) == 2
+    err = capsys.readouterr().err
+    assert "huge.ckpt: num_layers=200, hidden_size=16384 means" in err and "refusing to allocate" in err

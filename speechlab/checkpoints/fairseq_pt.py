@@ -8,8 +8,6 @@ be a Lightning checkpoint (a ``.ckpt`` renamed ``.pt``) is handed to :mod:`speec
 
 from __future__ import annotations
 
-import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,6 @@ __all__ = ["SUFFIXES", "detect", "read", "read_fairseq_checkpoint"]
 SUFFIXES = (".pt", ".pth", ".bin")
 _FAIRSEQ_LIMITS = {"encoder_layers": 256, "encoder_embed_dim": 16384, "encoder_ffn_embed_dim": 65536,
                    "encoder_attention_heads": 256, "conv_pos": 1024}  # fmt: skip
-_CONV_MULTIPLIER = re.compile(r"\*\s*(\d+)|(\d+)\s*\*")
 
 
 def detect(path: Path) -> bool:
@@ -62,13 +59,7 @@ def read_fairseq_checkpoint(checkpoint: Any, path: Path) -> nn.Module:
         raise CheckpointError(f"{path}: 'cfg' must be a plain dict, found {type(cfg).__name__}.")
     model_cfg = cfg["model"] if isinstance(cfg.get("model"), dict) else cfg
     check_config_limits(model_cfg, source=str(path), limits={**DEFAULT_CONFIG_LIMITS, **_FAIRSEQ_LIMITS})
-    conv_spec = model_cfg.get("conv_feature_layers")
-    if isinstance(conv_spec, str):  # bound the list it expands to before evaluating it
-        factor = math.prod(int(a or b) for a, b in _CONV_MULTIPLIER.findall(conv_spec))
-        if len(conv_spec) > 1000 or factor > 1024:
-            raise CheckpointError(
-                f"{path}: cfg conv_feature_layers {conv_spec[:100]!r} is implausibly large."
-            )
+    # conv_feature_layers is bounded while it is parsed (unilm.parse_conv_feature_layers)
     try:
         config = unilm.config_from_unilm(cfg)
         check_config_limits(config_to_dict(config), source=str(path))

@@ -52,24 +52,80 @@ _UNILM_TO_OURS = [
 _BINARY_OPS = {ast.Add: operator.add, ast.Mult: operator.mul}
 
 
+MAX_CONV_SPEC_CHARS = 2000
+MAX_CONV_LAYERS = 64  # fairseq models have 7; the bound applies to every intermediate list too
+MAX_CONV_INT = 2**31 - 1
+
+
 def parse_conv_feature_layers(spec: str) -> list[tuple[int, int, int]]:
     """Evaluate fairseq's ``conv_feature_layers`` string (e.g. ``"[(512,10,5)] + [(512,3,2)] * 4"``) safely:
-    only int literals, tuples, lists, ``+`` and ``*`` are allowed (no ``eval``)."""
+    only int literals, tuples, lists, ``+`` and ``*`` are allowed (no ``eval``), and sizes are bounded *before*
+    anything is built: the string to ``MAX_CONV_SPEC_CHARS``, every list / tuple (intermediate ones included) to
+    ``MAX_CONV_LAYERS`` items, every integer to ``MAX_CONV_INT``. So ``"[(1,1,1)]*(10000)*(10000)"`` is refused
+    without expanding 10^8 tuples."""
+    if not isinstance(spec, str) or len(spec) > MAX_CONV_SPEC_CHARS:
+        raise ValueError(
+            f"cfg conv_feature_layers: expected a string of at most {MAX_CONV_SPEC_CHARS} characters, got "
+            f"{type(spec).__name__} of length {len(spec) if isinstance(spec, str) else '-'}"
+        )
+
+    def refuse(what: str) -> ValueError:
+        return ValueError(
+            f"cfg conv_feature_layers: {what} in {spec[:100]!r}; a feature encoder has at most "
+            f"{MAX_CONV_LAYERS} layers -> the config is corrupt or hostile"
+        )
 
     def evaluate(node: ast.AST):
         if isinstance(node, ast.Expression):
             return evaluate(node.body)
-        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+        if (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, int)
+            and not isinstance(node.value, bool)
+        ):
+            if abs(node.value) > MAX_CONV_INT:
+                raise refuse(f"integer {node.value} out of range")
             return node.value
-        if isinstance(node, ast.Tuple):
-            return tuple(evaluate(e) for e in node.elts)
-        if isinstance(node, ast.List):
-            return [evaluate(e) for e in node.elts]
+        if isinstance(node, ast.Tuple | ast.List):
+            if len(node.elts) > MAX_CONV_LAYERS:
+                raise refuse(f"a literal of {len(node.elts)} items")
+            items = [evaluate(e) for e in node.elts]
+            return tuple(items) if isinstance(node, ast.Tuple) else items
         if isinstance(node, ast.BinOp) and type(node.op) in _BINARY_OPS:
-            return _BINARY_OPS[type(node.op)](evaluate(node.left), evaluate(node.right))
-        raise ValueError(f"cfg conv_feature_layers: unsupported expression {ast.dump(node)} in {spec!r}")
+            left, right = evaluate(node.left), evaluate(node.right)
+            if isinstance(node.op, ast.Mult):
+                sequence, count = (left, right) if isinstance(right, int) else (right, left)
+                if isinstance(sequence, list | tuple) and isinstance(count, int):
+                    if len(sequence) * max(count, 0) > MAX_CONV_LAYERS:
+                        raise refuse(f"a repetition to {len(sequence)} x {count} items")
+                elif isinstance(left, int) and isinstance(right, int):
+                    if abs(left * right) > MAX_CONV_INT:
+                        raise refuse(f"integer {left} * {right} out of range")
+                else:
+                    raise refuse("a product of two sequences")
+            elif isinstance(left, list | tuple) and type(left) is type(right):
+                if len(left) + len(right) > MAX_CONV_LAYERS:
+                    raise refuse(f"a concatenation to {len(left) + len(right)} items")
+            elif isinstance(left, int) and isinstance(right, int):
+                if abs(left + right) > MAX_CONV_INT:
+                    raise refuse(f"integer {left} + {right} out of range")
+            else:
+                raise refuse(f"'+' of {type(left).__name__} and {type(right).__name__}")
+            return _BINARY_OPS[type(node.op)](left, right)
+        raise ValueError(
+            f"cfg conv_feature_layers: unsupported expression {ast.dump(node)[:200]} in {spec[:100]!r}"
+        )
 
-    layers = evaluate(ast.parse(spec, mode="eval"))
+    try:
+        tree = ast.parse(spec, mode="eval")
+    except (SyntaxError, RecursionError, MemoryError) as err:
+        raise ValueError(
+            f"cfg conv_feature_layers: not a Python literal expression ({err}): {spec[:100]!r}"
+        ) from None
+    try:
+        layers = evaluate(tree)
+    except RecursionError:
+        raise refuse("nesting too deep") from None
     if not isinstance(layers, list) or not all(isinstance(t, tuple) and len(t) == 3 for t in layers):
         raise ValueError(
             f"cfg conv_feature_layers must be a list of (dim, kernel, stride) tuples, got {spec!r}"
