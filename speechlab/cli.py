@@ -15,8 +15,8 @@ from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from speechlab.tool_errors import add_debug_argument, run_tool
@@ -36,6 +36,7 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 TOOL_MODULES = (
     "speechlab.extract",
     "speechlab.convert",
+    "speechlab.export",
     "speechlab.plots",
     "speechlab.kmeans",
     "speechlab.codec_tokens",
