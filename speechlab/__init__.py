@@ -5,6 +5,7 @@ The public Python API (imported lazily, so ``import speechlab`` stays fast)::
     import speechlab
     model = speechlab.load("path/to/wavlm-or-hf-dir-or-unilm.pt")
     features = speechlab.FeatureExtractor(model)(["a.flac", "b.wav"], layers=[6, 12])
+    texts = [t.text for t in speechlab.Transcriber(speechlab.load("exp/ctc_run"))(["a.flac"])]
     codec = speechlab.Codec(speechlab.codec_16khz())
 """
 
@@ -18,6 +19,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load": "speechlab.api",
     "FeatureExtractor": "speechlab.api",
+    "Transcriber": "speechlab.transcribe",
+    "Transcript": "speechlab.transcribe",
     "Features": "speechlab.api",
     "WeightedLayerSum": "speechlab.api",
     "save_pretrained": "speechlab.checkpoints.pretrained_dir",

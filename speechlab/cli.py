@@ -37,6 +37,7 @@ TOOL_MODULES = (
     "speechlab.extract",
     "speechlab.convert",
     "speechlab.export",
+    "speechlab.transcribe",
     "speechlab.plots",
     "speechlab.kmeans",
     "speechlab.codec_tokens",

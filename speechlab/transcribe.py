@@ -1,0 +1,462 @@
+"""Speech recognition with a trained CTC model: :class:`Transcriber` (Python) and ``speechlab transcribe`` (CLI).
+
+```python
+import speechlab
+
+transcriber = speechlab.Transcriber(speechlab.load("exp/ctc_phoneme"))   # a run folder, .ckpt, export dir, ...
+for result in transcriber(["a.wav", "b.flac"]):
+    print(result.text, result.start_seconds)                             # per emitted unit: its first frame
+```
+
+Decoding is greedy (best path: argmax per frame, repeats merged, blanks dropped) or a beam search through
+torchaudio's ``ctc_decoder`` (flashlight-text), optionally with a KenLM n-gram language model (ARPA or binary) and a
+lexicon (``word unit unit ...`` per line: the search then only emits words of the lexicon and the text is those
+words). Without a lexicon the beam search is over units and the text is the tokenizer's decoding of the best
+unit sequence; a language model is only used with a lexicon (a lexicon-free LM would have to be over units).
+
+Batches never change results: encoders whose conv stack normalises with LayerNorm are padding-invariant, so
+utterances of any lengths share a batch (masked attention); GroupNorm encoders (Base models: the statistics run
+over time and include the padding) only batch utterances of identical length. Input longer than
+``max_seconds`` is refused rather than run through attention over an hour of audio.
+
+``speechlab transcribe --model SRC INPUT...``: inputs are audio files, folders (searched recursively) and JSON
+Lines manifests; output is ``id<TAB>text`` lines or JSONL (``--format jsonl``: id, text, units, start seconds per
+unit, score). When manifest lines carry references (``text``, or ``phonemes`` for a phoneme model) the error rates
+are printed (WER and CER, or PER) via jiwer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Transcript", "Transcriber", "add_parser", "main"]
+
+SAMPLE_RATE = 16000
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus")
+
+
+@dataclass
+class Transcript:
+    """One utterance's result.
+
+    text: the transcript (phones separated by spaces for a phoneme model; lexicon words for a beam search with a
+    lexicon). unit_ids: emitted units after CTC collapsing (blanks dropped). frames: the first frame of each
+    emitted unit (``frame_seconds`` apart). score: the beam search score (None for greedy).
+    """
+
+    text: str
+    unit_ids: list[int]
+    units: list[str]
+    frames: list[int]
+    frame_seconds: float
+    score: float | None = None
+    words: list[str] = field(default_factory=list)
+
+    @property
+    def start_seconds(self) -> list[float]:
+        """When each emitted unit starts, in seconds from the beginning of the audio."""
+        return [round(f * self.frame_seconds, 4) for f in self.frames]
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"text": self.text, "units": self.units, "start": self.start_seconds}
+        if self.words:
+            out["words"] = self.words
+        if self.score is not None:
+            out["score"] = self.score
+        return out
+
+
+def _ctc_model(model: nn.Module) -> nn.Module:
+    from speechlab.models.ctc import CTCModel
+
+    if isinstance(model, CTCModel):
+        return model
+    raise TypeError(
+        f"Transcriber needs a CTC model (speechlab.load of a CTC run folder, .ckpt, speechlab 'ctc' directory or a "
+        f"Hugging Face *ForCTC directory); got a {type(model).__name__}, which has no CTC head"
+    )
+
+
+class Transcriber:
+    """Transcribe audio with a :class:`~speechlab.models.ctc.CTCModel` from :func:`speechlab.load`.
+
+    Args:
+        model: the CTC model; its ``tokenizer`` is used unless ``tokenizer`` is given.
+        decoder: ``"greedy"`` or ``"beam"`` (torchaudio ``ctc_decoder``, needs ``flashlight-text``).
+        beam_size, lm, lexicon, lm_weight, word_score: beam search settings; ``lm`` is a KenLM ARPA / binary
+            file and needs ``lexicon`` (a file of ``word unit unit ...`` lines).
+        device: where the model runs (default: where its parameters are).
+        batch_seconds: most padded audio seconds per forward call.
+        max_seconds: longest accepted input.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        tokenizer: Any = None,
+        decoder: str = "greedy",
+        beam_size: int = 50,
+        lm: str | os.PathLike | None = None,
+        lexicon: str | os.PathLike | None = None,
+        lm_weight: float = 2.0,
+        word_score: float = 0.0,
+        device: str | torch.device | None = None,
+        batch_seconds: float = 120.0,
+        max_seconds: float = 600.0,
+    ) -> None:
+        self.model = _ctc_model(model).eval()
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        if self.tokenizer is None:
+            raise ValueError("Transcriber: the model carries no tokenizer; pass tokenizer=...")
+        if self.tokenizer.vocab_size != self.model.head.out_features:
+            raise ValueError(
+                f"Transcriber: tokenizer has {self.tokenizer.vocab_size} units, the model's head "
+                f"{self.model.head.out_features}"
+            )
+        if decoder not in ("greedy", "beam"):
+            raise ValueError(f"decoder must be 'greedy' or 'beam', got {decoder!r}")
+        if lm is not None and lexicon is None:
+            raise ValueError(
+                "an n-gram LM needs a lexicon (words spelled in the model's units): pass lexicon=..."
+            )
+        if decoder == "greedy" and (lm is not None or lexicon is not None):
+            raise ValueError("lm / lexicon are used by the beam search: pass decoder='beam'")
+        if device is None:
+            device = next(self.model.parameters()).device
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        encoder = self.model.encoder
+        self.padding_invariant = encoder.config.conv_norm == "layer"
+        hop = 1
+        for _, _, stride in encoder.config.conv_layers:
+            hop *= stride
+        self.frame_seconds = hop / SAMPLE_RATE
+        self.batch_seconds = batch_seconds
+        self.max_seconds = max_seconds
+        self.decoder_name = decoder
+        self._beam = None
+        self._lexicon = lexicon is not None
+        if decoder == "beam":
+            self._beam = self._beam_decoder(beam_size, lm, lexicon, lm_weight, word_score)
+
+    def _beam_decoder(
+        self, beam_size: int, lm: Any, lexicon: Any, lm_weight: float, word_score: float
+    ) -> Any:
+        try:
+            from torchaudio.models.decoder import ctc_decoder
+        except (ImportError, RuntimeError) as err:
+            raise ImportError("beam search needs flashlight-text (pip install flashlight-text)") from err
+        from speechlab.data.text import BLANK, WORD_DELIMITER
+
+        units = list(self.tokenizer.units)
+        # The word boundary unit: '|' for characters; phonemes and pieces have none, so the blank stands in.
+        silence = WORD_DELIMITER if WORD_DELIMITER in units else BLANK
+        for path in (lm, lexicon):
+            if path is not None and not Path(path).is_file():
+                raise FileNotFoundError(f"{path}: no such file (language model / lexicon)")
+        try:
+            return ctc_decoder(
+                lexicon=str(lexicon) if lexicon is not None else None,
+                tokens=units,
+                lm=str(lm) if lm is not None else None,
+                beam_size=beam_size,
+                lm_weight=lm_weight,
+                word_score=word_score,
+                blank_token=BLANK,
+                sil_token=silence,
+                unk_word="<unk>",
+            )
+        except (RuntimeError, ValueError) as err:  # flashlight errors: bad lexicon line, unknown unit, bad LM
+            raise ValueError(f"cannot build the beam search decoder: {err}") from err
+
+    # ------------------------------------------------------------------------------------------ inputs
+
+    @staticmethod
+    def _waveform(item: Any, index: int, sample_rate: int) -> Tensor:
+        if isinstance(item, str | os.PathLike):
+            from speechlab.audio import load_audio
+
+            return load_audio(item, sample_rate=SAMPLE_RATE)
+        wave = torch.as_tensor(item)
+        if wave.dim() != 1:
+            raise ValueError(f"input {index}: expected a 1-D waveform, got shape {tuple(wave.shape)}")
+        wave = wave.detach().to("cpu", torch.float32)
+        if sample_rate != SAMPLE_RATE:
+            import torchaudio.functional as AF
+
+            wave = AF.resample(wave, sample_rate, SAMPLE_RATE)
+        return wave
+
+    def _waveforms(self, audio: Any, sample_rate: int) -> list[Tensor]:
+        if isinstance(audio, str | os.PathLike) or (
+            isinstance(audio, Tensor | np.ndarray) and np.ndim(audio) == 1
+        ):
+            audio = [audio]
+        if not isinstance(audio, Sequence | Tensor | np.ndarray) or len(audio) == 0:
+            raise ValueError("no audio given (expected a path, a waveform, or a list of them)")
+        waves = [self._waveform(item, i, sample_rate) for i, item in enumerate(audio)]
+        for i, wave in enumerate(waves):
+            if int(self.model.encoder.frame_lengths(torch.tensor([wave.numel()]))[0]) < 1:
+                raise ValueError(f"input {i}: {wave.numel()} samples is too short for one output frame")
+            if wave.numel() > self.max_seconds * SAMPLE_RATE:
+                raise ValueError(
+                    f"input {i}: {wave.numel() / SAMPLE_RATE:.0f} s is longer than max_seconds={self.max_seconds:.0f}; "
+                    "split the recording into segments (e.g. a manifest with offset / duration)"
+                )
+            if not torch.isfinite(wave).all():
+                raise ValueError(f"input {i}: waveform contains NaN or inf samples")
+        return waves
+
+    def _groups(self, sizes: list[int]) -> list[list[int]]:
+        """Indices in forward batches: longest first, under ``batch_seconds`` padded; equal lengths only for
+        GroupNorm encoders (see the module docstring)."""
+        budget = max(1, int(self.batch_seconds * SAMPLE_RATE))
+        groups: list[list[int]] = []
+        for i in sorted(range(len(sizes)), key=lambda i: sizes[i], reverse=True):
+            if groups:
+                current = groups[-1]
+                longest = sizes[current[0]]
+                fits = longest * (len(current) + 1) <= budget
+                if fits and (self.padding_invariant or sizes[i] == longest):
+                    current.append(i)
+                    continue
+            groups.append([i])
+        return groups
+
+    # ------------------------------------------------------------------------------------------ model
+
+    def log_probs(self, audio: Any, *, sample_rate: int = SAMPLE_RATE) -> list[Tensor]:
+        """Per utterance: (frames, vocab) float32 CTC log-probabilities on the CPU."""
+        waves = self._waveforms(audio, sample_rate)
+        out: list[Tensor | None] = [None] * len(waves)
+        for group in self._groups([w.numel() for w in waves]):
+            batch = torch.nn.utils.rnn.pad_sequence([waves[i] for i in group], batch_first=True)
+            lengths = torch.tensor([waves[i].numel() for i in group])
+            with torch.inference_mode():
+                logits, frames = self.model(batch.to(self.device), lengths.to(self.device))
+                log_probs = logits.float().log_softmax(-1).cpu()
+            for row, i in enumerate(group):
+                out[i] = log_probs[row, : int(frames[row])]
+        return out  # type: ignore[return-value]
+
+    def decode(self, log_probs: Tensor) -> Transcript:
+        """Decode one utterance's (frames, vocab) log-probabilities with this transcriber's decoder."""
+        if self._beam is not None:
+            return self._decode_beam(log_probs)
+        return self._decode_greedy(log_probs)
+
+    def _result(self, ids: list[int], frames: list[int], text: str | None = None, **extra: Any) -> Transcript:
+        units = [self.tokenizer.units[i] for i in ids]
+        return Transcript(
+            text=self.tokenizer.decode(ids) if text is None else text,
+            unit_ids=ids,
+            units=units,
+            frames=frames,
+            frame_seconds=self.frame_seconds,
+            **extra,
+        )
+
+    def _decode_greedy(self, log_probs: Tensor) -> Transcript:
+        best = log_probs.argmax(-1).tolist()
+        ids, frames = [], []
+        blank = self.tokenizer.blank_id
+        for t, unit in enumerate(best):
+            if unit != blank and (t == 0 or best[t - 1] != unit):
+                ids.append(unit)
+                frames.append(t)
+        return self._result(ids, frames)
+
+    def _decode_beam(self, log_probs: Tensor) -> Transcript:
+        num_frames = log_probs.shape[0]
+        hypotheses = self._beam(log_probs[None].contiguous(), torch.tensor([num_frames], dtype=torch.int32))[
+            0
+        ]
+        if not hypotheses:
+            return self._result([], [], score=float("-inf"))
+        best = hypotheses[0]
+        ids, frames = [], []
+        blank = self.tokenizer.blank_id
+        # flashlight's timesteps count from 1 (its path starts with a virtual frame before frame 0)
+        for unit, step in zip(best.tokens.tolist(), best.timesteps.tolist(), strict=True):
+            if unit == blank or not 0 <= step - 1 < num_frames:
+                continue  # the blank standing in for silence, and the virtual start/end frames
+            ids.append(int(unit))
+            frames.append(int(step) - 1)
+        words = [w for w in best.words if w]
+        text = " ".join(words) if self._lexicon else None
+        return self._result(ids, frames, text=text, score=float(best.score), words=words)
+
+    def __call__(self, audio: Any, *, sample_rate: int = SAMPLE_RATE) -> list[Transcript]:
+        """Transcribe a path, a waveform ``(samples,)`` or a list of them; returns one Transcript each."""
+        return [self.decode(lp) for lp in self.log_probs(audio, sample_rate=sample_rate)]
+
+
+# ================================================================================================ the command
+
+
+@dataclass
+class _Item:
+    id: str
+    audio: str
+    offset: float = 0.0
+    duration: float | None = None
+    reference: str | None = None
+
+
+def collect_inputs(inputs: Sequence[str], field_name: str) -> list[_Item]:
+    """Audio files, folders (recursive) and ``.jsonl`` manifests -> items (manifest references from ``field_name``)."""
+    from speechlab.data.manifest import read_manifest
+
+    items: list[_Item] = []
+    for entry in inputs:
+        path = Path(entry)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
+            if not files:
+                raise FileNotFoundError(
+                    f"{path}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) in this folder"
+                )
+            items += [_Item(p.relative_to(path).with_suffix("").as_posix(), str(p)) for p in files]
+        elif path.suffix.lower() in (".jsonl", ".json"):
+            for line in read_manifest(path, check_audio="exists"):
+                reference = line.get(field_name)
+                has_segment = "offset" in line
+                items.append(
+                    _Item(
+                        str(line["id"]),
+                        str(line["audio"]),
+                        float(line.get("offset", 0.0) or 0.0),
+                        float(line["duration"]) if has_segment and line.get("duration") else None,
+                        reference if isinstance(reference, str) and reference.strip() else None,
+                    )
+                )
+        elif path.is_file():
+            items.append(_Item(path.with_suffix("").name, str(path)))
+        else:
+            raise FileNotFoundError(f"{path}: no such audio file, folder or manifest")
+    if not items:
+        raise ValueError("no inputs to transcribe")
+    return items
+
+
+def error_rates(refs: list[str], hyps: list[str], phonemes: bool) -> dict[str, float]:
+    """WER + CER (text) or PER (phonemes) over the corpus, via jiwer (the task's own counting)."""
+    from speechlab.tasks.ctc import error_counts
+
+    counts = error_counts(refs, hyps)
+    word = float(counts[0] / counts[1].clamp_min(1))
+    if phonemes:
+        return {"per": word}
+    return {"wer": word, "cer": float(counts[2] / counts[3].clamp_min(1))}
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from speechlab.api import load
+    from speechlab.audio import load_audio
+    from speechlab.export import resolve_source
+
+    model = load(resolve_source(args.model, args.ckpt), device=args.device)
+    transcriber = Transcriber(
+        model,
+        decoder=args.decoder,
+        beam_size=args.beam_size,
+        lm=args.lm,
+        lexicon=args.lexicon,
+        lm_weight=args.lm_weight,
+        word_score=args.word_score,
+        batch_seconds=args.batch_seconds,
+    )
+    field_name = transcriber.tokenizer.field
+    items = collect_inputs(args.inputs, field_name)
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
+    refs, hyps = [], []
+    try:
+        progress = tqdm(
+            total=len(items), desc="transcribe", unit="utt", disable=args.no_progress, file=sys.stderr
+        )
+        for start in range(0, len(items), args.files_per_batch):
+            chunk = items[start : start + args.files_per_batch]
+            waves = [load_audio(it.audio, SAMPLE_RATE, it.offset, it.duration) for it in chunk]
+            for item, result in zip(chunk, transcriber(waves), strict=True):
+                if args.format == "jsonl":
+                    record = {"id": item.id, **result.to_dict()}
+                    if item.reference is not None:
+                        record["reference"] = item.reference
+                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                else:
+                    out.write(f"{item.id}\t{result.text}\n")
+                if item.reference is not None:
+                    refs.append(item.reference)
+                    hyps.append(result.text)
+            progress.update(len(chunk))
+        progress.close()
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    if refs:
+        rates = error_rates(refs, hyps, phonemes=field_name == "phonemes")
+        shown = ", ".join(f"{k.upper()} {100 * v:.2f}%" for k, v in rates.items())
+        print(f"{shown} over {len(refs)} utterances with a reference ({field_name})", file=sys.stderr)
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="a CTC model: run folder, Lightning .ckpt, speechlab 'ctc' directory or Hugging Face *ForCTC directory",
+    )
+    parser.add_argument("inputs", nargs="+", help="audio files, folders (recursive) and .jsonl manifests")
+    parser.add_argument(
+        "--ckpt", choices=("best", "last"), default=None, help="for a run folder: which checkpoint"
+    )
+    parser.add_argument("--output", help="write here instead of stdout")
+    parser.add_argument(
+        "--format", choices=("text", "jsonl"), default="text", help="id<TAB>text lines or JSONL"
+    )
+    parser.add_argument("--decoder", choices=("greedy", "beam"), default="greedy")
+    parser.add_argument("--beam-size", type=int, default=50)
+    parser.add_argument("--lm", help="KenLM n-gram language model (ARPA or binary); needs --lexicon")
+    parser.add_argument("--lexicon", help="lexicon: one 'word unit unit ...' line per word (beam search)")
+    parser.add_argument("--lm-weight", type=float, default=2.0)
+    parser.add_argument("--word-score", type=float, default=0.0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-seconds", type=float, default=120.0, help="padded audio seconds per forward")
+    parser.add_argument("--files-per-batch", type=int, default=32, help="files read into memory at a time")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``speechlab transcribe``."""
+    parser = subparsers.add_parser(
+        "transcribe",
+        help="transcribe audio files / folders / manifests with a CTC model (greedy or beam search + n-gram LM)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="speechlab transcribe", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
