@@ -530,3 +530,93 @@ def test_kmeans_checkpoint_goes_through_the_config_limits(tmp_path, capsys):
     assert cli.main([*argv, "--checkpoint", str(tmp_path / "huge.ckpt")]) == 2
     err = capsys.readouterr().err
     assert "huge.ckpt: num_layers=200, hidden_size=16384 means" in err and "refusing to allocate" in err
+
+
+# ------------------------------------------------------------------------------- CTC targets longer than frames
+
+
+def test_ctc_feasibility_is_exactly_where_the_ctc_loss_is_infinite():
+    import torch
+    import torch.nn.functional as F
+
+    from speechlab.tasks.ctc import ctc_feasible
+
+    gen = torch.Generator().manual_seed(0)
+    batch, max_units, vocab = 64, 8, 3  # a small vocabulary makes repeated units common
+    target_lengths = torch.randint(1, max_units + 1, (batch,), generator=gen)
+    targets = torch.randint(1, vocab, (batch, max_units), generator=gen)
+    targets[torch.arange(max_units)[None] >= target_lengths[:, None]] = -100
+    frame_lengths = torch.randint(1, 2 * max_units, (batch,), generator=gen)
+    log_probs = torch.randn(int(frame_lengths.max()), batch, vocab, generator=gen).log_softmax(-1)
+    losses = F.ctc_loss(
+        log_probs, targets.clamp_min(0), frame_lengths, target_lengths, reduction="none", zero_infinity=False
+    )
+    feasible = ctc_feasible(targets, target_lengths, frame_lengths)
+    assert torch.equal(feasible, torch.isfinite(losses)) and 0 < int(feasible.sum()) < batch
+
+
+def _ctc_batch(tmp_path, texts_and_seconds):
+    import numpy as np
+    import soundfile as sf
+
+    from speechlab.audio import load_audio
+    from speechlab.data.collate import collate
+    from speechlab.data.text import CharTokenizer
+
+    tokenizer = CharTokenizer.build([text for text, _ in texts_and_seconds])
+    rng = np.random.default_rng(0)
+    items = []
+    for i, (text, seconds) in enumerate(texts_and_seconds):
+        path = tmp_path / f"c{i}.wav"
+        sf.write(path, (0.1 * rng.standard_normal(int(seconds * 16000))).astype(np.float32), 16000)
+        items.append(
+            {"id": f"c{i}", "audio": load_audio(path), "targets": tokenizer.encode(text), "text": text}
+        )
+    return collate(items), tokenizer
+
+
+def test_ctc_targets_longer_than_the_frames_are_counted_as_skipped_and_reported(tmp_path, caplog):
+    import torch
+
+    from speechlab.tasks.ctc import CTC_TOO_LONG, CTCTask
+
+    # 0.1 s gives 4 frames: too few for 9 characters; the 1 s utterance (49 frames) is fine
+    batch, tokenizer = _ctc_batch(tmp_path, [("ab", 1.0), ("abcabcabc", 0.1), ("abc", 1.0)])
+    task = CTCTask(encoder="wavlm_tiny", encoder_overrides={"num_layers": 1})
+    task.build(tokenizer)
+    loss = task.training_step(batch, 0)
+    assert loss is not None and torch.isfinite(loss)
+    assert task.training_step(batch, 1) is not None
+    task.eval()  # no dropout: the loss can be recomputed
+    loss, logits, frame_lengths, infeasible = task._ctc_loss(batch)
+    per_utterance = torch.nn.functional.ctc_loss(
+        logits.float().log_softmax(-1).transpose(0, 1),
+        batch.targets.clamp_min(0),
+        frame_lengths,
+        batch.target_lengths,
+        reduction="none",
+        zero_infinity=True,
+    )
+    assert int(infeasible) == 1 and per_utterance[1] == 0  # zero_infinity zeroed the infeasible one
+    # normalised by the feasible utterances' units only (2 + 3), not all 14
+    assert torch.isclose(loss, per_utterance.sum() / 5)
+    checkpoint: dict = {}
+    task.on_save_checkpoint(checkpoint)
+    assert checkpoint["speechlab_skipped"]["items"] == {CTC_TOO_LONG: 2}
+    with caplog.at_level("WARNING"):
+        task.on_train_end()
+    assert f"training skipped 2 items (2 {CTC_TOO_LONG}" in caplog.text
+
+
+def test_unispeech_counts_labeled_utterances_whose_phones_outnumber_the_frames(tmp_path, caplog):
+    from speechlab.tasks.ctc import CTC_TOO_LONG
+    from speechlab.tasks.unispeech import UniSpeechTask
+
+    batch, tokenizer = _ctc_batch(tmp_path, [("ab", 1.0), ("abcabcabc", 0.1)])
+    task = UniSpeechTask(model="unispeech_tiny", num_ctc_classes=tokenizer.vocab_size, num_negatives=2)
+    parts = task.compute_losses(batch)
+    assert int(parts[CTC_TOO_LONG]) == 1 and parts["num_labeled"] == 2
+    assert task.training_step(batch, 0) is not None
+    with caplog.at_level("WARNING"):
+        task.on_train_end()
+    assert f"training skipped 1 items (1 {CTC_TOO_LONG}" in caplog.text

@@ -34,12 +34,28 @@ class SpeechTask(L.LightningModule):
         self.nonfinite_steps = 0
         self.empty_batches = 0
         self.skipped_items: Counter = Counter()  # training items dropped by the data skip policy, by reason
+        self._pending_skips: dict[str, torch.Tensor] = {}  # skips counted on the device (see count_skipped)
         self._consecutive_nonfinite = 0
         self._last_nonfinite_batch: int | None = None
         self._drop_next_step = False
 
+    def count_skipped(self, reason: str, count: torch.Tensor) -> None:
+        """Count ``count`` (a 0-d tensor) training items a step left out for ``reason`` (e.g. CTC targets longer
+        than the output frames). Summed on the device, no host sync: added to ``skipped_items`` when a checkpoint
+        is saved and at the end of training, so they appear in the end-of-training summary."""
+        pending = self._pending_skips.get(reason)
+        count = count.detach()
+        self._pending_skips[reason] = count if pending is None else pending + count
+
+    def _flush_pending_skips(self) -> None:
+        for reason, count in self._pending_skips.items():
+            if int(count):
+                self.skipped_items[reason] += int(count)
+        self._pending_skips = {}
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Subclasses that override this call ``super()`` so the skip counters survive a resume."""
+        self._flush_pending_skips()
         checkpoint["speechlab_nonfinite"] = {
             "steps": self.nonfinite_steps,
             "consecutive": self._consecutive_nonfinite,
@@ -64,6 +80,7 @@ class SpeechTask(L.LightningModule):
 
     def on_train_end(self) -> None:
         """Say what was skipped during training (this rank), so no skip goes unnoticed."""
+        self._flush_pending_skips()
         rank = (
             f"rank {self.global_rank}: " if self._trainer is not None and self.trainer.world_size > 1 else ""
         )

@@ -160,10 +160,16 @@ class CTCTask(SpeechTask):
         super().on_before_optimizer_step(optimizer)
 
     # -- steps --------------------------------------------------------------------------------------------------
-    def _ctc_loss(self, batch: Any, frame_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Any, Any]:
+    def _ctc_loss(
+        self, batch: Any, frame_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Any, Any, torch.Tensor]:
+        """-> (loss per feasible target unit, logits, frame_lengths, number of infeasible utterances (0-d))."""
         logits, frame_lengths = self.model(batch.audio, batch.lengths, frame_mask=frame_mask)
         log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # (T, B, V), CTC in fp32
         targets = batch.targets.clamp_min(0)
+        # An utterance whose targets need more frames than it has gets an infinite loss, zeroed by zero_infinity;
+        # it is counted as skipped and left out of the normalisation.
+        feasible = ctc_feasible(batch.targets, batch.target_lengths, frame_lengths)
         loss = F.ctc_loss(
             log_probs,
             targets,
@@ -173,7 +179,8 @@ class CTCTask(SpeechTask):
             reduction="sum",
             zero_infinity=True,
         )
-        return loss / batch.target_lengths.sum().clamp_min(1), logits, frame_lengths
+        units = (batch.target_lengths * feasible).sum().clamp_min(1)
+        return loss / units, logits, frame_lengths, (~feasible).sum()
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         if len(batch) == 0:
@@ -184,8 +191,10 @@ class CTCTask(SpeechTask):
             frame_mask = span_mask(
                 frame_lengths, self.hparams.mask_prob, self.hparams.mask_length, min_masks=0
             ).to(batch.audio.device)
-        loss, _, _ = self._ctc_loss(batch, frame_mask)
+        loss, _, _, infeasible = self._ctc_loss(batch, frame_mask)
+        self.count_skipped(CTC_TOO_LONG, infeasible)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        self.log(f"train/{CTC_TOO_LONG}", infeasible.float(), reduce_fx="sum", batch_size=len(batch))
         return self.check_finite_loss(loss)
 
     def on_validation_epoch_start(self) -> None:
@@ -217,7 +226,7 @@ class CTCTask(SpeechTask):
     def _evaluate(self, batch: Any, stage: str) -> None:
         if len(batch) == 0:
             return
-        loss, logits, frame_lengths = self._ctc_loss(batch)
+        loss, logits, frame_lengths, _ = self._ctc_loss(batch)
         self.log(f"{stage}/loss", loss, batch_size=len(batch), sync_dist=True)
         hyps = [
             self.tokenizer.decode(ids)
@@ -242,6 +251,23 @@ class CTCTask(SpeechTask):
             self.log(f"{stage}/cer", char_rate, rank_zero_only=True)
         # One name to monitor whatever the units are: PER for phonemes, WER otherwise.
         self.log(f"{stage}/error_rate", word_rate, prog_bar=True, rank_zero_only=True)
+
+
+CTC_TOO_LONG = "ctc_target_longer_than_frames"  # skip reason in the end-of-training summary
+
+
+def ctc_feasible(
+    targets: torch.Tensor, target_lengths: torch.Tensor, frame_lengths: torch.Tensor
+) -> torch.Tensor:
+    """(B,) bool: CTC can align each utterance's targets to its frames.
+
+    targets: (B, U) int64 padded (any pad value), target_lengths: (B,), frame_lengths: (B,). A path needs one
+    frame per target unit plus a blank between each pair of equal consecutive units, so it exists iff
+    ``frame_lengths >= target_lengths + repeats``. Tensor ops only (no host sync).
+    """
+    valid = torch.arange(targets.shape[1], device=targets.device)[None] < target_lengths[:, None]
+    repeats = ((targets[:, 1:] == targets[:, :-1]) & valid[:, 1:]).sum(1)
+    return frame_lengths.to(target_lengths.device) >= target_lengths + repeats
 
 
 def error_counts(refs: list[str], hyps: list[str]) -> torch.Tensor:

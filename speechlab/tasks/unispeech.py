@@ -36,7 +36,7 @@ from speechlab.nn.contrastive import contrastive_loss, diversity_loss
 from speechlab.nn.masking import span_mask
 from speechlab.optim import OptimConfig
 from speechlab.tasks.base import SpeechTask
-from speechlab.tasks.ctc import error_counts
+from speechlab.tasks.ctc import CTC_TOO_LONG, ctc_feasible, error_counts
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,11 @@ class UniSpeechTask(SpeechTask):
         labeled = self.labeled_mask(batch)
         ctc_sum = out.ctc_logits.new_zeros(())
         num_tokens = torch.zeros((), device=batch.audio.device)
+        infeasible = torch.zeros((), dtype=torch.long, device=batch.audio.device)
         if bool(labeled.any()):
+            # labeled utterances whose phones need more frames than they have: counted, left out of the CTC term
+            feasible = ctc_feasible(batch.targets, batch.target_lengths, out.frame_lengths)
+            infeasible = (labeled & ~feasible).sum()
             log_probs = out.ctc_logits[labeled].float().log_softmax(-1).transpose(0, 1)  # (T, B_lab, V)
             targets = batch.targets[labeled].clamp_min(0)
             ctc_sum = F.ctc_loss(
@@ -237,7 +241,7 @@ class UniSpeechTask(SpeechTask):
                 reduction="sum",
                 zero_infinity=True,
             )
-            num_tokens = batch.target_lengths[labeled].sum().float()
+            num_tokens = (batch.target_lengths * feasible)[labeled].sum().float()
 
         alpha = h.ctc_weight
         loss = (alpha * ctc_sum + (1.0 - alpha) * self_supervised) / num_masked
@@ -252,6 +256,7 @@ class UniSpeechTask(SpeechTask):
             "code_perplexity": out.code_perplexity,
             "num_masked": torch.tensor(float(contrastive.num_frames)),
             "num_labeled": labeled.sum().float(),
+            CTC_TOO_LONG: infeasible.float(),
             "swap_fraction": out.swap_mask[~out.padding_mask].float().mean(),
             "_ctc_logits": out.ctc_logits,
             "_frame_lengths": out.frame_lengths,
@@ -275,6 +280,7 @@ class UniSpeechTask(SpeechTask):
         if len(batch) == 0:
             return self.skip_empty_batch()
         parts = self.compute_losses(batch)
+        self.count_skipped(CTC_TOO_LONG, parts[CTC_TOO_LONG])
         self._log_parts(parts, "train", len(batch))
         self.log("train/temperature", float(self.model.quantizer.temperature), batch_size=len(batch))
         return self.check_finite_loss(parts["loss"])
