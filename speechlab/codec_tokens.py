@@ -243,11 +243,6 @@ def load_codec(source: str | os.PathLike, device: str = "cpu"):
     )
 
 
-def _safe_name(item_id: str) -> str:
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", item_id).strip("._")
-    return name or "utt"
-
-
 def _input_items(args: argparse.Namespace) -> list[dict]:
     from speechlab.data.manifest import read_manifest
 
@@ -266,7 +261,7 @@ def run_encode(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from speechlab.audio import load_audio
-    from speechlab.data.manifest import write_manifest
+    from speechlab.data.manifest import output_names, write_manifest
 
     torch.set_num_threads(args.threads) if args.threads else None
     codec = load_codec(args.model, args.device)
@@ -274,10 +269,10 @@ def run_encode(args: argparse.Namespace) -> int:
     items = _input_items(args)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    names = output_names([str(item["id"]) for item in items], source=args.manifest or args.input_dir)
     order = sorted(range(len(items)), key=lambda i: float(items[i].get("duration") or 0.0))
     batch_size = args.batch_size if not hasattr(codec, "kind") else 1  # HF codecs are not padding-invariant
     written: dict[int, dict] = {}
-    used_names: set[str] = set()
     with tqdm(total=len(items), desc="encode", unit="utt") as bar:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
@@ -297,10 +292,7 @@ def run_encode(args: argparse.Namespace) -> int:
                 ids = [str(items[i]["id"]) for i in idx]
                 raise ValueError(f"{args.model}: encoding ids {ids}: {err}") from err
             for row, i in enumerate(idx):
-                name = _safe_name(str(items[i]["id"]))
-                while name in used_names:
-                    name += "_"
-                used_names.add(name)
+                name = names[i]
                 frames = int(frame_lengths[row])
                 info = TokenInfo.for_codec(codec, n_q, int(lengths[row]))
                 path = save_tokens(out_dir / f"{name}.tokens.safetensors", codes[row, :, :frames].cpu(), info)
@@ -323,6 +315,8 @@ def run_decode(args: argparse.Namespace) -> int:
     import soundfile as sf
     from tqdm import tqdm
 
+    from speechlab.data.manifest import output_names
+
     torch.set_num_threads(args.threads) if args.threads else None
     codec = load_codec(args.model, args.device)
     if args.manifest:
@@ -342,17 +336,21 @@ def run_decode(args: argparse.Namespace) -> int:
         files = sorted(folder.rglob("*.tokens.safetensors"))
         if not files:
             raise FileNotFoundError(f"--tokens-dir {folder}: no *.tokens.safetensors files")
-        paths = [(p.name[: -len(".tokens.safetensors")], p) for p in files]
+        # the id keeps the sub-folder: a/x and b/x are different utterances
+        paths = [(p.relative_to(folder).as_posix()[: -len(".tokens.safetensors")], p) for p in files]
+    names = output_names([item_id for item_id, _ in paths], source=args.manifest or args.tokens_dir)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for item_id, path in tqdm(paths, desc="decode", unit="utt"):
+    for name, (_, path) in tqdm(zip(names, paths, strict=True), total=len(paths), desc="decode", unit="utt"):
         codes, info = load_tokens(path)
         if not args.force:
             info.check_compatible(codec, str(path))
         audio = codec.decode(codes[None].to(args.device))[0].cpu()
         if info.num_samples is not None:
             audio = audio[: info.num_samples]
-        sf.write(out_dir / f"{_safe_name(item_id)}.wav", audio.clamp(-1, 1).numpy(), codec.sample_rate)
+        wav = out_dir / f"{name}.wav"
+        wav.parent.mkdir(parents=True, exist_ok=True)
+        sf.write(wav, audio.clamp(-1, 1).numpy(), codec.sample_rate)
     print(f"wrote {len(paths)} wav files to {out_dir}")
     return 0
 

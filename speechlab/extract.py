@@ -38,15 +38,6 @@ class Item:
     duration: float | None = None
 
 
-def _check_id(item_id: str, source: str) -> str:
-    parts = Path(item_id).parts
-    if not item_id or Path(item_id).is_absolute() or ".." in parts:
-        raise ValueError(
-            f"{source}: id {item_id!r} cannot be used as an output file name (empty, absolute or '..')"
-        )
-    return item_id
-
-
 def items_from_manifest(path: str | os.PathLike, on_error: str = "raise") -> list[Item]:
     """Items of a JSON Lines manifest (``id``, ``audio``, optional ``offset`` / ``duration`` of a segment)."""
     from speechlab.data.manifest import read_manifest
@@ -55,7 +46,7 @@ def items_from_manifest(path: str | os.PathLike, on_error: str = "raise") -> lis
     for entry in read_manifest(path, on_error=on_error, check_audio="exists"):
         offset = float(entry.get("offset", 0.0) or 0.0)
         duration = entry.get("duration") if "offset" in entry else None
-        items.append(Item(_check_id(str(entry["id"]), str(path)), entry["audio"], offset, duration))
+        items.append(Item(str(entry["id"]), entry["audio"], offset, duration))
     return items
 
 
@@ -75,8 +66,9 @@ def items_from_folder(
 # ------------------------------------------------------------------------------------------------ writing
 
 
-def output_path(output_dir: Path, item_id: str, fmt: str) -> Path:
-    return output_dir / f"{item_id}.{'npy' if fmt == 'npy' else 'safetensors'}"
+def output_path(output_dir: Path, name: str, fmt: str) -> Path:
+    """``name``: from :func:`speechlab.data.manifest.output_names` (safe, distinct)."""
+    return output_dir / f"{name}.{'npy' if fmt == 'npy' else 'safetensors'}"
 
 
 def _write_utterance(
@@ -195,10 +187,10 @@ def extract_items(
         raise ValueError(f"format must be 'npy' or 'safetensors', got {fmt!r}")
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    ids = [item.id for item in items]
-    if len(set(ids)) != len(ids):
-        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
-        raise ValueError(f"duplicate utterance ids {dup}: every item needs its own output file")
+    from speechlab.data.manifest import output_names
+
+    # every item needs its own output file: refuse ids that map to one name ('a' and './a') before writing
+    names = dict(zip((id(item) for item in items), output_names([item.id for item in items]), strict=True))
     np_dtype = np.dtype(dtype)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -211,7 +203,7 @@ def extract_items(
             for k, s in enumerate(range(0, len(items), shard_size))
         ]
     else:
-        units = [(output_path(output_dir, item.id, fmt), [item]) for item in items]
+        units = [(output_path(output_dir, names[id(item)], fmt), [item]) for item in items]
     todo = []
     for path, group in units:
         if path.exists() and not overwrite:
@@ -285,7 +277,7 @@ def extract_items(
                         fail(item, err)
                         continue
                     _write_utterance(
-                        output_path(output_dir, item.id, fmt), states, extractor.layers, fmt, np_dtype
+                        output_path(output_dir, names[id(item)], fmt), states, extractor.layers, fmt, np_dtype
                     )
                     report.done += 1
                 bar.update(len(pending))
@@ -302,7 +294,12 @@ def extract_items(
                 if threshold is not None and wave.numel() > threshold:
                     try:
                         _stream_long(
-                            extractor, item, wave, output_path(output_dir, item.id, fmt), fmt, np_dtype
+                            extractor,
+                            item,
+                            wave,
+                            output_path(output_dir, names[id(item)], fmt),
+                            fmt,
+                            np_dtype,
                         )
                         report.done += 1
                     except ValueError as err:
@@ -355,6 +352,7 @@ def _check_info(output_dir: Path, info: dict, overwrite: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from speechlab.api import FeatureExtractor, find_encoder, load
+    from speechlab.data.manifest import output_names
     from speechlab.tool_errors import ToolError, one_line
 
     if bool(args.manifest) == bool(args.input_dir):
@@ -369,6 +367,9 @@ def run(args: argparse.Namespace) -> int:
         if args.manifest
         else items_from_folder(args.input_dir)
     )
+    output_names(
+        [item.id for item in items], source=args.manifest or args.input_dir
+    )  # before the model loads
     model = load(args.model, device=device)
     layers = _parse_layers(args.layers, find_encoder(model).config.num_layers)
     extractor = FeatureExtractor(

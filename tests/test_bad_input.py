@@ -6,6 +6,7 @@ Every test builds its bad file for real (no mocks); ``docs/bad_data.md`` lists e
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -620,3 +621,79 @@ def test_unispeech_counts_labeled_utterances_whose_phones_outnumber_the_frames(t
     with caplog.at_level("WARNING"):
         task.on_train_end()
     assert f"training skipped 1 items (1 {CTC_TOO_LONG}" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------- output name collisions
+
+
+def test_output_names_are_safe_and_refuse_collisions_naming_both_ids():
+    from speechlab.data.manifest import output_names
+
+    assert output_names(["utt1", "spk/utt 1", "./b", "x//y", ".hidden"]) == [
+        "utt1",
+        "spk/utt_1",
+        "b",
+        "x/y",
+        "hidden",
+    ]
+    for ids in (["a", "./a"], ["a b", "a_b"], ["a:b", "a?b"], ["x/y", "x//y"]):
+        with pytest.raises(
+            ValueError, match=re.escape(f"m.jsonl: ids {ids[0]!r} and {ids[1]!r} both map to")
+        ):
+            output_names(ids, source="m.jsonl")
+    with pytest.raises(ValueError, match="id 'a' appears twice"):
+        output_names(["a", "a"])
+    for bad in ("../x", "a/../../x", "/etc/passwd", "", "..."):
+        with pytest.raises(ValueError, match="cannot name an output file"):
+            output_names([bad])
+
+
+def test_extract_refuses_ids_that_collide_as_file_names_before_writing(tmp_path, capsys):
+    from test_api import tiny_encoder
+
+    from speechlab.checkpoints.pretrained_dir import save_pretrained
+
+    model = save_pretrained(tiny_encoder(), tmp_path / "model", family="wavlm")
+    manifest = _two_utterances(tmp_path)
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    lines[1]["id"] = "./u0"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "out"
+    argv = ["extract", "--model", str(model), "--manifest", str(manifest), "--output-dir", str(out)]
+    assert cli.main([*argv, "--no-progress"]) == 2
+    assert "ids 'u0' and './u0' both map to the output file name 'u0'" in capsys.readouterr().err
+    assert not out.exists() or not list(out.glob("*.npy"))
+
+
+def test_decode_refuses_colliding_ids_and_keeps_sub_folders_apart(tmp_path, capsys):
+    import shutil
+
+    import torch
+
+    from speechlab.models.codec import Codec, codec_tiny
+
+    torch.manual_seed(0)
+    Codec(codec_tiny()).eval().save_pretrained(tmp_path / "codec")
+    manifest, tokens = _two_utterances(tmp_path), tmp_path / "tokens"
+    codec = ["--model", str(tmp_path / "codec")]
+    assert cli.main(["encode", "--manifest", str(manifest), *codec, "--output-dir", str(tokens)]) == 0
+    records = [json.loads(line) for line in (tokens / "manifest.jsonl").read_text().splitlines()]
+    records[0]["id"], records[1]["id"] = "a b", "a_b"
+    (tmp_path / "dec.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    wavs = tmp_path / "wavs"
+    assert (
+        cli.main(["decode", "--manifest", str(tmp_path / "dec.jsonl"), *codec, "--output-dir", str(wavs)])
+        == 2
+    )
+    assert "ids 'a b' and 'a_b' both map to the output file name 'a_b'" in capsys.readouterr().err
+    assert not wavs.exists() or not list(wavs.rglob("*.wav"))
+
+    # the same file name in two sub-folders: two utterances, two outputs (the bare file name used to collide)
+    (tokens / "sub").mkdir()
+    shutil.copy(tokens / "u1.tokens.safetensors", tokens / "sub" / "u0.tokens.safetensors")
+    assert cli.main(["decode", "--tokens-dir", str(tokens), *codec, "--output-dir", str(wavs)]) == 0
+    assert sorted(p.relative_to(wavs).as_posix() for p in wavs.rglob("*.wav")) == [
+        "sub/u0.wav",
+        "u0.wav",
+        "u1.wav",
+    ]

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -26,7 +27,14 @@ from typing import Any
 
 from speechlab.audio import AudioError, audio_info
 
-__all__ = ["ManifestError", "SkipReport", "read_manifest", "write_manifest", "REQUIRED_FIELDS"]
+__all__ = [
+    "ManifestError",
+    "SkipReport",
+    "output_names",
+    "read_manifest",
+    "write_manifest",
+    "REQUIRED_FIELDS",
+]
 
 log = logging.getLogger(__name__)
 
@@ -453,6 +461,61 @@ def write_manifest(path: str | os.PathLike, items: Iterable[dict]) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+MAX_NAME_PART = 200  # bytes; file systems allow 255 per path component, the extension needs a few
+
+
+def _output_name(item_id: str) -> str:
+    if not isinstance(item_id, str) or item_id.startswith("/"):
+        raise ValueError(f"id {item_id!r} cannot name an output file (it must be a relative name)")
+    parts = []
+    for part in item_id.split("/"):
+        if part == "..":
+            raise ValueError(
+                f"id {item_id!r} cannot name an output file ('..' would leave the output folder)"
+            )
+        part = _UNSAFE_NAME_CHARS.sub("_", part).lstrip(".")  # no hidden files, no '.' / '..' parts
+        if len(part) > MAX_NAME_PART:
+            raise ValueError(f"id {item_id[:60]!r}...: a part longer than {MAX_NAME_PART} characters")
+        if part:
+            parts.append(part)
+    if not parts:
+        raise ValueError(f"id {item_id!r} cannot name an output file (no usable characters)")
+    return "/".join(parts)
+
+
+def output_names(ids: Iterable[str], *, source: str = "input") -> list[str]:
+    """Safe, distinct relative output names (no extension) for utterance ids, in order: the one id -> file name map.
+
+    Each ``/``-separated part of an id keeps ``[A-Za-z0-9._-]`` (other runs become ``_``, leading dots are
+    dropped) and empty / ``.`` parts disappear, so ``"spk1/utt 1"`` -> ``"spk1/utt_1"`` (a sub-folder). Absolute
+    ids and ``..`` parts are refused: nothing is written outside the output folder. Two ids that map to one name
+    (``a`` and ``./a``, ``a b`` and ``a_b``) or a repeated id are a ``ValueError`` naming both, before anything is
+    written.
+    """
+    names: list[str] = []
+    owner: dict[str, str] = {}
+    for item_id in ids:
+        try:
+            name = _output_name(item_id)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err} -> rename the item") from None
+        if name in owner:
+            first = owner[name]
+            what = (
+                f"id {item_id!r} appears twice"
+                if first == item_id
+                else f"ids {first!r} and {item_id!r} both map to the output file name {name!r}"
+            )
+            raise ValueError(
+                f"{source}: {what}; one output would overwrite the other -> give the items distinct ids "
+                "(letters, digits, '.', '_', '-', and '/' for sub-folders)"
+            )
+        owner[name] = item_id
+        names.append(name)
+    return names
 
 
 def _relative_if_inside(audio: str, root: str) -> str:
