@@ -697,3 +697,74 @@ def test_decode_refuses_colliding_ids_and_keeps_sub_folders_apart(tmp_path, caps
         "u0.wav",
         "u1.wav",
     ]
+
+
+# ------------------------------------------------------------------------------ NaN / negative numeric config values
+
+
+@pytest.mark.parametrize(
+    "yaml_line, field",
+    [
+        ("max_batch_seconds: .nan", "data.max_batch_seconds must be a number > 0, got nan"),
+        ("max_batch_seconds: -5", "data.max_batch_seconds must be a number > 0, got -5"),
+        ("max_batch_size: 0", "data.max_batch_size must be an integer >= 1, got 0"),
+        ("min_duration: .inf", "data.min_duration must be a number >= 0, got inf"),
+        ("num_workers: 1.5", "data.num_workers must be an integer, got 1.5"),
+    ],
+)
+def test_nan_or_negative_data_config_values_name_the_field(tmp_path, yaml_line, field):
+    import yaml
+
+    from speechlab.data.datamodule import SpeechDataModule
+
+    manifest = _two_utterances(tmp_path)
+    (tmp_path / "data.yaml").write_text(f"train_manifest: {manifest}\n{yaml_line}\n")
+    with pytest.raises(ValueError, match=re.escape(field)):
+        SpeechDataModule(**yaml.safe_load((tmp_path / "data.yaml").read_text()))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"num_layers": -1}, "SSLEncoderConfig.num_layers must be an integer >= 0, got -1"),
+        ({"hidden_size": 0}, "SSLEncoderConfig.hidden_size must be an integer >= 1, got 0"),
+        ({"dropout": float("nan")}, "SSLEncoderConfig.dropout must be a number >= 0 and <= 1, got nan"),
+        ({"layerdrop": 1.5}, "SSLEncoderConfig.layerdrop must be a number >= 0 and <= 1, got 1.5"),
+        ({"layer_norm_eps": 0.0}, "SSLEncoderConfig.layer_norm_eps must be a number > 0, got 0.0"),
+        (
+            {"conv_layers": [(32, 10, 0)]},
+            "SSLEncoderConfig.conv_layers[0] must be (channels, kernel, stride) >= 1",
+        ),
+        ({"num_heads": True}, "SSLEncoderConfig.num_heads must be an integer, got True"),
+    ],
+)
+def test_nan_or_negative_encoder_config_values_name_the_field(overrides, message):
+    from speechlab.models.presets import encoder_config
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        encoder_config("wavlm_tiny", overrides)
+
+
+def test_a_checkpoint_with_a_negative_layer_count_is_refused_naming_the_field(tmp_path):
+    import lightning as L
+    import torch
+
+    import speechlab
+    from speechlab.checkpoints.safe_load import CheckpointError
+
+    torch.save(
+        {
+            "state_dict": {},
+            "pytorch-lightning_version": L.__version__,
+            "hyper_parameters": {
+                "_class_path": "speechlab.tasks.wavlm_pretrain.WavLMPretrainTask",
+                "encoder": "wavlm_tiny",
+                "encoder_overrides": {"num_layers": -1},
+            },
+        },
+        tmp_path / "neg.ckpt",
+    )
+    with pytest.raises(
+        CheckpointError, match=r"neg.ckpt.*SSLEncoderConfig.num_layers must be an integer >= 0"
+    ):
+        speechlab.load(tmp_path / "neg.ckpt")

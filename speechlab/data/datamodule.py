@@ -20,6 +20,7 @@ from speechlab.data.text import (
     build_tokenizer,
     load_tokenizer,
 )
+from speechlab.validate import check_number
 
 __all__ = ["SpeechDataModule"]
 
@@ -100,6 +101,14 @@ class SpeechDataModule(L.LightningDataModule):
             )
         if on_error not in ("raise", "skip"):
             raise ValueError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
+        check_number("data.sample_rate", sample_rate, minimum=1, integer=True)
+        check_number("data.max_batch_seconds", max_batch_seconds, above=0)
+        check_number("data.max_batch_size", max_batch_size, minimum=1, integer=True, optional=True)
+        check_number("data.min_duration", min_duration, minimum=0)
+        check_number("data.max_duration", max_duration, above=0, optional=True)
+        check_number("data.max_seconds", max_seconds, above=0, optional=True)
+        check_number("data.vocab_size", vocab_size, minimum=1, integer=True)
+        check_number("data.num_workers", num_workers, minimum=0, integer=True)
         if max_duration is not None and max_duration <= min_duration:
             raise ValueError(
                 f"data.max_duration ({max_duration}) must be > data.min_duration ({min_duration})"

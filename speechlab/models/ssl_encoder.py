@@ -68,6 +68,7 @@ class SSLEncoderConfig:
 
     def __post_init__(self) -> None:
         self.conv_layers = [tuple(int(v) for v in spec) for spec in self.conv_layers]
+        self._check_numbers()
         if self.conv_norm not in ("group", "layer"):
             raise ValueError(f"SSLEncoderConfig.conv_norm must be 'group' or 'layer', got {self.conv_norm!r}")
         if self.hidden_size % self.num_heads != 0:
@@ -76,6 +77,35 @@ class SSLEncoderConfig:
             )
         if self.num_buckets % 4 != 0:
             raise ValueError(f"SSLEncoderConfig.num_buckets must be a multiple of 4, got {self.num_buckets}")
+
+    def _check_numbers(self) -> None:
+        """NaN, inf, negative sizes and out-of-range probabilities are errors naming the field."""
+        from speechlab.validate import check_number
+
+        name = "SSLEncoderConfig."
+        if not self.conv_layers or len(self.conv_layers) > 64:
+            raise ValueError(f"{name}conv_layers must hold 1 to 64 layers, got {len(self.conv_layers)}")
+        for i, spec in enumerate(self.conv_layers):
+            if len(spec) != 3 or min(spec) < 1:
+                raise ValueError(
+                    f"{name}conv_layers[{i}] must be (channels, kernel, stride) >= 1, got {spec}"
+                )
+        for size in (
+            "hidden_size",
+            "num_heads",
+            "ffn_size",
+            "pos_conv_kernel",
+            "pos_conv_groups",
+            "mask_length",
+        ):
+            check_number(name + size, getattr(self, size), minimum=1, integer=True)
+        for size in ("num_layers", "num_buckets", "max_distance"):
+            check_number(name + size, getattr(self, size), minimum=0, integer=True)
+        for probability in ("dropout", "attention_dropout", "activation_dropout", "feature_dropout", "layerdrop",
+                            "mask_prob"):  # fmt: skip
+            check_number(name + probability, getattr(self, probability), minimum=0, maximum=1)
+        check_number(name + "feature_grad_mult", self.feature_grad_mult, minimum=0)
+        check_number(name + "layer_norm_eps", self.layer_norm_eps, above=0)
 
 
 @dataclass
