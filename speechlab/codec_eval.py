@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import torch
-import torchaudio
 from torch import Tensor
 
+from speechlab.audio import resample
 from speechlab.nn.spectral import MultiResolutionSTFTLoss, MultiScaleMelLoss, si_sdr
 
 
@@ -79,7 +79,7 @@ def evaluate_codec(codec, clips: list[Tensor], sample_rate: int, n_q: int | None
     for clip in clips:
         audio = clip
         if codec.sample_rate != sample_rate:
-            audio = torchaudio.functional.resample(clip, sample_rate, codec.sample_rate)
+            audio = resample(clip, sample_rate, codec.sample_rate)
         audio = audio[None].to(device)
         start = time.perf_counter()
         codes, frame_lengths = codec.encode(audio, n_q=n_q)
@@ -88,7 +88,7 @@ def evaluate_codec(codec, clips: list[Tensor], sample_rate: int, n_q: int | None
         seconds += clip.shape[0] / sample_rate
         recon = recon[0, : audio.shape[1]].float().cpu()
         if codec.sample_rate != sample_rate:
-            recon = torchaudio.functional.resample(recon, codec.sample_rate, sample_rate)
+            recon = resample(recon, codec.sample_rate, sample_rate)
         recon = torch.nn.functional.pad(recon, (0, max(0, clip.shape[0] - recon.shape[0])))[: clip.shape[0]]
         ref, deg = clip[None], recon[None]
         totals["mel_distance"].append(float(mel(deg, ref)))
