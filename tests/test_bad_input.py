@@ -768,3 +768,22 @@ def test_a_checkpoint_with_a_negative_layer_count_is_refused_naming_the_field(tm
         CheckpointError, match=r"neg.ckpt.*SSLEncoderConfig.num_layers must be an integer >= 0"
     ):
         speechlab.load(tmp_path / "neg.ckpt")
+
+
+# --------------------------------------------------------------------------------------------------- catalogue
+
+
+def test_every_test_the_catalogue_names_exists():
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    rows = [r for r in (tests.parent / "docs" / "bad_data.md").read_text().splitlines() if r.startswith("| ")]
+    named, missing = 0, []
+    for row in rows:
+        current = None
+        for match in re.finditer(r"`(test_\w+\.py)?::(test_\w+)", row):
+            current = match.group(1) or current
+            named += 1
+            if current is None or f"def {match.group(2)}(" not in (tests / current).read_text():
+                missing.append(f"{current}::{match.group(2)}")
+    assert named > 50 and not missing
