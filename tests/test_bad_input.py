@@ -579,7 +579,7 @@ def _ctc_batch(tmp_path, texts_and_seconds):
 def test_ctc_targets_longer_than_the_frames_are_counted_as_skipped_and_reported(tmp_path, caplog):
     import torch
 
-    from speechlab.tasks.ctc import CTC_TOO_LONG, CTCTask
+    from speechlab.tasks.ctc import CTC_TOO_LONG, CTCTask, ctc_feasible
 
     # 0.1 s gives 4 frames: too few for 9 characters; the 1 s utterance (49 frames) is fine
     batch, tokenizer = _ctc_batch(tmp_path, [("ab", 1.0), ("abcabcabc", 0.1), ("abc", 1.0)])
@@ -589,7 +589,7 @@ def test_ctc_targets_longer_than_the_frames_are_counted_as_skipped_and_reported(
     assert loss is not None and torch.isfinite(loss)
     assert task.training_step(batch, 1) is not None
     task.eval()  # no dropout: the loss can be recomputed
-    loss, logits, frame_lengths, infeasible = task._ctc_loss(batch)
+    loss, logits, frame_lengths = task._ctc_loss(batch)
     per_utterance = torch.nn.functional.ctc_loss(
         logits.float().log_softmax(-1).transpose(0, 1),
         batch.targets.clamp_min(0),
@@ -598,7 +598,9 @@ def test_ctc_targets_longer_than_the_frames_are_counted_as_skipped_and_reported(
         reduction="none",
         zero_infinity=True,
     )
-    assert int(infeasible) == 1 and per_utterance[1] == 0  # zero_infinity zeroed the infeasible one
+    assert torch.equal(frame_lengths, task.model.encoder.frame_lengths(batch.lengths))  # what training counts
+    assert ctc_feasible(batch.targets, batch.target_lengths, frame_lengths).tolist() == [True, False, True]
+    assert per_utterance[1] == 0  # zero_infinity zeroed the infeasible one
     # normalised by the feasible utterances' units only (2 + 3), not all 14
     assert torch.isclose(loss, per_utterance.sum() / 5)
     checkpoint: dict = {}

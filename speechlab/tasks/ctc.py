@@ -160,15 +160,13 @@ class CTCTask(SpeechTask):
         super().on_before_optimizer_step(optimizer)
 
     # -- steps --------------------------------------------------------------------------------------------------
-    def _ctc_loss(
-        self, batch: Any, frame_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, Any, Any, torch.Tensor]:
-        """-> (loss per feasible target unit, logits, frame_lengths, number of infeasible utterances (0-d))."""
+    def _ctc_loss(self, batch: Any, frame_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Any, Any]:
+        """-> (loss per target unit of the feasible utterances, logits, frame_lengths)."""
         logits, frame_lengths = self.model(batch.audio, batch.lengths, frame_mask=frame_mask)
         log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # (T, B, V), CTC in fp32
         targets = batch.targets.clamp_min(0)
         # An utterance whose targets need more frames than it has gets an infinite loss, zeroed by zero_infinity;
-        # it is counted as skipped and left out of the normalisation.
+        # it is left out of the normalisation (and counted as skipped by training_step).
         feasible = ctc_feasible(batch.targets, batch.target_lengths, frame_lengths)
         loss = F.ctc_loss(
             log_probs,
@@ -180,19 +178,20 @@ class CTCTask(SpeechTask):
             zero_infinity=True,
         )
         units = (batch.target_lengths * feasible).sum().clamp_min(1)
-        return loss / units, logits, frame_lengths, (~feasible).sum()
+        return loss / units, logits, frame_lengths
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         if len(batch) == 0:
             return self.skip_empty_batch()
+        frame_lengths = self.model.encoder.frame_lengths(batch.lengths)
+        infeasible = (~ctc_feasible(batch.targets, batch.target_lengths, frame_lengths)).sum()
+        self.count_skipped(CTC_TOO_LONG, infeasible)
         frame_mask = None
         if self.hparams.mask_prob > 0:
-            frame_lengths = self.model.encoder.frame_lengths(batch.lengths)
             frame_mask = span_mask(
                 frame_lengths, self.hparams.mask_prob, self.hparams.mask_length, min_masks=0
             ).to(batch.audio.device)
-        loss, _, _, infeasible = self._ctc_loss(batch, frame_mask)
-        self.count_skipped(CTC_TOO_LONG, infeasible)
+        loss, _, _ = self._ctc_loss(batch, frame_mask)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         self.log(f"train/{CTC_TOO_LONG}", infeasible.float(), reduce_fx="sum", batch_size=len(batch))
         return self.check_finite_loss(loss)
@@ -226,7 +225,7 @@ class CTCTask(SpeechTask):
     def _evaluate(self, batch: Any, stage: str) -> None:
         if len(batch) == 0:
             return
-        loss, logits, frame_lengths, _ = self._ctc_loss(batch)
+        loss, logits, frame_lengths = self._ctc_loss(batch)
         self.log(f"{stage}/loss", loss, batch_size=len(batch), sync_dist=True)
         hyps = [
             self.tokenizer.decode(ids)
