@@ -304,3 +304,21 @@ def test_unrecognised_sources_say_what_is_readable(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(CheckpointError, match="unsupported checkpoint file type '.txt'"):
         load(tmp_path / "notes.txt")
+
+
+@pytest.mark.parametrize("name", ["ctc", "wavlm", "unispeech", "codec"])
+def test_every_task_logs_the_metric_its_best_checkpoints_are_ranked_by(batch_and_tokenizer, tmp_path, name):
+    import lightning as L
+
+    from speechlab.train import task_monitor
+
+    batch, tokenizer = batch_and_tokenizer
+    task = _tasks(tokenizer)[name]
+    monitor, _ = task_monitor(task)
+    assert monitor is not None, (
+        f"{name}: no checkpoint_monitor, so best-k checkpoints and --ckpt_path best fail"
+    )
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.validate(task, dataloaders=DataLoader([batch], batch_size=None), verbose=False)
+    assert monitor in trainer.callback_metrics
