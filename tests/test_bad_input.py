@@ -89,7 +89,11 @@ def test_a_checkpoint_naming_paths_in_tokenizer_files_is_refused_and_writes_noth
     written = sorted(set(tmp_path.rglob("*")) - set(before))
     monkeypatch.chdir(path.parent)
     with pytest.raises(ValueError, match=r"unexpected entries.*escaped"):
-        task_class.load_from_checkpoint(path, weights_only=True)
+        task_class.load_from_checkpoint(path, weights_only=True)  # what a resume or a fine-tuning run does
+    import speechlab
+
+    with pytest.raises(ValueError, match=r"crafted.ckpt.*unexpected entries"):
+        speechlab.load(path)  # the Lightning .ckpt reader restores the tokenizer the same way
     assert sorted(set(tmp_path.rglob("*")) - set(before)) == written  # only the .ckpt and its folder
     assert (
         not (tmp_path / "escaped_relative.txt").exists() and not (tmp_path / "escaped_absolute.txt").exists()
