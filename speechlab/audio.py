@@ -151,6 +151,28 @@ def check_header(path: str | os.PathLike, info: sf._SoundFileInfo) -> None:
             )
 
 
+READ_BLOCK_FRAMES = 1 << 22  # 4M frames (~4 min at 16 kHz) per read of a long file
+
+
+def _read_frames(path: Path, start: int, frames: int) -> np.ndarray:
+    """(frames_read, channels) float32 from ``start``. soundfile allocates what it is asked for up front, and a
+    corrupt header can promise days of audio in a few KB (a FLAC STREAMINFO of 2^35 samples -> 137 GB), so long
+    reads go block by block and stop where the data ends: memory follows the audio actually present."""
+    if frames <= READ_BLOCK_FRAMES:
+        return sf.read(str(path), start=start, frames=frames, dtype="float32", always_2d=True)[0]
+    blocks = []
+    with sf.SoundFile(str(path)) as handle:
+        if start:
+            handle.seek(start)
+        while frames > 0:
+            block = handle.read(min(frames, READ_BLOCK_FRAMES), dtype="float32", always_2d=True)
+            blocks.append(block)
+            frames -= block.shape[0]
+            if block.shape[0] < min(frames + block.shape[0], READ_BLOCK_FRAMES):
+                break  # the data ended before the header said it would
+    return np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+
+
 def audio_info(path: str | os.PathLike) -> tuple[int, int, int]:
     """Header-only metadata of an audio file.
 
@@ -246,7 +268,7 @@ def load_audio(
             path, f"segment at {offset:.3f} s with duration {duration} s has no samples", "fix it"
         )
     try:
-        data, _ = sf.read(str(path), start=start, frames=frames, dtype="float32", always_2d=True)
+        data = _read_frames(path, start, (num_frames - start) if frames < 0 else frames)
     except PermissionError as err:
         raise AudioError(path, f"permission denied ({err})", "fix the file permissions (chmod a+r)") from err
     except (sf.SoundFileError, RuntimeError, OSError) as err:

@@ -793,3 +793,72 @@ def test_every_test_the_catalogue_names_exists():
             if current is None or f"def {match.group(2)}(" not in (tests / current).read_text():
                 missing.append(f"{current}::{match.group(2)}")
     assert named > 50 and not missing
+
+
+def _flac_claiming(path, total_samples: int):
+    """A real 1 s FLAC whose STREAMINFO header claims ``total_samples``."""
+    import numpy as np
+    import soundfile as sf
+
+    sf.write(path, (0.1 * np.random.default_rng(0).standard_normal(16000)).astype(np.float32), 16000)
+    raw = bytearray(path.read_bytes())
+    at = 8 + 10  # 'fLaC', metadata block header, then 10 bytes of block / frame sizes
+    bits = int.from_bytes(raw[at : at + 8], "big")
+    bits = (bits & ~((1 << 36) - 1)) | total_samples  # the low 36 bits hold the total sample count
+    raw[at : at + 8] = bits.to_bytes(8, "big")
+    path.write_bytes(bytes(raw))
+    return path
+
+
+_HUGE_HEADER = """
+import resource, sys
+from speechlab.audio import AudioError, load_audio
+
+def vm_bytes():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmSize:"))
+
+resource.setrlimit(resource.RLIMIT_AS, (vm_bytes() + 1024**3, resource.RLIM_INFINITY))
+try:
+    load_audio(sys.argv[1])
+    print("loaded")
+except AudioError as err:
+    print("AudioError", err)
+"""
+
+
+def test_a_header_promising_days_of_audio_in_a_small_file_is_an_error_not_a_huge_allocation(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import soundfile as sf
+
+    path = _flac_claiming(tmp_path / "huge.flac", 2**35)  # 24 days: 137 GB if allocated from the header
+    assert sf.info(str(path)).frames == 2**35 and path.stat().st_size < 100_000
+    run = subprocess.run(
+        [sys.executable, "-c", _HUGE_HEADER, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.startswith("AudioError") and "huge.flac" in run.stdout
+
+
+def test_long_files_are_read_block_by_block_with_the_same_samples(tmp_path, monkeypatch):
+    import numpy as np
+    import soundfile as sf
+
+    import speechlab.audio as audio
+
+    path = _sine_wav(tmp_path / "long.wav", 16000, 5500)
+    monkeypatch.setattr(audio, "READ_BLOCK_FRAMES", 1000)  # 6 blocks, the last one partial
+    expected = sf.read(str(path), dtype="float32")[0]
+    assert np.array_equal(audio.load_audio(path).numpy(), expected)
+    assert np.array_equal(audio.load_audio(path, offset=0.1).numpy(), expected[1600:])
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(path.read_bytes()[:-4000])  # fewer frames than the header: still refused
+    with pytest.raises(audio.AudioError, match="cut.wav"):
+        audio.load_audio(cut)
