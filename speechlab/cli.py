@@ -1,148 +1,85 @@
 """The ``speechlab`` command.
 
 ``speechlab fit|validate|test --config conf.yaml`` train and evaluate any task through LightningCLI (one Trainer
-setup for every task, see :mod:`speechlab.train`); the other subcommands are tools (feature extraction, k-means
-units, codec tokenization, checkpoint conversion), each implemented next to what it uses.
+setup for every task, see :mod:`speechlab.train` and :mod:`speechlab.lightning_cli`); the other subcommands are
+tools (feature extraction, k-means units, codec tokenization, checkpoint conversion and export, transcription),
+each implemented next to what it uses.
+
+Start-up stays fast: this module imports neither torch nor Lightning. ``speechlab --help`` and ``--version`` are
+answered from the table below, a tool command imports only its own module, and Lightning is imported only for
+fit / validate / test / predict.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import signal
 import sys
 from typing import Any
 
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.plugins.io import CheckpointIO
-from lightning.pytorch.utilities.exceptions import SIGTERMException
-
 from speechlab.tool_errors import add_debug_argument, run_tool
-from speechlab.train import (
-    BASE_TRAINER_ARGS,
-    AtomicCheckpointIO,
-    default_callbacks,
-    default_loggers,
-    default_precision,
-    resolve_strategy,
-    task_monitor,
-)
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
-# Modules that register one tool subcommand each through ``add_parser(subparsers)``.
-TOOL_MODULES = (
-    "speechlab.extract",
-    "speechlab.convert",
-    "speechlab.export",
-    "speechlab.transcribe",
-    "speechlab.plots",
-    "speechlab.kmeans",
-    "speechlab.codec_tokens",
-    "speechlab.codec_eval",
-    "speechlab.data.manifest",
-)
+# Tool commands: command -> (module whose ``add_parser(subparsers)`` registers it, one-line summary). The summaries
+# let ``speechlab --help`` list every command without importing the modules (a test checks they match).
+TOOLS: dict[str, tuple[str, str]] = {
+    "extract": ("speechlab.extract", "extract layer-wise SSL features for a manifest or a folder"),
+    "convert": ("speechlab.convert", "convert checkpoints between speechlab and Hugging Face formats (import fairseq/unilm .pt)"),
+    "export": ("speechlab.export", "export a run / checkpoint as a speechlab or Hugging Face model directory (with a round-trip check)"),
+    "transcribe": ("speechlab.transcribe", "transcribe audio files / folders / manifests with a CTC model (greedy or beam search + n-gram LM)"),
+    "plot": ("speechlab.plots", "plot a run's training curves to PNG"),
+    "kmeans": ("speechlab.kmeans", "k-means unit targets (HuBERT/WavLM pseudo-labels) for manifests"),
+    "encode": ("speechlab.codec_tokens", "audio (manifest or folder) -> codec token files + a manifest"),
+    "decode": ("speechlab.codec_tokens", "codec token files -> wav files"),
+    "codec-eval": ("speechlab.codec_eval", "compare codecs on one manifest (mel/STFT distance, SI-SDR, STOI, PESQ, usage, RTF)"),
+    "check-manifest": ("speechlab.data.manifest", "validate manifests: schema, files, headers, durations (and optionally decode every file)"),
+}  # fmt: skip
+
+# Modules that register tool subcommands through ``add_parser(subparsers)``.
+TOOL_MODULES = tuple(dict.fromkeys(module for module, _ in TOOLS.values()))
 
 
-class SpeechLabCLI(LightningCLI):
-    """LightningCLI with speechlab's trainer setup: loggers, checkpoint folder and monitor follow the run."""
+def _version() -> str:
+    try:
+        from importlib.metadata import version
 
-    def __init__(self, args: list[str] | None = None) -> None:
-        super().__init__(
-            LightningModule,
-            LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            trainer_defaults={
-                **BASE_TRAINER_ARGS,
-                "precision": default_precision(),
-                "default_root_dir": "exp",
-            },
-            save_config_kwargs={"overwrite": True},
-            auto_configure_optimizers=False,
-            args=args,
-        )
+        return version("speechlab")
+    except Exception:  # not installed as a package (a plain checkout on PYTHONPATH)
+        import speechlab
 
-    def add_arguments_to_parser(self, parser: Any) -> None:
-        parser.add_argument(
-            "--checkpoint_every_n_steps",
-            type=int | None,
-            default=None,
-            help="also write checkpoints/last.ckpt every N optimiser steps (default: at validation / epoch end)",
-        )
-        parser.add_argument(
-            "--ddp_timeout_seconds",
-            type=float | None,
-            default=None,
-            help="with trainer.strategy ddp: a collective that has not completed after this long fails the run "
-            "(default 600)",
-        )
-
-    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        config = self._get(self.config_init, "trainer", default={})
-        root = config.get("default_root_dir") or "exp"
-        if config.get("logger") in (None, True):
-            kwargs["logger"] = default_loggers(root)
-        user_callbacks = list(config.get("callbacks") or [])
-        if not any(isinstance(cb, ModelCheckpoint) for cb in user_callbacks):
-            monitor, mode = task_monitor(self.model)
-            every = self._get(self.config, "checkpoint_every_n_steps")
-            user_callbacks += default_callbacks(root, monitor, mode, every_n_train_steps=every)
-        kwargs["callbacks"] = user_callbacks
-        # Added here, not in trainer_defaults, so the saved config.yaml stays parseable (see BASE_TRAINER_ARGS).
-        plugins = config.get("plugins") or []
-        plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
-        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
-            plugins.append(AtomicCheckpointIO())
-        kwargs["plugins"] = plugins
-        if getattr(self.model, "automatic_optimization", True) is False:
-            kwargs["gradient_clip_val"] = None  # manual optimisation clips inside the task
-        timeout = self._get(self.config, "ddp_timeout_seconds")
-        kwargs["strategy"] = resolve_strategy(config.get("strategy", "auto"), self.model, timeout)
-        return super().instantiate_trainer(**kwargs)
-
-    def _resolve_best(self) -> None:
-        """``--ckpt_path best`` in a new process: the run folder's best checkpoint, as recorded in last.ckpt.
-
-        Lightning knows "best" only from the ModelCheckpoint of the current process, which has saved nothing in
-        a ``speechlab test`` run, so ``speechlab test --ckpt_path best`` after ``speechlab fit`` needs this.
-        """
-        section = self.config_init[self.subcommand]
-        if section.get("ckpt_path") != "best":
-            return
-        callback = self.trainer.checkpoint_callback
-        if callback is not None and getattr(callback, "best_model_path", ""):
-            return
-        from speechlab.checkpoints.run_dir import run_checkpoint
-
-        section["ckpt_path"] = str(run_checkpoint(self.trainer.default_root_dir, "best"))
-
-    def before_validate(self) -> None:
-        self._resolve_best()
-
-    def before_test(self) -> None:
-        self._resolve_best()
+        return speechlab.__version__
 
 
-def _tool_parser() -> argparse.ArgumentParser:
+def _base_parser() -> tuple[argparse.ArgumentParser, Any]:
     parser = argparse.ArgumentParser(
         prog="speechlab",
         description=(
             "speechlab: WavLM, UniSpeech and neural-codec training and tools.\n\n"
-            "Training: speechlab fit|validate|test --config CONF.yaml [--ckpt_path last] "
+            "Training: speechlab fit|validate|test --config CONF.yaml [--ckpt_path last|best] "
             "(see 'speechlab fit --help')."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"speechlab {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in LIGHTNING_SUBCOMMANDS[:3]:
         subparsers.add_parser(
             name, help=f"{name} a task from a YAML config (LightningCLI; --help for options)"
         )
-    for module_name in TOOL_MODULES:
+    return parser, subparsers
+
+
+def _tool_parser(commands: list[str] | None = None) -> argparse.ArgumentParser:
+    """The tool parser with every tool (default) or only the modules of ``commands`` imported; the other tools
+    are listed by their summary so that ``--help`` still shows them."""
+    parser, subparsers = _base_parser()
+    wanted = TOOL_MODULES if commands is None else tuple(dict.fromkeys(TOOLS[c][0] for c in commands))
+    for module_name in wanted:
         importlib.import_module(module_name).add_parser(subparsers)
+    for name, (_, summary) in TOOLS.items():
+        if name not in subparsers.choices:
+            subparsers.add_parser(name, help=summary)
     for name, tool in subparsers.choices.items():
         if name not in LIGHTNING_SUBCOMMANDS:
             add_debug_argument(tool)
@@ -152,21 +89,23 @@ def _tool_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
-        try:
-            SpeechLabCLI(args=argv)
-        except SIGTERMException:  # Lightning saved last.ckpt (save_on_exception) and stopped
-            print(
-                "speechlab: stopped by SIGTERM after writing checkpoints/last.ckpt; resume with --ckpt_path last",
-                file=sys.stderr,
-            )
-            return 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
-        return 0
-    parser = _tool_parser()
+        from speechlab.lightning_cli import run
+
+        return run(argv)
+    parser = _tool_parser([argv[0]] if argv and argv[0] in TOOLS else [])
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0 if not argv else 2
     return run_tool(args.command, args.func, args)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SpeechLabCLI":  # kept importable from here; defined where Lightning is imported
+        from speechlab.lightning_cli import SpeechLabCLI
+
+        return SpeechLabCLI
+    raise AttributeError(f"module 'speechlab.cli' has no attribute {name!r}")
 
 
 if __name__ == "__main__":
