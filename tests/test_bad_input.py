@@ -613,6 +613,10 @@ def test_ctc_targets_longer_than_the_frames_are_counted_as_skipped_and_reported(
     with caplog.at_level("WARNING"):
         task.on_train_end()
     assert f"training skipped 2 items (2 {CTC_TOO_LONG}" in caplog.text
+    assert (
+        f"2 training items left out of the loss ({CTC_TOO_LONG}) -> their transcripts need more"
+        in caplog.text
+    )
 
 
 def test_unispeech_counts_labeled_utterances_whose_phones_outnumber_the_frames(tmp_path, caplog):

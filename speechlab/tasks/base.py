@@ -35,22 +35,31 @@ class SpeechTask(L.LightningModule):
         self.empty_batches = 0
         self.skipped_items: Counter = Counter()  # training items dropped by the data skip policy, by reason
         self._pending_skips: dict[str, torch.Tensor] = {}  # skips counted on the device (see count_skipped)
+        self._skip_remedies: dict[str, str] = {}
         self._consecutive_nonfinite = 0
         self._last_nonfinite_batch: int | None = None
         self._drop_next_step = False
 
-    def count_skipped(self, reason: str, count: torch.Tensor) -> None:
+    def count_skipped(self, reason: str, count: torch.Tensor, remedy: str = "") -> None:
         """Count ``count`` (a 0-d tensor) training items a step left out for ``reason`` (e.g. CTC targets longer
-        than the output frames). Summed on the device, no host sync: added to ``skipped_items`` when a checkpoint
-        is saved and at the end of training, so they appear in the end-of-training summary."""
+        than the output frames). Summed on the device, no host sync: added to ``skipped_items`` (with a warning
+        giving ``remedy``) when a checkpoint is saved and at the end of training, so they appear in the
+        end-of-training summary."""
         pending = self._pending_skips.get(reason)
         count = count.detach()
         self._pending_skips[reason] = count if pending is None else pending + count
+        self._skip_remedies[reason] = remedy
 
     def _flush_pending_skips(self) -> None:
         for reason, count in self._pending_skips.items():
             if int(count):
                 self.skipped_items[reason] += int(count)
+                log.warning(
+                    "%d training items left out of the loss (%s) -> %s",
+                    int(count),
+                    reason,
+                    self._skip_remedies.get(reason) or "check the data",
+                )
         self._pending_skips = {}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

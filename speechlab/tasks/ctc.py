@@ -185,7 +185,7 @@ class CTCTask(SpeechTask):
             return self.skip_empty_batch()
         frame_lengths = self.model.encoder.frame_lengths(batch.lengths)
         infeasible = (~ctc_feasible(batch.targets, batch.target_lengths, frame_lengths)).sum()
-        self.count_skipped(CTC_TOO_LONG, infeasible)
+        self.count_skipped(CTC_TOO_LONG, infeasible, CTC_TOO_LONG_REMEDY)
         frame_mask = None
         if self.hparams.mask_prob > 0:
             frame_mask = span_mask(
@@ -253,6 +253,10 @@ class CTCTask(SpeechTask):
 
 
 CTC_TOO_LONG = "ctc_target_longer_than_frames"  # skip reason in the end-of-training summary
+CTC_TOO_LONG_REMEDY = (
+    "their transcripts need more frames than the audio gives: check for transcripts of the wrong clip or "
+    "raise data.min_duration"
+)
 
 
 def ctc_feasible(

@@ -36,7 +36,7 @@ from speechlab.nn.contrastive import contrastive_loss, diversity_loss
 from speechlab.nn.masking import span_mask
 from speechlab.optim import OptimConfig
 from speechlab.tasks.base import SpeechTask
-from speechlab.tasks.ctc import CTC_TOO_LONG, ctc_feasible, error_counts
+from speechlab.tasks.ctc import CTC_TOO_LONG, CTC_TOO_LONG_REMEDY, ctc_feasible, error_counts
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ class UniSpeechTask(SpeechTask):
         if len(batch) == 0:
             return self.skip_empty_batch()
         parts = self.compute_losses(batch)
-        self.count_skipped(CTC_TOO_LONG, parts[CTC_TOO_LONG])
+        self.count_skipped(CTC_TOO_LONG, parts[CTC_TOO_LONG], CTC_TOO_LONG_REMEDY)
         self._log_parts(parts, "train", len(batch))
         self.log("train/temperature", float(self.model.quantizer.temperature), batch_size=len(batch))
         return self.check_finite_loss(parts["loss"])
