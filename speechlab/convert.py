@@ -68,7 +68,12 @@ def default_family(model: nn.Module, source: Path) -> str:
             return str(data["model_type"])
     if isinstance(model, SSLEncoder):
         return "wavlm" if model.config.relative_position_bias else "hubert"
-    return type(model).__name__.lower()
+    from speechlab.export import model_family
+
+    try:  # a CTC model (e.g. from a run's .ckpt), UniSpeech, codec
+        return model_family(model)
+    except ValueError:
+        return type(model).__name__.lower()
 
 
 def _report(title: str, reference: torch.Tensor, other: torch.Tensor) -> float:

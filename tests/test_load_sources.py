@@ -322,3 +322,13 @@ def test_every_task_logs_the_metric_its_best_checkpoints_are_ranked_by(batch_and
                         enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
     trainer.validate(task, dataloaders=DataLoader([batch], batch_size=None), verbose=False)
     assert monitor in trainer.callback_metrics
+
+
+def test_convert_reads_a_ctc_run_checkpoint(runs, tmp_path):
+    from speechlab import convert
+
+    root, tasks = runs
+    assert convert.main([str(root / "ctc" / "checkpoints" / "last.ckpt"), str(tmp_path / "out")]) == 0
+    model = load(tmp_path / "out")
+    assert isinstance(model, CTCModel) and model.tokenizer.units == tasks["ctc"].tokenizer.units
+    _same_weights(model, tasks["ctc"].model)
