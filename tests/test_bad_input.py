@@ -866,3 +866,20 @@ def test_long_files_are_read_block_by_block_with_the_same_samples(tmp_path, monk
     cut.write_bytes(path.read_bytes()[:-4000])  # fewer frames than the header: still refused
     with pytest.raises(audio.AudioError, match="cut.wav"):
         audio.load_audio(cut)
+
+
+@pytest.mark.parametrize("kind", ["encodec", "dac"])
+def test_a_transformers_codec_with_a_non_finite_latent_is_refused(tmp_path, kind):
+    import torch
+    from test_hf_codec import small_dac, small_encodec
+
+    from speechlab.checkpoints.hf_codec import HFCodec
+
+    model, directory = (small_encodec if kind == "encodec" else small_dac)(tmp_path)
+    with torch.no_grad():  # finite weights whose encoder overflows
+        for param in model.encoder.parameters():
+            param.mul_(1e12)
+    model.save_pretrained(directory)
+    codec = HFCodec.from_pretrained(directory)
+    with pytest.raises(ValueError, match=r"codec latent is NaN/inf for batch rows \[0, 1\]"):
+        codec.encode(torch.randn(2, 8000) * 0.1)

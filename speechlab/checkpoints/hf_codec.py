@@ -132,14 +132,34 @@ class HFCodec(nn.Module):
         inputs = audio[:, None]
         if lengths is None:
             lengths = torch.full((audio.shape[0],), audio.shape[1], dtype=torch.long, device=audio.device)
-        if self.kind == "encodec":
-            mask = (torch.arange(audio.shape[1], device=audio.device)[None] < lengths[:, None])[:, None]
-            out = self.model.encode(inputs, padding_mask=mask, bandwidth=self._bandwidth(n_q))
-            codes = out.audio_codes[0]
-        else:
-            if n_q is not None and not 1 <= n_q <= self.num_quantizers:
-                raise ValueError(f"DAC n_q must be in [1, {self.num_quantizers}], got {n_q}")
-            codes = self.model.encode(inputs, n_quantizers=n_q).audio_codes[:, : n_q or self.num_quantizers]
+        # the encoder's latent is checked for NaN/inf: quantizing it would give arbitrary codes
+        latents: list[Tensor] = []
+        hook = self.model.encoder.register_forward_hook(lambda module, args, out: latents.append(out))
+        try:
+            if self.kind == "encodec":
+                mask = (torch.arange(audio.shape[1], device=audio.device)[None] < lengths[:, None])[:, None]
+                out = self.model.encode(inputs, padding_mask=mask, bandwidth=self._bandwidth(n_q))
+                codes = out.audio_codes[0]
+            else:
+                if n_q is not None and not 1 <= n_q <= self.num_quantizers:
+                    raise ValueError(f"DAC n_q must be in [1, {self.num_quantizers}], got {n_q}")
+                codes = self.model.encode(inputs, n_quantizers=n_q).audio_codes[
+                    :, : n_q or self.num_quantizers
+                ]
+        finally:
+            hook.remove()
+        bad_rows = sorted(
+            {
+                row
+                for latent in latents
+                for row in (~torch.isfinite(latent)).flatten(1).any(1).nonzero().flatten().tolist()
+            }
+        )
+        if bad_rows:
+            raise ValueError(
+                f"codec latent is NaN/inf for batch rows {bad_rows}, so their codes would be meaningless -> the "
+                "codec overflows or its weights are corrupt; re-export it"
+            )
         return codes.long(), self.frame_lengths(lengths).clamp_max(codes.shape[-1])
 
     @torch.no_grad()
