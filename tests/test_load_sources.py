@@ -208,28 +208,34 @@ def test_ctc_family_needs_a_tokenizer_that_fits_the_head(tmp_path):
 # ------------------------------------------------------------------------------------------- Hugging Face
 
 
-def _hf_ctc_dir(directory: Path, vocab: dict[str, int], pad: str = "<pad>") -> torch.nn.Module:
-    from transformers import Wav2Vec2CTCTokenizer, WavLMConfig, WavLMForCTC
+def _hf_ctc_dir(
+    directory: Path, vocab: dict[str, int], pad: str = "<pad>", kind: str = "WavLM"
+) -> torch.nn.Module:
+    import transformers
 
-    config = WavLMConfig(
+    extra = {"num_buckets": 32, "max_bucket_distance": 64} if kind == "WavLM" else {}
+    config = getattr(transformers, f"{kind}Config")(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, conv_dim=[32] * 7,
-        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, num_buckets=32, max_bucket_distance=64,
-        vocab_size=len(vocab), pad_token_id=vocab[pad],
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, vocab_size=len(vocab), pad_token_id=vocab[pad],
+        **extra,
     )  # fmt: skip
     torch.manual_seed(0)
-    model = WavLMForCTC(config).eval()
+    model = getattr(transformers, f"{kind}ForCTC")(config).eval()
     model.save_pretrained(directory)
     (directory / "vocab.json").write_text(json.dumps(vocab))
-    Wav2Vec2CTCTokenizer(str(directory / "vocab.json"), pad_token=pad).save_pretrained(str(directory))
+    transformers.Wav2Vec2CTCTokenizer(str(directory / "vocab.json"), pad_token=pad).save_pretrained(
+        str(directory)
+    )
     return model
 
 
-def test_hugging_face_for_ctc_directory_loads_with_head_and_vocabulary(tmp_path):
+@pytest.mark.parametrize("kind", ["WavLM", "Hubert", "Wav2Vec2", "UniSpeech"])
+def test_hugging_face_for_ctc_directory_loads_with_head_and_vocabulary(tmp_path, kind):
     from transformers import Wav2Vec2CTCTokenizer
 
     letters = "ABCDEFG'"
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4, **{c: 5 + i for i, c in enumerate(letters)}}
-    reference = _hf_ctc_dir(tmp_path / "hf", vocab)
+    reference = _hf_ctc_dir(tmp_path / "hf", vocab, kind=kind)
     model = load(tmp_path / "hf")
     assert isinstance(model, CTCModel)
     audio = torch.randn(1, 8000, generator=torch.Generator().manual_seed(1)) * 0.1
