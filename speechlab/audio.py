@@ -141,7 +141,7 @@ def check_header(path: str | os.PathLike, info: sf._SoundFileInfo) -> None:
             "corrupt or the file is not speech audio",
             "re-encode it with its true rate (e.g. ffmpeg -i in -ar 16000 out.flac) or drop it",
         )
-    if info.format == "WAV":
+    if info.format in ("WAV", "WAVEX"):
         declared = _wav_declared_frames(Path(path), channels, info.subtype)
         if declared is not None and declared > info.frames:
             raise AudioError(

@@ -193,12 +193,15 @@ print("grew_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
 """
 
 
-def _sine_wav(path, rate: int, samples: int, frequency: float = 440.0, subtype: str = "PCM_16"):
+def _sine_wav(
+    path, rate: int, samples: int, frequency: float = 440.0, subtype: str = "PCM_16", container: str = "WAV"
+):
     import numpy as np
     import soundfile as sf
 
     t = np.arange(samples) / rate
-    sf.write(path, (0.5 * np.sin(2 * np.pi * frequency * t)).astype(np.float32), rate, subtype=subtype)
+    wave = (0.5 * np.sin(2 * np.pi * frequency * t)).astype(np.float32)
+    sf.write(path, wave, rate, subtype=subtype, format=container)
     return path
 
 
@@ -283,14 +286,17 @@ def test_float_samples_a_little_over_full_scale_still_load(tmp_path):
     assert float(load_audio(tmp_path / "hot.wav").max()) == 1.5
 
 
-@pytest.mark.parametrize("subtype", ["PCM_16", "FLOAT", "PCM_24"])
-def test_a_wav_whose_data_is_cut_short_of_its_header_is_an_error_not_a_shorter_clip(tmp_path, subtype):
+@pytest.mark.parametrize("subtype, container", [("PCM_16", "WAV"), ("FLOAT", "WAV"), ("PCM_24", "WAVEX")])
+def test_a_wav_whose_data_is_cut_short_of_its_header_is_an_error_not_a_shorter_clip(
+    tmp_path, subtype, container
+):
     import soundfile as sf
 
     from speechlab.audio import AudioError, audio_info, load_audio
     from speechlab.data.manifest import read_manifest
 
-    full = _sine_wav(tmp_path / "full.wav", 16000, 16000, subtype=subtype)
+    full = _sine_wav(tmp_path / "full.wav", 16000, 16000, subtype=subtype, container=container)
+    assert sf.info(str(full)).format == container
     cut = tmp_path / "cut.wav"
     cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
     assert sf.info(str(cut)).frames < 16000  # libsndfile silently reports only the frames present
