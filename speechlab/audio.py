@@ -284,7 +284,7 @@ def load_audio(
             f"decoded {data.shape[0]} samples but the header promises {expected}; the file is truncated",
             "re-create or re-download the file, or remove it from the manifest",
         )
-    peak = float(np.abs(data).max())  # NaN when any sample is NaN, inf when any is inf
+    peak = float(max(data.max(), -data.min()))  # no copy; NaN when any sample is NaN, inf when any is inf
     if not math.isfinite(peak):
         bad = int((~np.isfinite(data)).sum())
         raise AudioError(path, f"{bad} NaN/inf samples", "re-export the audio; it cannot be trained on")
