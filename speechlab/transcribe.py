@@ -16,8 +16,11 @@ unit sequence; a language model is only used with a lexicon (a lexicon-free LM w
 
 Batches never change results: encoders whose conv stack normalises with LayerNorm are padding-invariant, so
 utterances of any lengths share a batch (masked attention); GroupNorm encoders (Base models: the statistics run
-over time and include the padding) only batch utterances of identical length. Input longer than
-``max_seconds`` is refused rather than run through attention over an hour of audio.
+over time and include the padding) only batch utterances of identical length. Inputs longer than
+``chunk_seconds + 2 * context_seconds`` are run in windows on the 50 Hz frame grid (as
+:class:`speechlab.api.FeatureExtractor` does): each window keeps ``chunk_seconds`` of frames and sees
+``context_seconds`` more on each side, so the log-probabilities have exactly the unchunked frame count and
+memory stays bounded; waveform normalisation (Large models) uses the whole file's statistics.
 
 ``speechlab transcribe --model SRC INPUT...``: inputs are audio files, folders (searched recursively) and JSON
 Lines manifests; output is ``id<TAB>text`` lines or JSONL (``--format jsonl``: id, text, units, start seconds per
@@ -39,6 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from speechlab.api import conv_geometry, plan_chunks
 
 __all__ = ["Transcript", "Transcriber", "add_parser", "main"]
 
@@ -98,7 +103,7 @@ class Transcriber:
             file and needs ``lexicon`` (a file of ``word unit unit ...`` lines).
         device: where the model runs (default: where its parameters are).
         batch_seconds: most padded audio seconds per forward call.
-        max_seconds: longest accepted input.
+        chunk_seconds, context_seconds: long-input windows (kept frames / context each side); None: no chunking.
     """
 
     def __init__(
@@ -114,7 +119,8 @@ class Transcriber:
         word_score: float = 0.0,
         device: str | torch.device | None = None,
         batch_seconds: float = 120.0,
-        max_seconds: float = 600.0,
+        chunk_seconds: float | None = 30.0,
+        context_seconds: float = 5.0,
     ) -> None:
         self.model = _ctc_model(model).eval()
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
@@ -139,12 +145,15 @@ class Transcriber:
         self.model.to(self.device)
         encoder = self.model.encoder
         self.padding_invariant = encoder.config.conv_norm == "layer"
-        hop = 1
-        for _, _, stride in encoder.config.conv_layers:
-            hop *= stride
-        self.frame_seconds = hop / SAMPLE_RATE
+        self.hop, self.receptive_field = conv_geometry(encoder.config.conv_layers)
+        self.frame_seconds = self.hop / SAMPLE_RATE
         self.batch_seconds = batch_seconds
-        self.max_seconds = max_seconds
+        if chunk_seconds is not None and chunk_seconds <= 0:
+            raise ValueError(f"chunk_seconds must be positive or None, got {chunk_seconds}")
+        self.chunk_frames = (
+            None if chunk_seconds is None else max(1, round(chunk_seconds / self.frame_seconds))
+        )
+        self.context_frames = max(0, round(context_seconds / self.frame_seconds))
         self.decoder_name = decoder
         self._beam = None
         self._lexicon = lexicon is not None
@@ -210,11 +219,6 @@ class Transcriber:
         for i, wave in enumerate(waves):
             if int(self.model.encoder.frame_lengths(torch.tensor([wave.numel()]))[0]) < 1:
                 raise ValueError(f"input {i}: {wave.numel()} samples is too short for one output frame")
-            if wave.numel() > self.max_seconds * SAMPLE_RATE:
-                raise ValueError(
-                    f"input {i}: {wave.numel() / SAMPLE_RATE:.0f} s is longer than max_seconds={self.max_seconds:.0f}; "
-                    "split the recording into segments (e.g. a manifest with offset / duration)"
-                )
             if not torch.isfinite(wave).all():
                 raise ValueError(f"input {i}: waveform contains NaN or inf samples")
         return waves
@@ -237,18 +241,56 @@ class Transcriber:
 
     # ------------------------------------------------------------------------------------------ model
 
+    @property
+    def chunk_threshold(self) -> int | None:
+        """Inputs with more samples than this are transcribed in windows (None: never)."""
+        if self.chunk_frames is None:
+            return None
+        return (self.chunk_frames + 2 * self.context_frames - 1) * self.hop + self.receptive_field
+
+    def _forward(self, waves: list[Tensor]) -> list[Tensor]:
+        """One padded forward: per waveform its (frames, vocab) log-probabilities on the CPU."""
+        batch = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)
+        lengths = torch.tensor([w.numel() for w in waves])
+        with torch.inference_mode():
+            logits, frames = self.model(batch.to(self.device), lengths.to(self.device))
+            log_probs = logits.float().log_softmax(-1).cpu()
+        return [log_probs[row, : int(n)] for row, n in enumerate(frames.tolist())]
+
+    def _chunked(self, wave: Tensor) -> Tensor:
+        """(frames, vocab) of one long waveform, window by window (see the module docstring)."""
+        from speechlab.models.ssl_encoder import normalize_waveform
+
+        encoder = self.model.encoder
+        total = int(encoder.frame_lengths(torch.tensor([wave.numel()]))[0])
+        windows = plan_chunks(total, hop=self.hop, receptive_field=self.receptive_field,
+                              chunk_frames=self.chunk_frames, context_frames=self.context_frames)  # fmt: skip
+        normalize = encoder.config.normalize_waveform
+        if normalize:  # whole-file statistics, like the unchunked model; the windows then skip it
+            wave = normalize_waveform(wave[None])[0]
+        kept = []
+        try:
+            encoder.config.normalize_waveform = False
+            # one window per forward bounds memory (windows of equal length could share one)
+            for window in windows:
+                log_probs = self._forward([wave[window.sample_start : window.sample_end]])[0]
+                lo, hi = window.keep_start - window.frame_start, window.keep_end - window.frame_start
+                kept.append(log_probs[lo:hi])
+        finally:
+            encoder.config.normalize_waveform = normalize
+        return torch.cat(kept)
+
     def log_probs(self, audio: Any, *, sample_rate: int = SAMPLE_RATE) -> list[Tensor]:
         """Per utterance: (frames, vocab) float32 CTC log-probabilities on the CPU."""
         waves = self._waveforms(audio, sample_rate)
         out: list[Tensor | None] = [None] * len(waves)
-        for group in self._groups([w.numel() for w in waves]):
-            batch = torch.nn.utils.rnn.pad_sequence([waves[i] for i in group], batch_first=True)
-            lengths = torch.tensor([waves[i].numel() for i in group])
-            with torch.inference_mode():
-                logits, frames = self.model(batch.to(self.device), lengths.to(self.device))
-                log_probs = logits.float().log_softmax(-1).cpu()
-            for row, i in enumerate(group):
-                out[i] = log_probs[row, : int(frames[row])]
+        threshold = self.chunk_threshold
+        short = [i for i, w in enumerate(waves) if threshold is None or w.numel() <= threshold]
+        for i in sorted(set(range(len(waves))) - set(short)):
+            out[i] = self._chunked(waves[i])
+        for group in self._groups([waves[i].numel() for i in short]):
+            for i, log_probs in zip(group, self._forward([waves[short[j]] for j in group]), strict=True):
+                out[short[i]] = log_probs
         return out  # type: ignore[return-value]
 
     def decode(self, log_probs: Tensor) -> Transcript:
@@ -280,9 +322,8 @@ class Transcriber:
 
     def _decode_beam(self, log_probs: Tensor) -> Transcript:
         num_frames = log_probs.shape[0]
-        hypotheses = self._beam(log_probs[None].contiguous(), torch.tensor([num_frames], dtype=torch.int32))[
-            0
-        ]
+        lengths = torch.tensor([num_frames], dtype=torch.int32)
+        hypotheses = self._beam(log_probs[None].contiguous(), lengths)[0]
         if not hypotheses:
             return self._result([], [], score=float("-inf"))
         best = hypotheses[0]
@@ -379,6 +420,8 @@ def run(args: argparse.Namespace) -> int:
         lm_weight=args.lm_weight,
         word_score=args.word_score,
         batch_seconds=args.batch_seconds,
+        chunk_seconds=args.chunk_seconds or None,
+        context_seconds=args.context_seconds,
     )
     field_name = transcriber.tokenizer.field
     items = collect_inputs(args.inputs, field_name)
@@ -436,6 +479,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--word-score", type=float, default=0.0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-seconds", type=float, default=120.0, help="padded audio seconds per forward")
+    parser.add_argument(
+        "--chunk-seconds",
+        type=float,
+        default=30.0,
+        help="longer inputs run in windows of this many kept seconds (0: never)",
+    )
+    parser.add_argument("--context-seconds", type=float, default=5.0, help="context each side of a window")
     parser.add_argument("--files-per-batch", type=int, default=32, help="files read into memory at a time")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -191,3 +191,29 @@ def test_command_is_registered_with_the_documented_options():
     help_text = parser._subparsers._group_actions[0].choices["transcribe"].format_help()
     for option in ("--decoder", "--beam-size", "--lm", "--lexicon", "--format", "--output", "--ckpt"):
         assert option in help_text
+
+
+def test_long_input_in_windows_equals_unchunked_when_context_covers_the_receptive_field():
+    # no attention layers: each frame depends on a bounded window (conv encoder + 16-frame positional conv), so
+    # frame-exact stitching must reproduce the unchunked log-probabilities, whole-file normalisation included
+    tokenizer = phoneme_tokenizer()
+    config = encoder_config("wavlm_tiny", {"num_layers": 0, "normalize_waveform": True})
+    torch.manual_seed(0)
+    model = CTCModel(CTCConfig(config, tokenizer.vocab_size, 0.0)).eval()
+    model.tokenizer = tokenizer
+    audio = torch.cat([load_audio(f) for f in files()] * 2)
+    full = Transcriber(model, chunk_seconds=None)
+    chunked = Transcriber(model, chunk_seconds=1.0, context_seconds=0.4)
+    assert audio.numel() > 3 * chunked.chunk_threshold
+    expected, found = full.log_probs(audio)[0], chunked.log_probs(audio)[0]
+    assert found.shape == expected.shape and (found - expected).abs().max() < 1e-4
+    assert chunked(audio)[0].units == full(audio)[0].units
+
+
+def test_long_input_with_attention_keeps_the_exact_frame_count():
+    model = ctc_model(phoneme_tokenizer())
+    audio = torch.cat([load_audio(f) for f in files()] * 2)
+    full = Transcriber(model, chunk_seconds=None).log_probs(audio)[0]
+    chunked = Transcriber(model, chunk_seconds=1.0, context_seconds=1.0).log_probs(audio)[0]
+    assert chunked.shape == full.shape
+    assert torch.allclose(chunked.exp().sum(-1), torch.ones(chunked.shape[0]))
