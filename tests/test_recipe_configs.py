@@ -1,0 +1,239 @@
+"""Every YAML under ``recipes/*/conf/`` runs as shipped: its strategy, precision, accumulation, LayerDrop, masking.
+
+Each config is rehearsed by ``speechlab fit`` with its own trainer, model and data settings except:
+
+* the model width, shrunk by the one override set :data:`TINY_WIDTH` (depth, dropout, LayerDrop, masking,
+  ``feature_grad_mult``, losses and schedules stay as shipped);
+* the data: manifests made from the bundled ``data/`` (short espeak utterances with phonemes, text, units and
+  languages; the bundled noise clips), two utterances per batch (:data:`MAX_BATCH_SECONDS`), and enough of them
+  that every rank completes a whole gradient accumulation within an epoch;
+* ``accelerator: cpu``, and **2 processes (gloo)** wherever the config says ``strategy: ddp``;
+* ``max_steps``: one optimiser update, validation (one batch) every update, then a resume from ``last.ckpt``
+  for one more update;
+* ``init_from`` points at the rehearsed run of the config that writes that checkpoint.
+
+A config that cannot run this way is a bug in the config or in the code.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from speechlab.checkpoints.safe_load import load_torch_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "recipes").glob("*/conf/*.yaml"))
+TIMEOUT = 600  # seconds per run; a hang fails the test instead of stalling the suite
+
+# The one override set that shrinks every shipped model in width only.
+TINY_ENCODER_WIDTH = {
+    "conv_layers": [[32, 10, 5]] + [[32, 3, 2]] * 4 + [[32, 2, 2]] * 2,
+    "hidden_size": 32,
+    "ffn_size": 64,
+    "num_heads": 2,
+}
+TINY_WIDTH: dict[str, dict[str, Any]] = {
+    "speechlab.tasks.ctc.CTCTask": {"encoder_overrides": TINY_ENCODER_WIDTH},
+    "speechlab.tasks.wavlm_pretrain.WavLMPretrainTask": {
+        "encoder_overrides": TINY_ENCODER_WIDTH,
+        "final_dim": 16,
+    },
+    "speechlab.tasks.unispeech.UniSpeechTask": {
+        "encoder_overrides": TINY_ENCODER_WIDTH,
+        "model_overrides": {"codevector_dim": 16, "proj_codevector_dim": 16, "num_codevectors_per_group": 16},
+    },
+    "speechlab.tasks.codec.CodecTask": {
+        "codec_overrides": {
+            "n_filters": 4,
+            "dimension": 16,
+            "max_channels": 32,
+            "transformer_ffn": 32,
+            "codebook_size": 16,
+        },
+        "discriminator": {"stft_filters": 4, "period_channels": [4, 8, 16, 16, 16]},
+    },
+}
+MAX_BATCH_SECONDS = 6.5  # two of the rehearsal's 2-3.2 s utterances
+
+
+# ------------------------------------------------------------------------------------------------ the data
+def _espeak(language: str, count: int, low: float = 2.0, high: float = 3.2) -> list[dict]:
+    """``count`` espeak utterances of ``language`` between ``low`` and ``high`` seconds (absolute audio paths)."""
+    rows = [json.loads(line) for line in (REPO / "data/espeak/manifest.jsonl").open(encoding="utf-8")]
+    chosen = sorted(
+        (r for r in rows if r["language"] == language and low <= r["duration"] <= high),
+        key=lambda r: r["id"],
+    )[:count]
+    assert len(chosen) == count, (
+        f"the bundled espeak data has too few {language} utterances of {low}-{high} s"
+    )
+    return [{**r, "audio": str(REPO / "data/espeak" / r["audio"])} for r in chosen]
+
+
+def _write(path: Path, rows: list[dict], units: int | None = None) -> Path:
+    """Write a manifest; ``units``: add made-up unit ids in 0..units-1, one per 20 ms frame (k-means stand-in)."""
+    with path.open("w", encoding="utf-8") as f:
+        for n, row in enumerate(rows):
+            if units is not None:
+                frames = int(row["num_samples"]) // 320
+                row = {**row, "units": " ".join(str((3 * n + i // 4) % units) for i in range(frames))}
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def _manifests(folder: Path, utterances: int, units: int | None) -> dict[str, Path]:
+    """Train / val / test manifests; train has ``utterances`` 2-3.2 s utterances, English first, 4+ Swahili
+    (UniSpeech's unlabeled language), Turkish and Welsh for the rest."""
+    folder.mkdir(parents=True, exist_ok=True)
+    english = _espeak("en", min(utterances - 4, 41))
+    rest = max(0, utterances - 4 - len(english))
+    others = _espeak("sw", 4) + _espeak("tr", min(rest, 16)) + _espeak("cy", max(0, rest - 16))
+    # Validation and test reuse training utterances: the tokenizers are built from the training manifest, and
+    # a rehearsal checks that the run works, not how well it generalises.
+    return {
+        "train_manifest": _write(folder / "train.jsonl", english + others, units),
+        "val_manifest": _write(folder / "val.jsonl", english[:2], units),
+        "test_manifest": _write(folder / "test.jsonl", english[2:4], units),
+    }
+
+
+# --------------------------------------------------------------------------------------- the rehearsed config
+def _merge(shipped: dict, overrides: dict) -> dict:
+    merged = dict(shipped)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _name(path: Path) -> str:
+    return f"{path.parent.parent.name}/{path.stem}"
+
+
+def _producer_of(checkpoint: str) -> Path:
+    """The shipped config whose run writes ``checkpoint`` (a ``<default_root_dir>/checkpoints/*.ckpt`` path)."""
+    for path in CONFIGS:
+        root = yaml.safe_load(path.read_text())["trainer"]["default_root_dir"]
+        if checkpoint.startswith(root.rstrip("/") + "/"):
+            return path
+    raise AssertionError(f"no shipped config writes init_from {checkpoint!r}")
+
+
+def rehearsal_config(path: Path, work: Path, init_from: Path | None = None) -> tuple[dict, int]:
+    """The shipped config with the rehearsal's changes (module docstring) -> (config, number of processes)."""
+    config = yaml.safe_load(path.read_text())
+    trainer, model, data = config["trainer"], config["model"], config["data"]
+    run = work / "run"
+    devices = 2 if trainer.get("strategy") == "ddp" else 1
+    accumulate = int(trainer.get("accumulate_grad_batches", 1))
+    trainer.update(
+        default_root_dir=str(run),
+        accelerator="cpu",
+        devices=devices,
+        num_nodes=1,
+        max_steps=0,  # set below
+        val_check_interval=accumulate,  # batches: validate after the first optimiser step
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+    init_args = model["init_args"]
+    model["init_args"] = init_args = _merge(init_args, TINY_WIDTH[model["class_path"]])
+    if "init_from" in init_args:
+        assert init_from is not None, f"{path}: init_from needs its producer's run"
+        init_args["init_from"] = str(init_from)
+    if init_args.get("mixing", {}).get("noise_manifest"):
+        init_args["mixing"]["noise_manifest"] = str(REPO / "data/noise_opensfx/manifest.jsonl")
+    data_args = data["init_args"]
+    units = init_args.get("num_classes") if data_args.get("units_field") else None
+    # Enough batches that every rank makes a whole accumulation before its epoch ends (2 utterances a batch).
+    utterances = max(12, 2 * devices * accumulate)
+    manifests = _manifests(work / "data", utterances, units=min(units, 50) if units else None)
+    for key in [k for k in data_args if k.endswith("_manifest")]:
+        data_args[key] = str(manifests[key])
+    if "tokenizer_dir" in data_args:
+        data_args["tokenizer_dir"] = str(work / "tokenizer")
+    data_args["max_batch_seconds"] = min(
+        float(data_args.get("max_batch_seconds", MAX_BATCH_SECONDS)), MAX_BATCH_SECONDS
+    )
+    trainer["max_steps"] = _steps(config, 1)
+    return config, devices
+
+
+def _fit(config_path: Path, devices: int, extra: list[str], log: Path) -> None:
+    """``speechlab fit`` in a subprocess (Lightning's DDP launcher starts the second rank from its argv)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "speechlab.cli", "fit", "--config", str(config_path), *extra]
+    with log.open("ab") as out:
+        done = subprocess.run(
+            command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=TIMEOUT
+        )
+    text = log.read_text(errors="replace")
+    assert done.returncode == 0, f"{config_path.name} ({devices} process(es)) failed:\n{text[-4000:]}"
+
+
+_REHEARSED: dict[Path, Path] = {}  # shipped config -> run folder of its rehearsal (producers are reused)
+
+
+def rehearse(path: Path, tmp_root: Path) -> Path:
+    """Fit ``path`` for one step, resume it for one more; return the run folder."""
+    if path in _REHEARSED:
+        return _REHEARSED[path]
+    shipped = yaml.safe_load(path.read_text())
+    init_from = shipped["model"]["init_args"].get("init_from")
+    producer_ckpt = None
+    if init_from is not None:
+        producer_run = rehearse(_producer_of(init_from), tmp_root)
+        producer_ckpt = producer_run / "checkpoints" / Path(init_from).name
+    work = tmp_root / _name(path).replace("/", "-")
+    config, devices = rehearsal_config(path, work, producer_ckpt)
+    config_path = work / "rehearsal.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    log = work / "fit.log"
+    _fit(config_path, devices, [], log)
+    last = work / "run" / "checkpoints" / "last.ckpt"
+    assert load_torch_checkpoint(last)["global_step"] == _steps(config, 1), log.read_text()[-3000:]
+    _fit(config_path, devices, ["--trainer.max_steps", str(_steps(config, 2)), "--ckpt_path", "last"], log)
+    assert load_torch_checkpoint(last)["global_step"] == _steps(config, 2), log.read_text()[-3000:]
+    _REHEARSED[path] = work / "run"
+    return work / "run"
+
+
+def _steps(config: dict, batches: int) -> int:
+    """Lightning's ``global_step`` after that many optimiser updates: the codec GAN steps two optimisers per
+    batch (one during its reconstruction-only warm-up)."""
+    init_args = config["model"]["init_args"]
+    gan = config["model"]["class_path"].endswith("CodecTask") and not init_args.get("adversarial_start_step")
+    return batches * (2 if gan else 1)
+
+
+@pytest.fixture(scope="module")
+def rehearsal_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("rehearsal")
+
+
+def test_every_shipped_config_is_rehearsed_and_every_model_has_a_width_override():
+    assert len(CONFIGS) >= 16
+    classes = {yaml.safe_load(p.read_text())["model"]["class_path"] for p in CONFIGS}
+    assert classes <= set(TINY_WIDTH), classes - set(TINY_WIDTH)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=_name)
+def test_shipped_config_fits_and_resumes(path, rehearsal_root):
+    run = rehearse(path, rehearsal_root)
+    logged = "".join(p.read_text() for p in sorted((run / "logs").glob("version_*/metrics.csv")))
+    assert "val/" in logged, "validation never ran"
