@@ -100,3 +100,11 @@ if run 9; then
   log 9 "results"
   python recipes/mini/local/results.py --exp "$exp" | tee "$exp/results.md"
 fi
+
+if run 10; then
+  log 10 "use the phoneme CTC model: export it (speechlab and Hugging Face formats, each with a round-trip report), transcribe the test split"
+  speechlab export "$exp/ctc_phoneme" --out "$exp/ctc_phoneme/export" --overwrite
+  speechlab export "$exp/ctc_phoneme" --out "$exp/ctc_phoneme/export_hf" --format hf --overwrite
+  speechlab transcribe --model "$exp/ctc_phoneme" "$exp/data/en_test.jsonl" --format jsonl --no-progress \
+    --output "$exp/ctc_phoneme/test_transcripts.jsonl"
+fi
