@@ -107,9 +107,19 @@ class SpeechLabCLI(LightningCLI):
 
 
 def run(argv: list[str]) -> int:
-    """Run ``speechlab fit|validate|test|predict ARGS``; returns the exit status."""
+    """Run ``speechlab fit|validate|test|predict ARGS``; returns the exit status.
+
+    A checkpoint that cannot be used (``--ckpt_path best`` of a run that never validated, a refused or corrupt
+    file) ends with one line on stderr and exit status 2, like the tool commands.
+    """
+    from speechlab.checkpoints.safe_load import CheckpointError
+
     try:
         SpeechLabCLI(args=argv)
+    except CheckpointError as error:
+        message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        print(f"speechlab {argv[0]}: {message}", file=sys.stderr)
+        return 2
     except SIGTERMException:  # Lightning saved last.ckpt (save_on_exception) and stopped
         print(
             "speechlab: stopped by SIGTERM after writing checkpoints/last.ckpt; resume with --ckpt_path last",

@@ -338,3 +338,28 @@ def test_convert_reads_a_ctc_run_checkpoint(runs, tmp_path):
     model = load(tmp_path / "out")
     assert isinstance(model, CTCModel) and model.tokenizer.units == tasks["ctc"].tokenizer.units
     _same_weights(model, tasks["ctc"].model)
+
+
+def test_test_with_ckpt_path_best_of_a_run_that_never_validated_is_one_line_and_exit_2(
+    runs, tmp_path, capsys
+):
+    import shutil
+
+    from speechlab.cli import main
+
+    root, tasks = runs
+    run = tmp_path / "run"
+    shutil.copytree(root / "ctc" / "checkpoints", run / "checkpoints")
+    manifest = tmp_path / "m.jsonl"
+    row = json.loads((ESPEAK / "manifest.jsonl").read_text().splitlines()[0])
+    manifest.write_text(json.dumps({**row, "audio": str(ESPEAK / row["audio"])}) + "\n")
+    config = tmp_path / "conf.yaml"
+    config.write_text(
+        f"trainer: {{default_root_dir: {run}, accelerator: cpu, logger: false, enable_progress_bar: false}}\n"
+        "model: {class_path: speechlab.tasks.ctc.CTCTask, init_args: {encoder_overrides: {num_layers: 1}}}\n"
+        f"data: {{class_path: speechlab.data.datamodule.SpeechDataModule, init_args: {{train_manifest: {manifest}, "
+        f"test_manifest: {manifest}, tokenizer: phoneme}}}}\n"
+    )
+    assert main(["test", "--config", str(config), "--ckpt_path", "best"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("speechlab test: ") and "no best checkpoint" in err[-1]
