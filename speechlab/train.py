@@ -296,7 +296,7 @@ def default_callbacks(
                 monitor=monitor,
                 mode=mode,
                 save_top_k=save_top_k,
-            )
+            ),
         )
     callbacks.append(ExportPretrained(str(Path(default_root_dir) / PRETRAINED_DIR)))
     return callbacks
