@@ -217,3 +217,11 @@ def test_long_input_with_attention_keeps_the_exact_frame_count():
     chunked = Transcriber(model, chunk_seconds=1.0, context_seconds=1.0).log_probs(audio)[0]
     assert chunked.shape == full.shape
     assert torch.allclose(chunked.exp().sum(-1), torch.ones(chunked.shape[0]))
+
+
+def test_error_rates_are_wer_and_cer_for_text_and_per_for_phonemes():
+    from speechlab.transcribe import error_rates
+
+    rates = error_rates(["a cat sat", "dog"], ["a bat sat", "dog"], phonemes=False)
+    assert rates == pytest.approx({"wer": 1 / 4, "cer": 1 / 12})  # one word of 4; one char of 9 + 3
+    assert error_rates(["s iː t", "k æ t"], ["s t", "k æ t"], phonemes=True) == pytest.approx({"per": 1 / 6})
