@@ -363,3 +363,55 @@ def kill_points(seed: int, count: int, last_step: int) -> list[int]:
 
 
 SIGKILL, SIGTERM = signal.SIGKILL, signal.SIGTERM
+
+
+class GradientProbe(L.Callback):
+    """Saves, per rank, what DDP all-reduced at the first optimiser step and what this rank alone computed.
+
+    At the first training batch the probe runs this rank's ``training_step`` on the bare module with exactly
+    the randomness the real step will use (the run's ``ExactResume`` reseed, made first here, is repeated by
+    the trainer afterwards) and takes its gradients with ``torch.autograd.grad`` (which leaves ``.grad`` and
+    DDP's hooks alone). At the first ``on_before_optimizer_step`` it saves the trainer's gradients (after the
+    all-reduce). ``<folder>/rank<r>.pt`` holds ``{"local": {name: grad}, "reduced": {name: grad}}``; a
+    parameter without a gradient is missing from the dict.
+    """
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.local: dict[str, torch.Tensor] | None = None
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ):
+        if self.local is not None:
+            return
+        from speechlab.train import ExactResume
+
+        reseed = next(cb for cb in trainer.callbacks if isinstance(cb, ExactResume))
+        reseed.on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+        loss = pl_module.training_step(batch, batch_idx)
+        grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+        self.local = {n: g.detach().clone() for (n, _), g in zip(named, grads, strict=True) if g is not None}
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any):
+        if self.local is None or getattr(self, "_saved", False):
+            return
+        self._saved = True
+        reduced = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+        Path(self.folder).mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {"local": self.local, "reduced": reduced}, Path(self.folder) / f"rank{trainer.global_rank}.pt"
+        )
+
+
+class WeightsAtEnd(L.Callback):
+    """Saves this rank's trained weights to ``<folder>/rank<r>.pt`` when training ends."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        Path(self.folder).mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        torch.save(state, Path(self.folder) / f"rank{trainer.global_rank}.pt")
