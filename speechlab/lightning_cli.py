@@ -53,6 +53,13 @@ class SpeechLabCLI(LightningCLI):
             help="also write checkpoints/last.ckpt every N optimiser steps (default: at validation / epoch end)",
         )
         parser.add_argument(
+            "--sigterm_grace_seconds",
+            type=float,
+            default=120.0,
+            help="after SIGTERM a run stops at the next optimiser step and writes last.ckpt; a process still alive "
+            "this long after the signal (stuck in a collective) is ended",
+        )
+        parser.add_argument(
             "--ddp_timeout_seconds",
             type=float | None,
             default=None,
@@ -69,7 +76,10 @@ class SpeechLabCLI(LightningCLI):
         if not any(isinstance(cb, ModelCheckpoint) for cb in user_callbacks):
             monitor, mode = task_monitor(self.model)
             every = self._get(self.config, "checkpoint_every_n_steps")
-            user_callbacks += default_callbacks(root, monitor, mode, every_n_train_steps=every)
+            grace = self._get(self.config, "sigterm_grace_seconds")
+            user_callbacks += default_callbacks(
+                root, monitor, mode, every_n_train_steps=every, sigterm_grace_seconds=grace
+            )
         kwargs["callbacks"] = user_callbacks
         # Added here, not in trainer_defaults, so the saved config.yaml stays parseable (see BASE_TRAINER_ARGS).
         plugins = config.get("plugins") or []
@@ -106,6 +116,14 @@ class SpeechLabCLI(LightningCLI):
         self._resolve_best()
 
 
+def is_collective_timeout(error: BaseException) -> bool:
+    """Whether ``error`` is gloo's / NCCL's "a collective timed out" (a peer rank died or hangs)."""
+    text = str(error)
+    return ("Timed out waiting" in text or "timed out" in text.lower()) and any(
+        word in text for word in ("gloo", "NCCL", "ProcessGroup", "recv", "send", "collective", "Watchdog")
+    )
+
+
 def run(argv: list[str]) -> int:
     """Run ``speechlab fit|validate|test|predict ARGS``; returns the exit status.
 
@@ -119,6 +137,16 @@ def run(argv: list[str]) -> int:
     except CheckpointError as error:
         message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
         print(f"speechlab {argv[0]}: {message}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:
+        if not is_collective_timeout(error):
+            raise
+        print(
+            f"speechlab {argv[0]}: a DDP collective did not complete within the timeout (another rank died, hangs "
+            "or is far slower); the run stopped. Check the other ranks' logs, then resume with --ckpt_path last "
+            f"(--ddp_timeout_seconds sets the limit). [{str(error).splitlines()[0][:200]}]",
+            file=sys.stderr,
+        )
         return 2
     except SIGTERMException:  # Lightning saved last.ckpt (save_on_exception) and stopped
         print(

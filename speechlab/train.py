@@ -200,6 +200,8 @@ class GracefulSigterm(Callback):
                     file=sys.stderr,
                     flush=True,
                 )
+                for proc in getattr(self._launcher, "procs", None) or []:  # ranks this process started
+                    proc.kill()
                 os._exit(128 + signal.SIGTERM)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
@@ -263,6 +265,7 @@ def default_callbacks(
     mode: str = "min",
     save_top_k: int = 2,
     every_n_train_steps: int | None = None,
+    sigterm_grace_seconds: float = 120.0,
 ) -> list[Callback]:
     """Checkpointing, exact-resume state and LR logging (Lightning adds its progress bar itself).
 
@@ -283,7 +286,7 @@ def default_callbacks(
             save_on_exception=True,
         ),
         ExactResume(),
-        GracefulSigterm(),
+        GracefulSigterm(sigterm_grace_seconds),
         LearningRateMonitor(logging_interval="step"),
     ]
     if monitor is not None:  # first: Lightning's ckpt_path="best" asks the first ModelCheckpoint

@@ -415,3 +415,17 @@ class WeightsAtEnd(L.Callback):
         Path(self.folder).mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
         torch.save(state, Path(self.folder) / f"rank{trainer.global_rank}.pt")
+
+
+class HangAtStep(L.Callback):
+    """Rank ``rank`` stops responding (sleeps ``seconds``) at the batch after optimiser step ``step``; the file
+    ``marker`` (if given) is written first, with this process's pid."""
+
+    def __init__(self, step: int, rank: int = 1, seconds: float = 120.0, marker: str | None = None) -> None:
+        self.step, self.rank, self.seconds, self.marker = step, rank, seconds, marker
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            if self.marker:
+                Path(self.marker).write_text(str(os.getpid()))
+            time.sleep(self.seconds)

@@ -7,6 +7,8 @@ a hang is a failure, not a stuck test suite. Subprocess DDP runs take minutes on
 from __future__ import annotations
 
 import csv
+import signal
+import time
 from pathlib import Path
 
 import kill_harness as kh
@@ -73,3 +75,55 @@ def test_nonfinite_loss_on_one_rank_is_skipped_on_every_rank(tmp_path):
 
     weights = load_torch_checkpoint(tmp_path / "run/checkpoints/last.ckpt")["state_dict"]
     assert all(t.isfinite().all() for t in weights.values() if t.is_floating_point())
+
+
+def _hang_config(tmp_path: Path, marker: Path | None = None) -> Path:
+    hang = {
+        "class_path": "kill_harness.HangAtStep",
+        "init_args": {"step": 2, "rank": 1, "seconds": 300, "marker": str(marker) if marker else None},
+    }
+    return _ddp_config(tmp_path, utterances=8, callbacks=[hang])
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (not gone, not a zombie waiting to be reaped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.slow
+def test_a_collective_that_cannot_complete_fails_with_a_clear_error_within_the_timeout(tmp_path):
+    config = _hang_config(tmp_path)
+    run = kh.FitRun(config, tmp_path / "run", extra_args=["--ddp_timeout_seconds", "15"]).start(0)
+    started = time.monotonic()
+    code = run.wait(TIMEOUT)  # raises if the run hangs past the test's limit
+    assert code == 2, run.output[-3000:]
+    assert "a DDP collective did not complete within the timeout" in run.output, run.output[-3000:]
+    assert time.monotonic() - started < 120, (
+        "rank 0 must give up after --ddp_timeout_seconds, not wait for rank 1"
+    )
+
+
+@pytest.mark.slow
+def test_sigterm_ends_a_run_stuck_in_a_collective(tmp_path):
+    marker = tmp_path / "hanging.pid"
+    config = _hang_config(tmp_path, marker)
+    run = kh.FitRun(config, tmp_path / "run", extra_args=["--sigterm_grace_seconds", "5"]).start(0)
+    deadline = time.monotonic() + TIMEOUT
+    while not marker.exists():  # rank 1 now sleeps; rank 0 waits for it inside a gloo collective
+        assert run.process.poll() is None, run.output[-3000:]
+        assert time.monotonic() < deadline, "rank 1 never reached the hang"
+        time.sleep(0.2)
+    time.sleep(2.0)
+    hanging_rank = int(marker.read_text())
+    run.process.send_signal(signal.SIGTERM)  # to rank 0, as a scheduler would
+    code = run.wait(60)
+    assert code == 128 + signal.SIGTERM, run.output[-3000:]
+    assert "still running 5 s after SIGTERM" in run.output, run.output[-3000:]
+    deadline = time.monotonic() + 10
+    while _running(hanging_rank) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _running(hanging_rank), "the rank that rank 0 started must not outlive it"
