@@ -235,3 +235,59 @@ def test_lightning_fit_writes_a_checkpoint_whose_encoder_loads_safely(tmp_path):
     # resuming restores the task from the checkpoint's plain hyper-parameters
     restored = WavLMPretrainTask.load_from_checkpoint(ckpt, weights_only=True)
     assert restored.mixing_config == task.mixing_config and restored.optim_config == task.optim_config
+
+
+def test_micro_batches_of_one_accumulated_update_get_different_mixing_draws(tmp_path):
+    # Under gradient accumulation global_step stays put for accumulate_grad_batches micro-batches; each one must
+    # still mix with its own draws (seeded per micro-batch), and the same micro-batch must always draw alike.
+    from speechlab.data.datamodule import SpeechDataModule
+    from speechlab.optim import OptimConfig
+    from speechlab.train import build_trainer
+
+    rows = [json.loads(line) for line in (DATA / "espeak" / "manifest.jsonl").read_text().splitlines()[:4]]
+    with (tmp_path / "train.jsonl").open("w") as f:
+        for row in rows:
+            frames = int(row["num_samples"]) // 320
+            units = " ".join(str(i % 8) for i in range(frames))
+            f.write(json.dumps({**row, "audio": str(DATA / "espeak" / row["audio"]), "units": units}) + "\n")
+    noise = str(DATA / "noise_opensfx" / "manifest.jsonl")
+
+    def draws_per_micro_batch() -> list[tuple[int, int, float]]:
+        task = WavLMPretrainTask(
+            num_classes=8,
+            final_dim=16,
+            optim=OptimConfig(lr=1e-3, warmup_steps=1),
+            mixing=MixingConfig(mix_prob=1.0, noise_prob=0.5, noise_manifest=noise),
+        )
+        seen: list[tuple[int, int, float]] = []
+        original = task._mixing_generator
+
+        def recording(batch_idx: int) -> torch.Generator:
+            generator = original(batch_idx)
+            state = generator.get_state()
+            seen.append((task.trainer.global_step, batch_idx, float(torch.rand(1, generator=generator))))
+            generator.set_state(state)
+            return generator
+
+        task._mixing_generator = recording
+        data = SpeechDataModule(
+            train_manifest=str(tmp_path / "train.jsonl"), units_field="units", max_batch_seconds=3.0
+        )
+        trainer = build_trainer(
+            task,
+            default_root_dir=str(tmp_path / "exp"),
+            max_steps=1,
+            accumulate_grad_batches=2,
+            enable_progress_bar=False,
+            logger=False,
+            enable_checkpointing=False,
+            callbacks=[],
+            accelerator="cpu",
+        )
+        trainer.fit(task, datamodule=data)
+        return seen
+
+    first = draws_per_micro_batch()
+    assert [(step, idx) for step, idx, _ in first] == [(0, 0), (0, 1)], first
+    assert first[0][2] != first[1][2], "two micro-batches of one update mixed with the same draws"
+    assert draws_per_micro_batch() == first, "the draws of a micro-batch depend on its position only"
