@@ -42,7 +42,7 @@ class MixingConfig:
 
 @dataclass
 class MixingInfo:
-    """What the mixer did to each utterance (for tests and logging). All tensors are (batch,).
+    """What the mixer did to each utterance (for tests and logging). All tensors are (batch,), on the batch's device.
 
     kind: 0 = clean, 1 = speech partner, 2 = noise. source: partner row or noise-clip index (-1 if clean).
     start / length: the mixed region of the primary in samples. source_start: first sample taken from the
@@ -187,32 +187,37 @@ class UtteranceMixer(nn.Module):
         gen = generator if generator is not None else self.generator
 
         # --- per-utterance draws (CPU generator, then moved: reproducible on any device) ---
-        u_mix, u_kind, u_len, u_pos, u_src, u_src_start, u_level = (
-            self._uniform(batch, gen) for _ in range(7)
-        )
-        lengths_cpu = lengths.detach().to("cpu", torch.long)
+        # Everything below runs on the batch's device: the draws go there (an asynchronous host-to-device copy),
+        # the lengths never come back to the host (that would be a device sync in every training step).
+        draws = torch.stack([self._uniform(batch, gen) for _ in range(7)]).to(device, non_blocking=True)
+        u_mix, u_kind, u_len, u_pos, u_src, u_src_start, u_level = draws.unbind(0)
+        lengths = lengths.to(device)
+        lengths_long = lengths.detach().long()
         do_mix = u_mix < self.mix_prob
         has_noise = self.num_noise_clips > 0
-        use_noise = do_mix & (u_kind < self.noise_prob) if has_noise else torch.zeros(batch, dtype=torch.bool)
+        if has_noise:
+            use_noise = do_mix & (u_kind < self.noise_prob)
+        else:
+            use_noise = torch.zeros(batch, dtype=torch.bool, device=device)
         use_speech = do_mix & ~use_noise
         if batch < 2:  # nobody to mix with
             use_speech = torch.zeros_like(use_speech)
 
         # partner: another row of the batch, never the primary itself (offset 1..B-1 modulo B)
-        rows = torch.arange(batch)
+        rows = torch.arange(batch, device=device)
         partner = (rows + 1 + (u_src * max(batch - 1, 1)).long().clamp(max=max(batch - 2, 0))) % max(batch, 1)
         noise_idx = (u_src * max(self.num_noise_clips, 1)).long().clamp(max=max(self.num_noise_clips - 1, 0))
 
         # segment length: 1 .. floor(max_overlap * primary length), and within the partner for speech
-        max_len = torch.floor(lengths_cpu.double() * self.max_overlap).long()
-        max_len = torch.where(use_speech, torch.minimum(max_len, lengths_cpu[partner]), max_len)
+        max_len = torch.floor(lengths_long.double() * self.max_overlap).long()
+        max_len = torch.where(use_speech, torch.minimum(max_len, lengths_long[partner]), max_len)
         seg_len = torch.ceil(u_len * max_len.double()).long().clamp(min=1)
         seg_len = torch.where(max_len > 0, torch.minimum(seg_len, max_len), torch.zeros_like(seg_len))
-        start = (u_pos * (lengths_cpu - seg_len + 1).double()).long().clamp(min=0)
-        start = torch.minimum(start, (lengths_cpu - seg_len).clamp(min=0))
-        speech_src_start = (u_src_start * (lengths_cpu[partner] - seg_len + 1).clamp(min=1).double()).long()
+        start = (u_pos * (lengths_long - seg_len + 1).double()).long().clamp(min=0)
+        start = torch.minimum(start, (lengths_long - seg_len).clamp(min=0))
+        speech_src_start = (u_src_start * (lengths_long[partner] - seg_len + 1).clamp(min=1).double()).long()
         noise_len_sel = (
-            self.noise_lengths.cpu()[noise_idx] if has_noise else torch.ones(batch, dtype=torch.long)
+            self.noise_lengths[noise_idx] if has_noise else torch.ones(batch, dtype=torch.long, device=device)
         )
         noise_src_start = (u_src_start * noise_len_sel.double()).long()
         source_start = torch.where(use_noise, noise_src_start, speech_src_start)
@@ -227,22 +232,19 @@ class UtteranceMixer(nn.Module):
         level_db = torch.where(active, level_db, torch.full_like(level_db, math.nan))
 
         # --- vectorised gather of the interfering segments, (batch, samples) ---
-        to_dev = {"device": device}
-        start_d, seg_len_d = start.to(**to_dev), seg_len.to(**to_dev)
-        active_d, noise_d = active.to(**to_dev), use_noise.to(**to_dev)
-        offset = torch.arange(num_samples, device=device)[None, :] - start_d[:, None]  # position in segment
-        in_segment = (offset >= 0) & (offset < seg_len_d[:, None]) & active_d[:, None]
+        offset = torch.arange(num_samples, device=device)[None, :] - start[:, None]  # position in segment
+        in_segment = (offset >= 0) & (offset < seg_len[:, None]) & active[:, None]
         offset = offset.clamp(min=0)
-        speech_index = (partner.to(**to_dev) * num_samples + speech_src_start.to(**to_dev))[:, None] + offset
+        speech_index = (partner * num_samples + speech_src_start)[:, None] + offset
         speech_index = speech_index.clamp(max=batch * num_samples - 1)
         if has_noise:
-            clip_len = self.noise_lengths[noise_idx.to(**to_dev)][:, None]
-            noise_index = self.noise_offsets[noise_idx.to(**to_dev)][:, None] + (
-                (noise_src_start.to(**to_dev)[:, None] + offset) % clip_len
+            clip_len = self.noise_lengths[noise_idx][:, None]
+            noise_index = self.noise_offsets[noise_idx][:, None] + (
+                (noise_src_start[:, None] + offset) % clip_len
             )
             # two gathers + a select: never copy the (possibly large) noise bank
             segment = torch.where(
-                noise_d[:, None],
+                use_noise[:, None],
                 self.noise_bank[noise_index].to(audio.dtype),
                 audio.reshape(-1)[speech_index],
             )
@@ -253,10 +255,10 @@ class UtteranceMixer(nn.Module):
         # --- gains: P_primary over valid samples, P_segment over the added samples ---
         valid = torch.arange(num_samples, device=device)[None, :] < lengths[:, None]
         power_primary = (audio.double() ** 2 * valid).sum(1) / lengths.clamp(min=1).double()
-        power_segment = (segment.double() ** 2).sum(1) / seg_len_d.clamp(min=1).double()
-        target = power_segment * torch.pow(10.0, level_db.to(**to_dev) / 10.0)
+        power_segment = (segment.double() ** 2).sum(1) / seg_len.clamp(min=1).double()
+        target = power_segment * torch.pow(10.0, level_db / 10.0)
         scale = torch.where(
-            active_d & (power_segment > 0), torch.sqrt(power_primary / target.clamp(min=1e-30)), 0.0
+            active & (power_segment > 0), torch.sqrt(power_primary / target.clamp(min=1e-30)), 0.0
         )
         mixed = audio + (scale[:, None] * segment).to(audio.dtype)
         source = torch.where(use_noise, noise_idx, torch.where(use_speech, partner, -1))
@@ -267,6 +269,6 @@ class UtteranceMixer(nn.Module):
             length=torch.where(active, seg_len, 0),
             source_start=torch.where(active, source_start, 0),
             level_db=level_db,
-            scale=scale.to("cpu", torch.float64),
+            scale=scale.to(torch.float64),
         )
         return mixed, lengths, info

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from speechlab.host_sync import host_reads_are_free
 from speechlab.nn.feature_encoder import ConvFeatureEncoder, Fp32LayerNorm, conv_output_lengths
 from speechlab.nn.transformer import TransformerEncoder
 
@@ -198,6 +199,14 @@ class SSLEncoder(nn.Module):
         """lengths: (batch,) int64 samples -> (batch,) int64 frames (conv formula, 320-sample hop)."""
         return conv_output_lengths(lengths, self.config.conv_layers)
 
+    def num_frames(self, num_samples: int) -> int:
+        """Frames of one unpadded input of ``num_samples`` samples: :meth:`frame_lengths` on a Python int (no
+        tensor, so no host read)."""
+        frames = int(num_samples)
+        for _, kernel, stride in self.config.conv_layers:
+            frames = max((frames - kernel) // stride + 1, 0)
+        return frames
+
     def _cnn(self, audio: Tensor) -> Tensor:
         """(B, S) -> (B, C, T) with feature_grad_mult applied (0 = frozen, run without autograd)."""
         scale = self.config.feature_grad_mult
@@ -222,7 +231,7 @@ class SSLEncoder(nn.Module):
         :func:`speechlab.nn.masking.span_mask`)."""
         if audio.dim() != 2:
             raise ValueError(f"audio must be (batch, samples), got shape {tuple(audio.shape)}")
-        if int(self.frame_lengths(torch.tensor([audio.shape[1]]))[0]) < 1:
+        if self.num_frames(audio.shape[1]) < 1:
             raise ValueError(
                 f"audio too short: {audio.shape[1]} samples give 0 frames; the conv receptive field needs at least "
                 f"{self.receptive_field} samples"
@@ -239,7 +248,10 @@ class SSLEncoder(nn.Module):
         else:
             frame_lengths = self.frame_lengths(lengths.to(audio.device)).clamp(max=num_frames)
             padding_mask = torch.arange(num_frames, device=audio.device)[None, :] >= frame_lengths[:, None]
-            attn_padding = padding_mask if bool(padding_mask.any()) else None
+            if host_reads_are_free(padding_mask):
+                attn_padding = padding_mask if bool(padding_mask.any()) else None
+            else:  # masking no key is a no-op: pass the mask rather than read it on the host
+                attn_padding = padding_mask
 
         valid = (~padding_mask).unsqueeze(1)  # (B, 1, T)
         penalty = (cnn.float().pow(2) * valid).sum() / (valid.sum() * cnn.shape[1]).clamp(min=1)

@@ -87,8 +87,14 @@ def span_mask(
     mask = (counts - shifted > 0) & (positions < lengths[:, None])
 
     if equalize:
+        # the smallest count over rows with frames (over all rows when none has any), without a host read
         masked_per_row = mask.sum(-1)
-        target = masked_per_row[lengths > 0].min() if bool((lengths > 0).any()) else masked_per_row.min()
+        has_frames = lengths > 0
+        target = torch.where(
+            has_frames.any(),
+            masked_per_row.masked_fill(~has_frames, width + 1).min(),
+            masked_per_row.min(),
+        )
         keep_scores = torch.rand(batch, width, generator=generator, device=device).masked_fill(~mask, 2.0)
         mask = mask & (_random_ranks(keep_scores) < target)
     return mask

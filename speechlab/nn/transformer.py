@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from speechlab.host_sync import host_reads_are_free
 from speechlab.nn.attention import MultiHeadSelfAttention
 from speechlab.nn.position import ConvPositionalEmbedding, RelativePositionBias
 
@@ -180,15 +181,21 @@ class TransformerEncoder(nn.Module):
 
         Returns ``(last_hidden_state, hidden_states)``; hidden_states has L+1 entries when requested (see module doc).
 
-        When ``skip_padding`` is on and more than ``skip_padding_min_fraction`` of the frames are padding, each
-        utterance runs alone on its valid frames (exactly what the padded computation gives on valid frames, since
+        When ``skip_padding`` is on, the tensors are on the CPU and more than ``skip_padding_min_fraction`` of the
+        frames are padding, each utterance runs alone on its valid frames (exactly what the padded computation gives on valid frames, since
         padded keys are masked and the positional conv sees zeros either way) and padded output frames are 0.
         """
         keep = self.layers_to_run()
-        if padding_mask is not None and self.skip_padding and x.shape[0] > 1:
-            lengths = (~padding_mask).sum(-1)
-            if float(padding_mask.float().mean()) > self.skip_padding_min_fraction:
-                return self._forward_per_utterance(x, lengths, output_hidden_states, keep)
+        # The per-utterance path needs the padded fraction and the lengths on the host: taken only where reading
+        # them is free (CPU). On an accelerator the whole batch runs at once with the padded keys masked.
+        if (
+            padding_mask is not None
+            and self.skip_padding
+            and x.shape[0] > 1
+            and host_reads_are_free(padding_mask)
+            and float(padding_mask.float().mean()) > self.skip_padding_min_fraction
+        ):
+            return self._forward_per_utterance(x, (~padding_mask).sum(-1), output_hidden_states, keep)
         return self._forward_batch(x, padding_mask, output_hidden_states, keep)
 
     def _forward_per_utterance(
