@@ -93,7 +93,8 @@ class HostSyncCounter(TorchDispatchMode):
     ``bool()``, ``int()``, ``float()`` and ``if tensor:``), ops whose output size depends on the data
     (``nonzero``, ``masked_select``, ``unique``, ``bincount``, ``repeat_interleave`` without ``output_size``,
     indexing with a boolean mask), copies from a non-CPU device to the CPU, and the Python-level reads that do not
-    reach the dispatcher on CPU tensors (``.tolist()``, ``.numpy()``, ``.cpu()``, ``.to("cpu")``). On CPU tensors
+    reach the dispatcher on CPU tensors (``.tolist()``, ``.numpy()``, ``.cpu()``, ``.to("cpu")`` with the device named by
+    a string). On CPU tensors
     these are all counted too: that is the point, so a test on the CPU sees what a GPU run would pay for.
     ``syncs`` lists them in order with their call site.
     """
@@ -150,11 +151,13 @@ class HostSyncCounter(TorchDispatchMode):
 
 
 def _targets_cpu(*args, **kwargs) -> bool:
-    """Whether ``Tensor.to(*args, **kwargs)`` names the CPU as the target device."""
+    """Whether ``Tensor.to(*args, **kwargs)`` names the CPU by a string (``.to("cpu")``).
+
+    A ``torch.device`` argument is taken to follow the data (``lengths.to(audio.device)``: a no-op on the
+    accelerator too), so on CPU tensors it cannot be told apart from a real move to the host and is not counted.
+    """
     device = kwargs.get("device")
     for arg in args:
-        if isinstance(arg, (str, torch.device)):
+        if isinstance(arg, str):
             device = arg
-        elif isinstance(arg, Tensor):
-            device = arg.device
-    return device is not None and torch.device(device).type == "cpu"
+    return isinstance(device, str) and torch.device(device).type == "cpu"

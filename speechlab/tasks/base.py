@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from speechlab.host_sync import host_reads_are_free
 from speechlab.optim import OptimConfig, build_optimizer
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,18 @@ class SpeechTask(L.LightningModule):
     A step whose loss or gradients are not finite is skipped (no weight update) and counted in
     ``nonfinite_steps`` (logged as ``train/nonfinite_steps``, saved in checkpoints). After ``max_nonfinite_steps`` consecutive skipped
     steps, training stops with :class:`NonFiniteError` telling what to check.
+
+    On an accelerator, with automatic optimisation and an optimiser that can skip its update on the device (fused
+    AdamW, which :func:`speechlab.optim.build_optimizer` builds there), the decision never reaches the host: the
+    loss and gradient checks stay device tensors, the optimiser gets ``found_inf`` (as ``GradScaler`` passes it)
+    and leaves parameters, moments and step counts untouched, and the counters are read on the host every
+    ``nonfinite_check_every`` batches, at checkpoints and at the end of training (so the error after
+    ``max_nonfinite_steps`` consecutive skips comes up to that many batches late; the skipped steps in between
+    change nothing). There a skip drops the whole update: under gradient accumulation a non-finite micro-batch
+    takes the other micro-batches of its update with it, where the host path drops only that micro-batch.
     """
+
+    nonfinite_check_every = 100  # batches between host reads of the on-device non-finite counters
 
     def __init__(self, optim: OptimConfig | dict | None = None, max_nonfinite_steps: int = 20) -> None:
         super().__init__()
@@ -39,6 +51,14 @@ class SpeechTask(L.LightningModule):
         self._consecutive_nonfinite = 0
         self._last_nonfinite_batch: int | None = None
         self._drop_next_step = False
+        # on-device checks (see the class docstring)
+        self._loss_nonfinite: torch.Tensor | None = (
+            None  # bool, a loss of the coming optimiser step was not finite
+        )
+        self._batch_skipped: torch.Tensor | None = None  # bool, this batch skipped an optimiser step
+        self._nonfinite_counters: torch.Tensor | None = (
+            None  # int64 [skipped steps, current run, longest run]
+        )
 
     def count_skipped(self, reason: str, count: torch.Tensor, remedy: str = "") -> None:
         """Count ``count`` (a 0-d tensor) training items a step left out for ``reason`` (e.g. CTC targets longer
@@ -65,6 +85,7 @@ class SpeechTask(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Subclasses that override this call ``super()`` so the skip counters survive a resume."""
         self._flush_pending_skips()
+        self._read_nonfinite_counters()
         checkpoint["speechlab_nonfinite"] = {
             "steps": self.nonfinite_steps,
             "consecutive": self._consecutive_nonfinite,
@@ -87,9 +108,22 @@ class SpeechTask(L.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self.skipped_items.update(getattr(batch, "skipped", None) or {})
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Advance the on-device run of consecutive skipped batches; read the counters every
+        ``nonfinite_check_every`` batches. Subclasses that override this call ``super()``."""
+        if self._batch_skipped is None or self._nonfinite_counters is None:
+            return  # host checks, or no optimiser step in this batch (gradient accumulation)
+        skipped, run, longest = self._nonfinite_counters.unbind()
+        run = torch.where(self._batch_skipped, run + 1, 0)
+        self._nonfinite_counters = torch.stack([skipped, run, torch.maximum(longest, run)])
+        self._batch_skipped = None
+        if (batch_idx + 1) % self.nonfinite_check_every == 0:
+            self._read_nonfinite_counters(final=True, log_metric=True)
+
     def on_train_end(self) -> None:
         """Say what was skipped during training (this rank), so no skip goes unnoticed."""
         self._flush_pending_skips()
+        self._read_nonfinite_counters(final=True)
         rank = (
             f"rank {self.global_rank}: " if self._trainer is not None and self.trainer.world_size > 1 else ""
         )
@@ -117,7 +151,15 @@ class SpeechTask(L.LightningModule):
         Lightning refuses a None ``training_step`` result under DDP, so there (automatic optimisation) every rank
         returns a zeroed loss instead, runs its backward pass (the gradient all-reduce happens as usual), and the
         gradients are dropped before the optimiser step.
+
+        On an accelerator with automatic optimisation the check stays on the device: ``loss`` is returned as it
+        is and :meth:`on_before_optimizer_step` skips the update (see the class docstring).
         """
+        if self.automatic_optimization and not host_reads_are_free(loss):
+            nonfinite = ~torch.isfinite(loss.detach()).all()
+            pending = self._loss_nonfinite
+            self._loss_nonfinite = nonfinite if pending is None else pending | nonfinite
+            return loss
         finite = bool(torch.isfinite(loss).all())
         trainer = self._trainer
         distributed = trainer is not None and trainer.world_size > 1
@@ -154,16 +196,90 @@ class SpeechTask(L.LightningModule):
             optimizer.zero_grad(set_to_none=True)
             return
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        loss_nonfinite, self._loss_nonfinite = self._loss_nonfinite, None
         if not grads:
             return
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-        if math.isfinite(norm.item()):
+        if self._skips_on_device(optimizer, grads[0]):
+            self._skip_on_device(optimizer, grads, loss_nonfinite)
+            return
+        what = "gradient"
+        if loss_nonfinite is not None and bool(
+            loss_nonfinite
+        ):  # deferred by check_finite_loss, no fused step
+            finite, what = False, "loss"
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            finite = math.isfinite(norm.item())
+        trainer = self._trainer
+        if loss_nonfinite is not None and trainer is not None and trainer.world_size > 1:
+            finite = bool(trainer.strategy.reduce_boolean_decision(finite, all=True))
+        if finite:
             return
         # Dropping the gradients makes AdamW leave every parameter (and its moments) untouched this step.
         for group in optimizer.param_groups:
             for p in group["params"]:
                 p.grad = None
-        self._register_nonfinite("gradient")
+        self._register_nonfinite(what)
+
+    def _skips_on_device(self, optimizer: torch.optim.Optimizer, grad: torch.Tensor) -> bool:
+        """Whether this step's non-finite check and skip can stay on the device (see the class docstring)."""
+        if not self.automatic_optimization or host_reads_are_free(grad):
+            return False
+        if not getattr(optimizer, "_step_supports_amp_scaling", False):  # fused optimisers take ``found_inf``
+            return False
+        trainer = self._trainer
+        # under fp16 a GradScaler sets (and then deletes) ``found_inf`` itself
+        return trainer is None or getattr(trainer.precision_plugin, "scaler", None) is None
+
+    def _skip_on_device(
+        self, optimizer: torch.optim.Optimizer, grads: list[torch.Tensor], loss_nonfinite: torch.Tensor | None
+    ) -> None:
+        """Tell the fused optimiser to skip this update when a gradient (or the loss) is not finite, and count it,
+        all on the device."""
+        skip = ~torch.isfinite(torch.stack(torch._foreach_norm(grads)).float()).all()
+        if loss_nonfinite is not None:
+            skip = skip | loss_nonfinite
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1 and torch.distributed.is_initialized():
+            # ranks agree (the gradients are already averaged, the losses are not); queued, not waited for
+            flag = skip.to(torch.int32)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            skip = flag.bool()
+        optimizer.found_inf = skip.float()  # read by the fused AdamW/Adam kernels, as GradScaler passes it
+        if self._nonfinite_counters is None:
+            start = self._consecutive_nonfinite
+            self._nonfinite_counters = torch.tensor([0, start, start]).to(skip.device, non_blocking=True)
+        skipped, run, longest = self._nonfinite_counters.unbind()
+        self._nonfinite_counters = torch.stack([skipped + skip.long(), run, longest])
+        self._batch_skipped = skip if self._batch_skipped is None else self._batch_skipped | skip
+
+    def _read_nonfinite_counters(self, final: bool = False, log_metric: bool = False) -> None:
+        """Bring the on-device counters to the host (one read) and count the skips. ``final`` (batch end, end of
+        training): raise after ``max_nonfinite_steps`` in a row; a checkpoint only counts and leaves the longest
+        run for the next read. ``log_metric``: log ``train/nonfinite_steps`` (Lightning allows it in batch hooks)."""
+        if self._nonfinite_counters is None:
+            return
+        device = self._nonfinite_counters.device
+        skipped, run, longest = (int(v) for v in self._nonfinite_counters.tolist())
+        kept = run if final else longest
+        self._nonfinite_counters = torch.tensor([0, run, kept]).to(device, non_blocking=True)
+        self._consecutive_nonfinite = run
+        if run and self._trainer is not None:
+            self._last_nonfinite_batch = self._trainer.fit_loop.total_batch_idx
+        if skipped:
+            self.nonfinite_steps += skipped
+            log.warning(
+                "non-finite loss or gradient: %d steps skipped since the last check (%d so far)",
+                skipped,
+                self.nonfinite_steps,
+            )
+        if skipped and log_metric and self._trainer is not None:
+            self.log("train/nonfinite_steps", float(self.nonfinite_steps), rank_zero_only=True)
+        if final and longest >= self.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"{longest} consecutive steps had a non-finite loss or gradient; stopping. Lower the learning "
+                "rate, check the input data for NaN/inf or silent clips, or use bf16 instead of fp16."
+            )
 
     def _register_nonfinite(self, what: str) -> None:
         """Count a skipped step; raise once ``max_nonfinite_steps`` consecutive batches had one.

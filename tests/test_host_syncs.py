@@ -1,0 +1,201 @@
+"""The training step reads no tensor value on the host on an accelerator (issue 13, item 5).
+
+This machine has no GPU, so the accelerator code path is forced on the CPU (``speechlab.host_sync.device_path``) and
+every host read is counted by :class:`speechlab.host_sync.HostSyncCounter`, which sees what would synchronise a
+CUDA device (scalar reads, data-dependent output sizes, boolean-mask indexing, ``.tolist()`` / ``.cpu()``).
+The same path must give what the CPU path gives.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from speechlab.augment.mixing import MixingConfig, UtteranceMixer
+from speechlab.data.collate import UNIT_PAD, Batch
+from speechlab.host_sync import HostSyncCounter, device_path
+from speechlab.nn.masking import span_mask
+from speechlab.tasks.base import NonFiniteError
+from speechlab.tasks.wavlm_pretrain import WavLMPretrainTask
+
+# The one host read left in a WavLM step: LayerDrop's keep flags, drawn on the CPU from a CPU generator (a CPU
+# tensor on every device, so reading it does not wait for the GPU).
+ALLOWED_SITES = ("speechlab/nn/transformer.py", "keep.tolist()")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _batch(lengths=(16000, 11000, 6000), num_classes=12, seed=0) -> Batch:
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    audio = 0.1 * torch.randn(len(lengths), width, generator=generator)
+    lengths_t = torch.tensor(lengths)
+    audio = audio.masked_fill(torch.arange(width)[None] >= lengths_t[:, None], 0.0)
+    units = torch.randint(0, num_classes, (len(lengths), width // 320), generator=generator)
+    units = units.masked_fill(torch.arange(units.shape[1])[None] >= (lengths_t // 320)[:, None], UNIT_PAD)
+    return Batch(ids=[str(i) for i in range(len(lengths))], audio=audio, lengths=lengths_t, units=units)
+
+
+def _task(layerdrop: float = 0.0) -> WavLMPretrainTask:
+    torch.manual_seed(0)
+    noise = [0.05 * torch.randn(4000, generator=torch.Generator().manual_seed(1))]
+    task = WavLMPretrainTask(
+        num_classes=12,
+        final_dim=16,
+        encoder_overrides={"layerdrop": layerdrop},
+        mixing=MixingConfig(mix_prob=1.0),
+    )
+    task.mixer = UtteranceMixer(noise, mix_prob=1.0, noise_prob=0.5, seed=0)
+    return task.train()
+
+
+def _step(task, optimizer, batch, batch_idx):
+    loss = task.training_step(batch, batch_idx)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    task.on_before_optimizer_step(optimizer)
+    optimizer.step()
+    task.on_train_batch_end(loss, batch, batch_idx)
+    return loss
+
+
+def _unexpected(syncs):
+    return [s for s in syncs if not all(part in s.site for part in ALLOWED_SITES)]
+
+
+def test_the_counter_sees_every_kind_of_host_read():
+    x = torch.arange(6.0)
+    with HostSyncCounter() as counter:
+        x.sum().item()
+        bool(x[0])
+        int(x[1])
+        x[x > 2]
+        x.nonzero()
+        x.tolist()
+        x.cpu()
+        x.to("cpu")
+        torch.unique(x)
+        x.sum()  # not a host read
+        x.to(torch.float64)  # not one either
+    kinds = [s.kind for s in counter.syncs]
+    assert kinds.count(".item() / bool() / int() / float()") == 3
+    assert "boolean-mask indexing" in kinds and "nonzero" in kinds and "unique" in kinds
+    assert kinds.count(".tolist()") == 1 and kinds.count(".cpu()") == 1 and kinds.count(".to()") == 1
+    assert len(kinds) == 9
+    assert all("test_host_syncs.py" in s.site for s in counter.syncs)
+
+
+def test_a_wavlm_training_step_reads_nothing_on_the_host_on_the_device_path():
+    task = _task(layerdrop=0.5)
+    task.encoder.encoder.reseed_shared(0)
+    optimizer = torch.optim.AdamW(task.parameters(), lr=1e-3, fused=True)
+    batch = _batch()
+    with device_path():
+        _step(task, optimizer, batch, 0)  # the first step checks the unit ids once (a host read, by design)
+        with HostSyncCounter() as counter:
+            for batch_idx in (1, 2):
+                _step(task, optimizer, batch, batch_idx)
+    assert _unexpected(counter.syncs) == [], "\n".join(f"{s.kind} at {s.site}" for s in counter.syncs)
+    assert len(counter.syncs) == 2  # LayerDrop's CPU flags, once per step
+
+
+def test_the_cpu_path_does_read_on_the_host_so_the_count_above_means_something():
+    task = _task()
+    optimizer = torch.optim.AdamW(task.parameters(), lr=1e-3)
+    batch = _batch()
+    _step(task, optimizer, batch, 0)
+    with HostSyncCounter() as counter:
+        _step(task, optimizer, batch, 1)
+    sites = "\n".join(s.site for s in _unexpected(counter.syncs))
+    for where in ("transformer.py", "ssl_encoder.py", "base.py"):
+        assert where in sites, sites
+
+
+def test_the_device_path_gives_the_cpu_path_loss_and_gradients():
+    batch = _batch()
+    results = {}
+    for name in ("cpu", "device"):
+        task = (
+            _task().eval()
+        )  # no dropout: the per-utterance CPU path draws its dropout masks in another order
+        with device_path() if name == "device" else torch.enable_grad():
+            torch.manual_seed(3)  # the span mask's draws
+            loss = task.training_step(batch, 0)
+            loss.backward()
+        grads = {n: p.grad.clone() for n, p in task.named_parameters() if p.grad is not None}
+        results[name] = (loss.detach(), grads)
+    (cpu_loss, cpu_grads), (dev_loss, dev_grads) = results["cpu"], results["device"]
+    torch.testing.assert_close(dev_loss, cpu_loss, atol=1e-5, rtol=1e-5)
+    assert cpu_grads.keys() == dev_grads.keys()
+    for name in cpu_grads:
+        torch.testing.assert_close(dev_grads[name], cpu_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_span_mask_equalisation_without_host_reads_matches_the_reference_count():
+    lengths = torch.tensor([0, 40, 55, 70])
+    with HostSyncCounter() as counter:
+        mask = span_mask(lengths, 0.65, 10, num_frames=70, generator=torch.Generator().manual_seed(0))
+    assert counter.syncs == []
+    counts = mask.sum(-1)
+    assert counts[0] == 0 and counts[1:].unique().numel() == 1  # every row with frames masks the same count
+
+
+@pytest.mark.parametrize("poison", ["gradient", "loss"])
+def test_a_nonfinite_step_is_skipped_on_the_device_like_on_the_host(poison):
+    batch = _batch()
+    task = _task()
+    optimizer = torch.optim.AdamW(task.parameters(), lr=1e-3, fused=True)
+    with device_path():
+        _step(task, optimizer, batch, 0)
+        weights = copy.deepcopy(task.state_dict())
+        moments = copy.deepcopy(optimizer.state_dict()["state"])
+        with HostSyncCounter() as counter:
+            loss = task.training_step(batch, 1)
+            if poison == "loss":
+                loss = loss * torch.tensor(float("nan"))
+                task._loss_nonfinite = None
+                task.check_finite_loss(loss)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if poison == "gradient":
+                next(task.parameters()).grad[0] = float("inf")
+            task.on_before_optimizer_step(optimizer)
+            optimizer.step()
+            task.on_train_batch_end(loss, batch, 1)
+        assert _unexpected(counter.syncs) == []
+        assert task.nonfinite_steps == 0  # not read yet
+        task._read_nonfinite_counters(final=True)
+    assert task.nonfinite_steps == 1 and task._consecutive_nonfinite == 1
+    for name, value in task.state_dict().items():
+        torch.testing.assert_close(value, weights[name], atol=0, rtol=0, msg=name)
+    for key, state in optimizer.state_dict()["state"].items():
+        for field, value in state.items():
+            torch.testing.assert_close(value, moments[key][field], atol=0, rtol=0)
+
+
+def test_consecutive_nonfinite_steps_on_the_device_stop_training_at_the_next_read():
+    batch = _batch()
+    task = _task()
+    task.max_nonfinite_steps = 3
+    optimizer = torch.optim.AdamW(task.parameters(), lr=1e-3, fused=True)
+    with device_path():
+        for batch_idx in range(3):
+            loss = task.training_step(batch, batch_idx)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            next(task.parameters()).grad[0] = float("nan")
+            task.on_before_optimizer_step(optimizer)
+            optimizer.step()
+            task.on_train_batch_end(loss, batch, batch_idx)
+        task._read_nonfinite_counters()  # a checkpoint's read counts but does not stop
+        assert task.nonfinite_steps == 3
+        with pytest.raises(NonFiniteError, match="3 consecutive steps"):
+            task._read_nonfinite_counters(final=True)
