@@ -7,16 +7,103 @@ The gate follows the released code (what the checkpoints expect), not the paper:
     gate = a * (b * gate_const[h] - 1) + 2    # in (1, 2) when gate_const = 1 (its init)
     logits[b, h, i, j] = q_i . k_j / sqrt(head_dim) + gate[b, h, i] * position_bias[h, i, j]   (-inf at padded keys)
 
-The ungated ``position_bias`` (heads, T, T) is built once from the layer-0 table and shared by every layer. The
-attention itself runs in :func:`torch.nn.functional.scaled_dot_product_attention` with the gated bias as an additive
-float mask in the query's dtype (no hand-written softmax, no copy of the bias per batch element before gating).
+The ungated position bias is built once from the layer-0 table and shared by every layer. Two backends:
+
+- ``"sdpa"``: :func:`torch.nn.functional.scaled_dot_product_attention` with the gated bias as an additive float mask in
+  the query's dtype (no hand-written softmax, no copy of the bias per batch element before gating); ``position_bias``
+  is (heads, T, T). The mask is one (batch, heads, T, T) tensor per layer.
+- ``"flex"``: FlexAttention with a ``score_mod`` that adds ``gate[b, h, i] * distance_bias[h, j - i + T - 1]`` and
+  -inf at padded keys inside the kernel; ``position_bias`` is the per-distance (heads, 2T - 1) table. Only the gate
+  (batch, heads, T) and that table exist as tensors: no (batch, heads, T, T) bias. Compiled on CUDA (eager
+  FlexAttention materialises the scores); eager on the CPU, where FlexAttention has no backward pass (so there it is
+  for inference and for checking it against ``"sdpa"``). It has no attention-probability dropout either, so
+  :func:`resolve_attention_backend` picks it only where that dropout is off.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
+
+
+def flex_attention_available() -> bool:
+    """Whether this torch has FlexAttention (``torch.nn.attention.flex_attention``, torch >= 2.5)."""
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_attention_backend(
+    backend: str, device: torch.device, gated: bool, dropout: float, training: bool
+) -> str:
+    """``"sdpa"`` or ``"flex"`` for one forward pass.
+
+    ``"auto"``: FlexAttention on CUDA for the gated relative bias when attention dropout is inactive (FlexAttention
+    has none), else SDPA. ``"flex"`` asked for explicitly where it cannot run (training with dropout, or a backward
+    pass on the CPU) is an error rather than a silent change of the model.
+    """
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+    dropout_active = training and dropout > 0.0
+    if backend == "auto":
+        use_flex = gated and device.type == "cuda" and not dropout_active and flex_attention_available()
+        return "flex" if use_flex else "sdpa"
+    if backend == "flex":
+        if not gated:
+            return "sdpa"  # nothing to compute in the kernel: SDPA's padding mask is as cheap
+        if dropout_active:
+            raise ValueError(
+                f"attention_backend='flex' has no attention dropout, but attention_dropout={dropout} in training: "
+                "set attention_dropout to 0 or use attention_backend 'auto' / 'sdpa'"
+            )
+        if not flex_attention_available():
+            raise ValueError(
+                "attention_backend='flex' needs torch >= 2.5 (torch.nn.attention.flex_attention)"
+            )
+    return backend
+
+
+def gated_flex_attention(
+    q: Tensor, k: Tensor, v: Tensor, gate: Tensor, distance_bias: Tensor, padding_mask: Tensor | None
+) -> Tensor:
+    """FlexAttention with WavLM's gated relative bias computed in the kernel.
+
+    q, k, v: (batch, heads, T, head_dim); gate: (batch, heads, T) float; distance_bias: (heads, 2T - 1) float,
+    ``distance_bias[h, d + T - 1]`` for ``d = key - query``; padding_mask: (batch, T) bool, True at padded keys.
+    Returns (batch, heads, T, head_dim), what SDPA gives with the materialised mask of :class:`MultiHeadSelfAttention`.
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+
+    offset = q.shape[-2] - 1
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        score = score + (gate[b, h, q_idx] * distance_bias[h, kv_idx - q_idx + offset]).to(score.dtype)
+        if padding_mask is not None:
+            score = torch.where(padding_mask[b, kv_idx], -float("inf"), score)
+        return score
+
+    return flex_attention(q, k, v, score_mod=score_mod)
+
+
+@functools.cache
+def _compiled_gated_flex_attention():
+    return torch.compile(gated_flex_attention)
+
+
+def _run_gated_flex_attention(q, k, v, gate, distance_bias, padding_mask) -> Tensor:
+    if q.device.type == "cuda":
+        return _compiled_gated_flex_attention()(q, k, v, gate, distance_bias, padding_mask)
+    with warnings.catch_warnings():  # eager off CUDA, by design (see the module docstring)
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return gated_flex_attention(q, k, v, gate, distance_bias, padding_mask)
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -65,9 +152,11 @@ class MultiHeadSelfAttention(nn.Module):
         x: Tensor,
         padding_mask: Tensor | None = None,
         position_bias: Tensor | None = None,
+        backend: str = "sdpa",
     ) -> Tensor:
-        """x: (batch, T, D); padding_mask: (batch, T) bool, True at padded frames; position_bias: (heads, T, T)
-        ungated (only used when ``gated_relative_bias``). Returns (batch, T, D)."""
+        """x: (batch, T, D); padding_mask: (batch, T) bool, True at padded frames; position_bias: ungated, only used
+        when ``gated_relative_bias``: (heads, T, T) for ``backend="sdpa"``, the per-distance (heads, 2T - 1) table
+        for ``"flex"`` (see the module docstring). Returns (batch, T, D)."""
         batch, length, _ = x.shape
         if torch.is_grad_enabled() and self.q_proj.weight.requires_grad:
             # Training: three GEMMs sharing the saved input (a concatenated weight would be saved per layer too).
@@ -82,6 +171,12 @@ class MultiHeadSelfAttention(nn.Module):
             qkv = F.linear(x, weight, bias).view(batch, length, 3, self.num_heads, self.head_dim)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, hd) each
 
+        dropout = self.dropout if self.training else 0.0
+        if backend == "flex" and self.gated_relative_bias and position_bias is not None:
+            gate = self.gate(x).squeeze(-1)  # (B, H, T) fp32
+            out = _run_gated_flex_attention(q, k, v, gate, position_bias.float(), padding_mask)
+            return self.out_proj(out.transpose(1, 2).reshape(batch, length, self.dim))
+
         mask: Tensor | None = None
         if self.gated_relative_bias and position_bias is not None:
             gate = self.gate(x).to(q.dtype)
@@ -91,7 +186,5 @@ class MultiHeadSelfAttention(nn.Module):
         elif padding_mask is not None:
             mask = ~padding_mask[:, None, None, :]  # bool, True = attend
 
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-        )
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, self.dim))

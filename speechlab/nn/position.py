@@ -76,6 +76,20 @@ class RelativePositionBias(nn.Module):
         index = self._distance_index(length, self.embedding.weight.device)
         return F.embedding(index, self.embedding.weight).permute(2, 0, 1)
 
+    def distance_bias(self, length: int) -> Tensor:
+        """-> (heads, 2T - 1) ungated bias per distance: ``distance_bias(T)[h, d + T - 1] == forward(T)[h, i, i + d]``
+        (what FlexAttention's ``score_mod`` reads; O(heads x T) instead of O(heads x T^2))."""
+        device = self.embedding.weight.device
+        key = (-length, str(device))  # negative: a separate entry from the (T, T) index of the same length
+        buckets = self._index_cache.get(key)
+        if buckets is None:
+            distances = torch.arange(-(length - 1), length, device=device)
+            buckets = relative_position_buckets(distances, self.num_buckets, self.max_distance)
+            if len(self._index_cache) > 8:
+                self._index_cache.clear()
+            self._index_cache[key] = buckets
+        return F.embedding(buckets, self.embedding.weight).t()
+
 
 # Smallest channels-per-group count measured correct for bf16 grouped conv1d under CPU autocast (see above).
 _CPU_BF16_SAFE_CHANNELS_PER_GROUP = 16

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speechlab.host_sync import host_reads_are_free
-from speechlab.nn.attention import MultiHeadSelfAttention
+from speechlab.nn.attention import MultiHeadSelfAttention, resolve_attention_backend
 from speechlab.nn.position import ConvPositionalEmbedding, RelativePositionBias
 
 
@@ -93,13 +93,20 @@ class TransformerEncoderLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(dim, eps=layer_norm_eps)
 
     def forward(
-        self, x: Tensor, padding_mask: Tensor | None = None, position_bias: Tensor | None = None
+        self,
+        x: Tensor,
+        padding_mask: Tensor | None = None,
+        position_bias: Tensor | None = None,
+        attention_backend: str = "sdpa",
     ) -> Tensor:
         if self.layer_norm_first:
             # The WavLM gate reads the attention input, i.e. the LN1 output here (spec §2.3).
-            x = x + self.dropout(self.attention(self.attention_norm(x), padding_mask, position_bias))
+            attended = self.attention(self.attention_norm(x), padding_mask, position_bias, attention_backend)
+            x = x + self.dropout(attended)
             return x + self.feed_forward(self.ffn_norm(x))
-        x = self.attention_norm(x + self.dropout(self.attention(x, padding_mask, position_bias)))
+        x = self.attention_norm(
+            x + self.dropout(self.attention(x, padding_mask, position_bias, attention_backend))
+        )
         return self.ffn_norm(x + self.feed_forward(x))
 
 
@@ -111,6 +118,10 @@ class TransformerEncoder(nn.Module):
     available to every layer regardless. The draws come from a generator that the training loop reseeds alike on
     every rank before each batch (:meth:`reseed_shared`), so DDP ranks drop the same layers, as one process
     training on the global batch would; without a reseed they come from the global torch RNG.
+
+    ``attention_backend`` (``"auto"``, ``"sdpa"`` or ``"flex"``, an attribute that may be changed at any time, not a
+    checkpointed setting) picks how the gated relative bias is applied (:mod:`speechlab.nn.attention`): ``"auto"``
+    uses FlexAttention on CUDA where attention dropout is inactive, so no (batch, heads, T, T) bias is built there.
     """
 
     def __init__(
@@ -139,6 +150,8 @@ class TransformerEncoder(nn.Module):
         self.skip_padding = skip_padding
         self.skip_padding_min_fraction = skip_padding_min_fraction
         self._layerdrop_generator: torch.Generator | None = None
+        self.attention_dropout = attention_dropout
+        self.attention_backend = "auto"
         self.pos_conv = ConvPositionalEmbedding(dim, pos_conv_kernel, pos_conv_groups)
         self.layer_norm = nn.LayerNorm(dim, eps=layer_norm_eps)
         self.dropout = nn.Dropout(dropout)
@@ -232,14 +245,20 @@ class TransformerEncoder(nn.Module):
             x = self.layer_norm(x)
         x = self.dropout(x)
 
+        gated = self.relative_position_bias is not None
+        backend = resolve_attention_backend(
+            self.attention_backend, x.device, gated, self.attention_dropout, self.training
+        )
         position_bias = None
-        if self.relative_position_bias is not None:
-            position_bias = self.relative_position_bias(x.shape[1])
+        if gated and backend == "flex":
+            position_bias = self.relative_position_bias.distance_bias(x.shape[1])  # (H, 2T-1)
+        elif gated:
+            position_bias = self.relative_position_bias(x.shape[1])  # (H, T, T)
 
         states: list[Tensor] = [x]
         for layer, run in zip(self.layers, keep.tolist(), strict=True):
             if run:
-                x = layer(x, padding_mask, position_bias)
+                x = layer(x, padding_mask, position_bias, backend)
             if output_hidden_states:
                 states.append(x)
         if self.layer_norm_first:
