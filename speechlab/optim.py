@@ -59,6 +59,7 @@ def build_optimizer(
     config: OptimConfig,
     total_steps: int,
     lr_scale: dict[str, float] | None = None,
+    fused: bool | None = None,
 ) -> dict:
     """Build AdamW + the warm-up/decay schedule in Lightning's ``configure_optimizers`` format.
 
@@ -80,10 +81,11 @@ def build_optimizer(
         for bucket, wd in ((decay, config.weight_decay), (no_decay, 0.0))
         for scale, params in bucket.items()
     ]
-    # Fused on CUDA: one kernel per step, and it can skip a non-finite update on the device (``found_inf``, see
-    # SpeechTask), so the training step needs no host read for that check.
-    params = [p for group in groups for p in group["params"]]
-    fused = bool(params) and all(p.is_cuda for p in params)
+    # Fused (``fused=None``: when every parameter is on CUDA): one kernel per step, and it can skip a non-finite
+    # update on the device (``found_inf``, see SpeechTask), so the training step needs no host read for that check.
+    if fused is None:
+        params = [p for group in groups for p in group["params"]]
+        fused = bool(params) and all(p.is_cuda for p in params)
     optimizer = torch.optim.AdamW(
         groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=fused or None
     )
