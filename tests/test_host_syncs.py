@@ -17,6 +17,7 @@ from speechlab.augment.mixing import MixingConfig, UtteranceMixer
 from speechlab.data.collate import UNIT_PAD, Batch
 from speechlab.host_sync import HostSyncCounter, device_path
 from speechlab.nn.masking import span_mask
+from speechlab.nn.rvq import ResidualVectorQuantizer
 from speechlab.tasks.base import NonFiniteError
 from speechlab.tasks.wavlm_pretrain import WavLMPretrainTask
 
@@ -199,3 +200,61 @@ def test_consecutive_nonfinite_steps_on_the_device_stop_training_at_the_next_rea
         assert task.nonfinite_steps == 3
         with pytest.raises(NonFiniteError, match="3 consecutive steps"):
             task._read_nonfinite_counters(final=True)
+
+
+def _rvq_input(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 8, 20, generator=generator)
+    lengths = torch.tensor([20, 14, 9])
+    x[1, :, 14:] = float("inf")  # garbage in padded frames must not reach the codebooks on either path
+    x[2, :, 9:] = 1e3
+    return x, lengths
+
+
+def _rvq(threshold: float):
+    torch.manual_seed(0)
+    rvq = ResidualVectorQuantizer(
+        8, num_quantizers=3, codebook_size=16, kmeans_iters=3, dead_code_threshold=threshold
+    )
+    return rvq.train()
+
+
+def test_an_rvq_training_step_reads_nothing_on_the_host_after_the_kmeans_initialisation():
+    rvq = _rvq(threshold=2.0)
+    x, lengths = _rvq_input()
+    with device_path():
+        rvq(x, lengths)  # first batch: k-means initialisation (host reads, once)
+        with HostSyncCounter() as counter:
+            for _ in range(2):
+                rvq(x, lengths)
+    assert counter.syncs == [], "\n".join(f"{s.kind} at {s.site}" for s in counter.syncs)
+
+
+def test_the_rvq_device_path_updates_the_codebooks_like_the_cpu_path():
+    x, lengths = _rvq_input()
+    states, outputs = {}, {}
+    for name in ("cpu", "device"):
+        rvq = _rvq(threshold=0.0)  # nothing dead: the dead-code draw replaces nothing on either path
+        torch.manual_seed(1)
+        rvq(x, lengths)  # the same k-means initialisation for both
+        with device_path() if name == "device" else torch.enable_grad():
+            torch.manual_seed(2)
+            outputs[name] = rvq(x, lengths)
+        states[name] = rvq.state_dict()
+    for key, value in states["cpu"].items():
+        torch.testing.assert_close(states["device"][key], value, msg=key)
+    assert torch.equal(outputs["device"].codes, outputs["cpu"].codes)
+    torch.testing.assert_close(outputs["device"].perplexity, outputs["cpu"].perplexity)
+
+
+def test_dead_codes_replaced_on_the_device_path_come_from_valid_frames_only():
+    rvq = _rvq(threshold=1e9)  # every code is dead after each update
+    x, lengths = _rvq_input()
+    with device_path():
+        rvq(x, lengths)
+        out = rvq(x, lengths)
+    assert (out.replaced == 16).all()
+    level = rvq.levels[0]
+    valid_frames = x.transpose(1, 2)[torch.arange(20)[None] < lengths[:, None]]  # (N_valid, 8)
+    distances = torch.cdist(level.embed, valid_frames, compute_mode="donot_use_mm_for_euclid_dist")
+    assert distances.min(dim=1).values.max() < 1e-6

@@ -23,6 +23,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from speechlab.host_sync import host_reads_are_free
+
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -96,6 +98,18 @@ class CodebookLevel(nn.Module):
             self.register_buffer("embed_avg", self.embed.clone())
         self.register_buffer("cluster_size", torch.zeros(codebook_size))
         self.register_buffer("initialized", torch.tensor(False))
+        self._initialized_seen = False  # host copy of ``initialized`` once it is True (see is_initialized)
+
+    def is_initialized(self) -> bool:
+        """Whether the codebook is initialised. Read on the host until it is (the first training batch), then
+        remembered: ``initialized`` only goes from False to True, so later steps need no device read."""
+        if not self._initialized_seen:
+            self._initialized_seen = bool(self.initialized)
+        return self._initialized_seen
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._initialized_seen = False  # the loaded buffer decides again
 
     # --- lookup -----------------------------------------------------------------------------------------------
     def table(self) -> Tensor:
@@ -142,13 +156,20 @@ class CodebookLevel(nn.Module):
         if counts is not None:
             self.cluster_size.copy_(counts)
         self.initialized.fill_(True)
+        self._initialized_seen = True
 
     @torch.no_grad()
-    def update(self, z: Tensor, codes: Tensor) -> Tensor:
-        """EMA statistics from valid rows ``z: (N, codebook_dim)``, ``codes: (N,)``; returns #codes replaced."""
+    def update(self, z: Tensor, codes: Tensor, rows: Tensor | None = None) -> Tensor:
+        """EMA statistics from ``z: (N, codebook_dim)``, ``codes: (N,)`` over the rows where ``rows: (N,)`` bool is
+        True (None: all rows); returns #codes replaced. A fixed-size computation: invalid rows add zeros, where
+        selecting the valid rows (``z[rows]``) or ``bincount`` would read a size on the host."""
         z = z.float()
-        counts = torch.bincount(codes, minlength=self.codebook_size).float()
-        sums = torch.zeros(self.codebook_size, z.shape[1], device=z.device).index_add_(0, codes, z)
+        if rows is None:
+            weights, valid_z = torch.ones_like(codes, dtype=z.dtype), z
+        else:  # torch.where, not a product: a non-finite padded row must add nothing either
+            weights, valid_z = rows.to(z.dtype), torch.where(rows[:, None], z, 0.0)
+        counts = torch.zeros(self.codebook_size, device=z.device).index_add_(0, codes, weights)
+        sums = torch.zeros(self.codebook_size, z.shape[1], device=z.device).index_add_(0, codes, valid_z)
         if _distributed():
             dist.all_reduce(counts)
             dist.all_reduce(sums)
@@ -160,16 +181,32 @@ class CodebookLevel(nn.Module):
                 (self.cluster_size + self.epsilon) / (total + self.codebook_size * self.epsilon) * total
             )
             self.embed.copy_(self.embed_avg / smoothed[:, None])
-        return self.replace_dead_codes(z)
+        return self.replace_dead_codes(z, rows)
 
     @torch.no_grad()
-    def replace_dead_codes(self, z: Tensor) -> Tensor:
-        """Codes whose EMA usage < threshold get a random vector of this batch (EnCodec's expiry)."""
+    def replace_dead_codes(self, z: Tensor, rows: Tensor | None = None) -> Tensor:
+        """Codes whose EMA usage < threshold get a random vector of this batch (EnCodec's expiry), drawn from the
+        rows of ``z`` where ``rows`` is True (None: all).
+
+        Where host reads are free (CPU) the valid rows are selected and the step ends early when nothing is dead;
+        on an accelerator the same draw is a fixed-size one (valid rows sampled by ``multinomial``, nothing
+        replaced when no code is dead or no row is valid), so no count is read on the host.
+        """
         dead = self.cluster_size < self.dead_code_threshold
-        num_dead = dead.sum()
-        if num_dead == 0 or z.shape[0] == 0:
-            return num_dead.new_zeros(())
-        pick = torch.randint(0, z.shape[0], (self.codebook_size,), device=z.device)
+        if rows is not None and host_reads_are_free(z):
+            z, rows = z[rows], None
+        if rows is None:
+            num_dead = dead.sum()
+            if num_dead == 0 or z.shape[0] == 0:
+                return num_dead.new_zeros(())
+            pick = torch.randint(0, z.shape[0], (self.codebook_size,), device=z.device)
+        else:
+            any_valid = rows.any()
+            dead = dead & any_valid
+            num_dead = dead.sum()
+            # with no valid row the weights are uniform (multinomial needs a positive sum); nothing is replaced then
+            weights = rows.float() + (~any_valid).float()
+            pick = torch.multinomial(weights, self.codebook_size, replacement=True)
         samples = z[pick]
         if self.factorized:
             samples = F.normalize(samples, dim=-1)
@@ -267,7 +304,7 @@ class ResidualVectorQuantizer(nn.Module):
         for i, level in enumerate(self.levels[:n_q]):
             rows = (valid & level_mask[:, i : i + 1]).reshape(-1)  # (B*T,)
             z = level.project_in(residual)
-            if self.training and not bool(level.initialized):
+            if self.training and not level.is_initialized():  # the first training batch only
                 level.init_kmeans(z.detach()[rows])
             codes = level.nearest(z)
             z_q = F.embedding(codes, level.table())
@@ -287,13 +324,12 @@ class ResidualVectorQuantizer(nn.Module):
                     out if self.factorized or not self.training else residual + (out - residual).detach()
                 )
             if self.training:
-                with torch.no_grad():
-                    valid_codes = codes[rows]
-                    hist = torch.bincount(valid_codes, minlength=level.codebook_size).float()
+                with torch.no_grad():  # histogram of the valid rows' codes, fixed-size (no codes[rows])
+                    hist = torch.zeros(level.codebook_size, device=device).index_add_(0, codes, rows.float())
                     prob = hist / hist.sum().clamp_min(1)
                     usage.append((hist > 0).float().mean())
                     perplexity.append(torch.exp(-(prob * prob.clamp_min(1e-10).log()).sum()))
-                    replaced.append(level.update(z.detach()[rows], valid_codes).float())
+                    replaced.append(level.update(z.detach(), codes, rows).float())
             total = total + out
             residual = residual - out.detach() if not self.factorized else residual - out
             codes_all.append(codes.view(b, t))
