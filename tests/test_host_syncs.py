@@ -258,3 +258,27 @@ def test_dead_codes_replaced_on_the_device_path_come_from_valid_frames_only():
     valid_frames = x.transpose(1, 2)[torch.arange(20)[None] < lengths[:, None]]  # (N_valid, 8)
     distances = torch.cdist(level.embed, valid_frames, compute_mode="donot_use_mm_for_euclid_dist")
     assert distances.min(dim=1).values.max() < 1e-6
+
+
+def test_a_ctc_training_step_reads_on_the_host_only_inside_ctc_loss():
+    """What the counter can see on the CPU: no host read in the CTC fine-tuning step on the device path. Not seen
+    here: ``F.ctc_loss`` copies the input and target lengths to the host inside ATen (a sync on CUDA per step)."""
+    from speechlab.data.text import CharTokenizer
+    from speechlab.tasks.ctc import CTCTask
+
+    torch.manual_seed(0)
+    task = CTCTask(encoder="wavlm_tiny", encoder_overrides={"num_layers": 2}, mask_prob=0.3, mask_length=4)
+    tokenizer = CharTokenizer.build(["a cab", "bad"])
+    task.build(tokenizer)
+    task.train()
+    batch = _batch(lengths=(16000, 12000))
+    texts = ["a cab", "bad"]
+    encoded = [torch.tensor(tokenizer.encode(t)) for t in texts]
+    batch.targets = torch.nn.utils.rnn.pad_sequence(encoded, batch_first=True, padding_value=-100)
+    batch.target_lengths = torch.tensor([len(e) for e in encoded])
+    optimizer = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=1e-3, fused=True)
+    with device_path():
+        _step(task, optimizer, batch, 0)
+        with HostSyncCounter() as counter:
+            _step(task, optimizer, batch, 1)
+    assert _unexpected(counter.syncs) == [], "\n".join(f"{s.kind} at {s.site}" for s in counter.syncs)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from speechlab.checkpoints.encoder_weights import load_encoder_state_dict
 from speechlab.data.text import tokenizer_from_files, tokenizer_to_files
+from speechlab.host_sync import host_reads_are_free
 from speechlab.models.ctc import CTCModel, ctc_greedy_decode
 from speechlab.models.presets import encoder_config
 from speechlab.models.ssl_encoder import SSLEncoderConfig
@@ -188,8 +189,16 @@ class CTCTask(SpeechTask):
         self.count_skipped(CTC_TOO_LONG, infeasible, CTC_TOO_LONG_REMEDY)
         frame_mask = None
         if self.hparams.mask_prob > 0:
+            # the mask's width from the audio's, not max(frame_lengths): that would be read on the host
+            num_frames = None
+            if not host_reads_are_free(frame_lengths):
+                num_frames = self.model.encoder.num_frames(batch.audio.shape[1])
             frame_mask = span_mask(
-                frame_lengths, self.hparams.mask_prob, self.hparams.mask_length, min_masks=0
+                frame_lengths,
+                self.hparams.mask_prob,
+                self.hparams.mask_length,
+                min_masks=0,
+                num_frames=num_frames,
             ).to(batch.audio.device)
         loss, _, _ = self._ctc_loss(batch, frame_mask)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from speechlab.data.text import tokenizer_from_files, tokenizer_to_files
+from speechlab.host_sync import host_reads_are_free
 from speechlab.models.ctc import ctc_greedy_decode
 from speechlab.models.unispeech import (
     UniSpeech,
@@ -195,13 +196,18 @@ class UniSpeechTask(SpeechTask):
         """
         h, encoder_config = self.hparams, self.config.encoder
         frame_lengths = self.model.encoder.frame_lengths(batch.lengths)
-        frame_mask = span_mask(
-            frame_lengths.cpu(),
+        mask_args = (
             encoder_config.mask_prob if h.mask_prob is None else h.mask_prob,
             encoder_config.mask_length if h.mask_length is None else h.mask_length,
-            min_masks=2,
-            generator=generator,
-        ).to(batch.audio.device)
+        )
+        if generator is None and not host_reads_are_free(frame_lengths):
+            # training on an accelerator: drawn there, as wide as the encoder output, no lengths on the host
+            num_frames = self.model.encoder.num_frames(batch.audio.shape[1])
+            frame_mask = span_mask(frame_lengths, *mask_args, min_masks=2, num_frames=num_frames)
+        else:
+            frame_mask = span_mask(frame_lengths.cpu(), *mask_args, min_masks=2, generator=generator).to(
+                batch.audio.device
+            )
         out = self.model(batch.audio, batch.lengths, frame_mask=frame_mask, generator=generator)
         frame_mask = frame_mask[:, : out.last_hidden_state.shape[1]] & ~out.padding_mask
 
