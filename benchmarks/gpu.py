@@ -279,7 +279,10 @@ def run_benchmark(args) -> list[dict]:
         wall = statistics.median(r["wall_s"] for r in runs)
         best = min(runs, key=lambda r: r["wall_s"])
         task.encoder.encoder.attention_backend = backend
-        reads = host_reads_one_step(task, optimizer, scheduler, batches[0], args, device, batch_idx)
+        try:
+            reads = host_reads_one_step(task, optimizer, scheduler, batches[0], args, device, batch_idx)
+        except Exception as error:  # the counting mode is a debugging aid: report, do not lose the timings
+            reads = {"error": f"{type(error).__name__}: {error}"[:500]}
         batch_idx += 1
         record = {
             "backend": backend,

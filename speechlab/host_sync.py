@@ -99,6 +99,10 @@ class HostSyncCounter(TorchDispatchMode):
     ``syncs`` lists them in order with their call site.
     """
 
+    # Higher-order operators (FlexAttention, compiled regions) pass through: run as usual, with this mode off
+    # inside them (their internals are fixed-size kernels).
+    supports_higher_order_operators = True
+
     def __init__(self) -> None:
         super().__init__()
         self.syncs: list[HostSync] = []

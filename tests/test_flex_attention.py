@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from speechlab.host_sync import HostSyncCounter, device_path
 from speechlab.models.ssl_encoder import SSLEncoder
 from speechlab.models.wavlm import wavlm_tiny
 from speechlab.nn.attention import (
@@ -74,6 +75,16 @@ def test_the_flex_backend_of_the_encoder_gives_the_sdpa_hidden_states_on_valid_f
     valid = ~outputs["sdpa"].padding_mask
     for sdpa, flex in zip(outputs["sdpa"].hidden_states, outputs["flex"].hidden_states, strict=True):
         torch.testing.assert_close(flex[valid], sdpa[valid], atol=1e-4, rtol=0)
+
+
+def test_the_flex_path_reads_nothing_on_the_host():
+    torch.manual_seed(0)
+    encoder = SSLEncoder(wavlm_tiny()).eval()
+    encoder.encoder.attention_backend = "flex"
+    audio, lengths = 0.1 * torch.randn(2, 8000), torch.tensor([8000, 5000])
+    with torch.no_grad(), device_path(), HostSyncCounter() as counter:
+        encoder(audio, lengths)
+    assert [s.site for s in counter.syncs if "keep.tolist()" not in s.site] == []
 
 
 def test_auto_picks_flex_on_cuda_only_where_attention_dropout_is_off():
