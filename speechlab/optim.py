@@ -9,6 +9,8 @@ from typing import Literal
 
 import torch
 
+from speechlab.host_sync import host_reads_are_free
+
 
 @dataclass
 class OptimConfig:
@@ -81,11 +83,14 @@ def build_optimizer(
         for bucket, wd in ((decay, config.weight_decay), (no_decay, 0.0))
         for scale, params in bucket.items()
     ]
-    # Fused (``fused=None``: when every parameter is on CUDA): one kernel per step, and it can skip a non-finite
-    # update on the device (``found_inf``, see SpeechTask), so the training step needs no host read for that check.
+    # Fused (``fused=None``: when every parameter is on CUDA, or on the CPU under ``host_sync.device_path()``): one
+    # kernel per step, and it can skip a non-finite update on the device (``found_inf``, see SpeechTask), so the
+    # training step needs no host read for that check.
     if fused is None:
         params = [p for group in groups for p in group["params"]]
-        fused = bool(params) and all(p.is_cuda for p in params)
+        fused = bool(params) and all(
+            p.is_cuda or (p.device.type == "cpu" and not host_reads_are_free(p)) for p in params
+        )
     optimizer = torch.optim.AdamW(
         groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=fused or None
     )

@@ -282,3 +282,44 @@ def test_a_ctc_training_step_reads_on_the_host_only_inside_ctc_loss():
         with HostSyncCounter() as counter:
             _step(task, optimizer, batch, 1)
     assert _unexpected(counter.syncs) == [], "\n".join(f"{s.kind} at {s.site}" for s in counter.syncs)
+
+
+# ----------------------------------------------------------------- the same through Lightning (tiny CTC runs)
+
+
+@pytest.fixture(scope="module")
+def fault_manifest(tmp_path_factory):
+    import kill_harness as kh
+
+    return kh.tiny_manifest(tmp_path_factory.mktemp("faults") / "train.jsonl", 4)
+
+
+def test_through_lightning_a_nonfinite_step_on_the_device_path_equals_never_applying_that_batch(
+    fault_manifest, tmp_path
+):
+    from test_numerical_faults import _fit
+
+    with device_path():
+        reference, _ = _fit(fault_manifest, tmp_path / "skip", 4, poison="skip", at=(1,))
+        task, audit = _fit(fault_manifest, tmp_path / "nan", 4, poison="loss", at=(1,))
+    assert task.trainer.optimizers[0].defaults["fused"], "the device path steps a fused AdamW"
+    assert task.nonfinite_steps == 1  # read at the end of training
+    assert audit.changed == {0: True, 1: False, 2: True, 3: True}, audit.changed
+    assert audit.optimizer_changed[1] is False
+    for (name, expected), (_, actual) in zip(
+        reference.state_dict().items(), task.state_dict().items(), strict=True
+    ):
+        assert torch.equal(expected, actual), name
+
+
+def test_through_lightning_consecutive_nonfinite_steps_on_the_device_path_stop_at_the_next_read(
+    fault_manifest, tmp_path, monkeypatch
+):
+    from test_numerical_faults import PoisonedCTCTask, _fit
+
+    monkeypatch.setattr(PoisonedCTCTask, "nonfinite_check_every", 1)
+    with (
+        device_path(),
+        pytest.raises(NonFiniteError, match="3 consecutive steps had a non-finite loss or gradient"),
+    ):
+        _fit(fault_manifest, tmp_path, 8, poison="grad", at=(1, 2, 3, 4, 5, 6), max_nonfinite_steps=3)

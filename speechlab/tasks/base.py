@@ -199,8 +199,10 @@ class SpeechTask(L.LightningModule):
         loss_nonfinite, self._loss_nonfinite = self._loss_nonfinite, None
         if not grads:
             return
-        if self._skips_on_device(optimizer, grads[0]):
-            self._skip_on_device(optimizer, grads, loss_nonfinite)
+        # a LightningOptimizer copies the optimiser's attributes: ``found_inf`` must be set on the one that steps
+        raw_optimizer = getattr(optimizer, "_optimizer", optimizer)
+        if self._skips_on_device(raw_optimizer, grads[0]):
+            self._skip_on_device(raw_optimizer, grads, loss_nonfinite)
             return
         what = "gradient"
         if loss_nonfinite is not None and bool(
