@@ -43,6 +43,21 @@ def device_path() -> Iterator[None]:
         _force_device_path = previous
 
 
+def to_device_async(tensor: Tensor, device: torch.device | str) -> Tensor:
+    """Copy a host tensor (random draws, flags built in Python) to ``device`` without making the host wait.
+
+    ``tensor.to("cuda")`` from ordinary memory waits until the copy is done, i.e. until every kernel queued before it
+    has run (``set_sync_debug_mode`` flags it). From pinned memory with ``non_blocking=True`` the copy is queued
+    like a kernel; the pinned block is not reused before the copy has run (the caching host allocator records it).
+    """
+    device = torch.device(device)
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 @dataclass(frozen=True)
 class HostSync:
     """One host read: what it was (``kind``) and where (``site``: ``path:line in function: source``)."""

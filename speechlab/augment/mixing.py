@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from speechlab.host_sync import to_device_async
+
 
 @dataclass
 class MixingConfig:
@@ -189,7 +191,7 @@ class UtteranceMixer(nn.Module):
         # --- per-utterance draws (CPU generator, then moved: reproducible on any device) ---
         # Everything below runs on the batch's device: the draws go there (an asynchronous host-to-device copy),
         # the lengths never come back to the host (that would be a device sync in every training step).
-        draws = torch.stack([self._uniform(batch, gen) for _ in range(7)]).to(device, non_blocking=True)
+        draws = to_device_async(torch.stack([self._uniform(batch, gen) for _ in range(7)]), device)
         u_mix, u_kind, u_len, u_pos, u_src, u_src_start, u_level = draws.unbind(0)
         lengths = lengths.to(device)
         lengths_long = lengths.detach().long()

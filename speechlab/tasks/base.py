@@ -10,7 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from speechlab.host_sync import host_reads_are_free
+from speechlab.host_sync import host_reads_are_free, to_device_async
 from speechlab.optim import OptimConfig, build_optimizer
 
 log = logging.getLogger(__name__)
@@ -250,7 +250,7 @@ class SpeechTask(L.LightningModule):
         optimizer.found_inf = skip.float()  # read by the fused AdamW/Adam kernels, as GradScaler passes it
         if self._nonfinite_counters is None:
             start = self._consecutive_nonfinite
-            self._nonfinite_counters = torch.tensor([0, start, start]).to(skip.device, non_blocking=True)
+            self._nonfinite_counters = to_device_async(torch.tensor([0, start, start]), skip.device)
         skipped, run, longest = self._nonfinite_counters.unbind()
         self._nonfinite_counters = torch.stack([skipped + skip.long(), run, longest])
         self._batch_skipped = skip if self._batch_skipped is None else self._batch_skipped | skip
@@ -264,7 +264,7 @@ class SpeechTask(L.LightningModule):
         device = self._nonfinite_counters.device
         skipped, run, longest = (int(v) for v in self._nonfinite_counters.tolist())
         kept = run if final else longest
-        self._nonfinite_counters = torch.tensor([0, run, kept]).to(device, non_blocking=True)
+        self._nonfinite_counters = to_device_async(torch.tensor([0, run, kept]), device)
         self._consecutive_nonfinite = run
         if run and self._trainer is not None:
             self._last_nonfinite_batch = self._trainer.fit_loop.total_batch_idx

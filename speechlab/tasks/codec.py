@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from speechlab.host_sync import to_device_async
 from speechlab.models.codec import PRESETS, Codec, CodecConfig
 from speechlab.nn.discriminators import (
     CombinedDiscriminator,
@@ -73,7 +74,9 @@ def random_crop(
     """One random ``segment``-sample window per item (zero-padded when shorter): ``(B, S) -> (B, segment)``."""
     b = audio.shape[0]
     room = (lengths - segment).clamp_min(0)
-    start = (torch.rand(b, generator=generator).to(audio.device) * (room + 1).float()).long().clamp_max(room)
+    # drawn on the CPU (a CPU generator), copied without making the host wait for the device
+    draws = to_device_async(torch.rand(b, generator=generator), audio.device)
+    start = (draws * (room + 1).float()).long().clamp_max(room)
     index = start[:, None] + torch.arange(segment, device=audio.device)[None]
     crop_lengths = (lengths - start).clamp(max=segment)
     valid = torch.arange(segment, device=audio.device)[None] < crop_lengths[:, None]

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from speechlab.data.text import tokenizer_from_files, tokenizer_to_files
-from speechlab.host_sync import host_reads_are_free
+from speechlab.host_sync import host_reads_are_free, to_device_async
 from speechlab.models.ctc import ctc_greedy_decode
 from speechlab.models.unispeech import (
     UniSpeech,
@@ -187,7 +187,8 @@ class UniSpeechTask(SpeechTask):
             labeled = [True] * batch_size
         else:
             labeled = [lang in self.labeled_languages for lang in batch.languages]
-        mask = torch.tensor(labeled, dtype=torch.bool, device=batch.audio.device)
+        # built on the host, copied without making the host wait for the device (torch.tensor(device=) would)
+        mask = to_device_async(torch.tensor(labeled, dtype=torch.bool), batch.audio.device)
         return mask & (batch.target_lengths > 0)
 
     def compute_losses(self, batch: Any, generator: torch.Generator | None = None) -> dict[str, Tensor]:
@@ -263,7 +264,9 @@ class UniSpeechTask(SpeechTask):
             "num_masked": torch.tensor(float(contrastive.num_frames)),
             "num_labeled": labeled.sum().float(),
             CTC_TOO_LONG: infeasible.float(),
-            "swap_fraction": out.swap_mask[~out.padding_mask].float().mean(),
+            # the mean over valid frames as a masked sum (no boolean indexing): NaN without any, as before
+            "swap_fraction": (out.swap_mask & ~out.padding_mask).sum().float()
+            / (~out.padding_mask).sum().float(),
             "_ctc_logits": out.ctc_logits,
             "_frame_lengths": out.frame_lengths,
             "_labeled": labeled,
