@@ -17,9 +17,11 @@ A config that cannot run this way is a bug in the config or in the code.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -175,15 +177,27 @@ def rehearsal_config(path: Path, work: Path, init_from: Path | None = None) -> t
 
 
 def _fit(config_path: Path, devices: int, extra: list[str], log: Path) -> None:
-    """``speechlab fit`` in a subprocess (Lightning's DDP launcher starts the second rank from its argv)."""
+    """``speechlab fit`` in a subprocess (Lightning's DDP launcher starts the second rank from its argv), in a
+    session of its own so that no rank outlives the test, whatever happens."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
     command = [sys.executable, "-m", "speechlab.cli", "fit", "--config", str(config_path), *extra]
     with log.open("ab") as out:
-        done = subprocess.run(
-            command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=TIMEOUT
+        process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
+        try:
+            code = process.wait(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            code = None
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
     text = log.read_text(errors="replace")
-    assert done.returncode == 0, f"{config_path.name} ({devices} process(es)) failed:\n{text[-4000:]}"
+    assert code is not None, (
+        f"{config_path.name} ({devices} process(es)) ran past {TIMEOUT} s:\n{text[-4000:]}"
+    )
+    assert code == 0, f"{config_path.name} ({devices} process(es)) failed:\n{text[-4000:]}"
 
 
 _REHEARSED: dict[Path, Path] = {}  # shipped config -> run folder of its rehearsal (producers are reused)
