@@ -87,13 +87,20 @@ def test_the_flex_path_reads_nothing_on_the_host():
     assert [s.site for s in counter.syncs if "keep.tolist()" not in s.site] == []
 
 
-def test_auto_picks_flex_on_cuda_only_where_attention_dropout_is_off():
+def test_auto_picks_flex_on_cuda_only_where_attention_dropout_is_off(monkeypatch):
+    import speechlab.nn.attention as attention
+
+    monkeypatch.setattr(
+        attention, "_can_compile_for_cuda", lambda: True
+    )  # no Triton GPU build on this machine
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert resolve_attention_backend("auto", cpu, gated=True, dropout=0.0, training=False) == "sdpa"
     assert resolve_attention_backend("auto", cuda, gated=True, dropout=0.1, training=False) == "flex"
     assert resolve_attention_backend("auto", cuda, gated=True, dropout=0.0, training=True) == "flex"
     assert resolve_attention_backend("auto", cuda, gated=True, dropout=0.1, training=True) == "sdpa"
     assert resolve_attention_backend("auto", cuda, gated=False, dropout=0.0, training=False) == "sdpa"
+    monkeypatch.setattr(attention, "_can_compile_for_cuda", lambda: False)
+    assert resolve_attention_backend("auto", cuda, gated=True, dropout=0.0, training=False) == "sdpa"
 
 
 def test_flex_asked_for_with_attention_dropout_in_training_is_a_clear_error():

@@ -41,6 +41,15 @@ def flex_attention_available() -> bool:
     return True
 
 
+def _can_compile_for_cuda() -> bool:
+    """Whether torch.compile can build the FlexAttention kernel for CUDA here (it needs Triton)."""
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:
+        return False
+    return has_triton()
+
+
 def resolve_attention_backend(
     backend: str, device: torch.device, gated: bool, dropout: float, training: bool
 ) -> str:
@@ -55,7 +64,7 @@ def resolve_attention_backend(
     dropout_active = training and dropout > 0.0
     if backend == "auto":
         use_flex = gated and device.type == "cuda" and not dropout_active and flex_attention_available()
-        return "flex" if use_flex else "sdpa"
+        return "flex" if use_flex and _can_compile_for_cuda() else "sdpa"
     if backend == "flex":
         if not gated:
             return "sdpa"  # nothing to compute in the kernel: SDPA's padding mask is as cheap
