@@ -139,3 +139,40 @@ def test_gumbel_temperature_follows_global_step_in_lightning_fit(batch_and_token
     assert task.model.quantizer.temperature == pytest.approx(expected)
     assert trainer.callback_metrics["train/ctc"] > 0
     assert "train/code_perplexity" in trainer.callback_metrics
+
+
+def test_validation_per_decodes_the_unmasked_input(batch_and_tokenizer, monkeypatch):
+    """val/per decodes an eval pass without a span mask; only the contrastive val loss sees masked frames."""
+    import speechlab.tasks.unispeech as unispeech_task
+
+    batch, tokenizer = batch_and_tokenizer
+    # a high mask probability makes masked and unmasked logits clearly different
+    task = _task(tokenizer, mask_prob=0.65, ctc_weight=0.5)
+    task.tokenizer = tokenizer
+    task.eval()
+    frame_masks, decoded = [], []
+    forward, decode = task.model.forward, unispeech_task.ctc_greedy_decode
+
+    def recording_forward(*args, **kwargs):
+        frame_masks.append(kwargs.get("frame_mask"))
+        return forward(*args, **kwargs)
+
+    def recording_decode(logits, frame_lengths, blank_id=0):
+        decoded.append(logits.detach().clone())
+        return decode(logits, frame_lengths, blank_id)
+
+    monkeypatch.setattr(task.model, "forward", recording_forward)
+    monkeypatch.setattr(unispeech_task, "ctc_greedy_decode", recording_decode)
+    task.on_validation_epoch_start()
+    with torch.no_grad():
+        task.validation_step(batch, 0)
+        unmasked = forward(batch.audio, batch.lengths).ctc_logits
+        masked = forward(batch.audio, batch.lengths, frame_mask=frame_masks[0]).ctc_logits
+
+    assert frame_masks[0] is not None and bool(frame_masks[0].any())  # the contrastive loss is masked ...
+    assert len(frame_masks) == 2 and frame_masks[1] is None  # ... the PER pass is not
+    labeled = task.labeled_mask(batch)
+    assert len(decoded) == 1
+    torch.testing.assert_close(decoded[0], unmasked[labeled])
+    assert not torch.allclose(decoded[0], masked[labeled], atol=1e-3)
+    assert task._error_counts[1] > 0  # phones were counted for val/per

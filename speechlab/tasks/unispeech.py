@@ -193,7 +193,8 @@ class UniSpeechTask(SpeechTask):
 
     def compute_losses(self, batch: Any, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Every loss part and metric for one batch (training and validation; masking is applied in both so the
-        validation contrastive loss is meaningful). ``generator`` seeds masks, distractors, Gumbel noise and swap.
+        validation contrastive loss is meaningful; validation PER decodes an unmasked pass instead). ``generator``
+        seeds masks, distractors, Gumbel noise and swap.
         """
         h, encoder_config = self.hparams, self.config.encoder
         frame_lengths = self.model.encoder.frame_lengths(batch.lengths)
@@ -267,8 +268,6 @@ class UniSpeechTask(SpeechTask):
             # the mean over valid frames as a masked sum (no boolean indexing): NaN without any, as before
             "swap_fraction": (out.swap_mask & ~out.padding_mask).sum().float()
             / (~out.padding_mask).sum().float(),
-            "_ctc_logits": out.ctc_logits,
-            "_frame_lengths": out.frame_lengths,
             "_labeled": labeled,
         }
 
@@ -305,14 +304,22 @@ class UniSpeechTask(SpeechTask):
         labeled = parts["_labeled"]
         if self.tokenizer is None or not bool(labeled.any()):
             return
-        # Phone error rate of the CTC head (eval mode: no swap) on the labeled utterances.
-        hyps = ctc_greedy_decode(parts["_ctc_logits"][labeled], parts["_frame_lengths"][labeled], blank_id=0)
+        # Phone error rate of the CTC head on the labeled utterances, from a forward pass on the *unmasked* input
+        # (eval mode: no swap either): the span mask above exists for the contrastive loss, and the encoder would
+        # replace those frames by mask_emb, so decoding its logits would measure a masked-input PER.
+        logits, frame_lengths = self.ctc_logits(batch.audio, batch.lengths)
+        hyps = ctc_greedy_decode(logits[labeled], frame_lengths[labeled], blank_id=0)
         refs = [
             t[:n].tolist() for t, n in zip(batch.targets[labeled], batch.target_lengths[labeled], strict=True)
         ]
         self._error_counts += error_counts(
             [self.tokenizer.decode(r) for r in refs], [self.tokenizer.decode(hyp) for hyp in hyps]
         )
+
+    def ctc_logits(self, audio: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """audio: (B, S), lengths: (B,) -> CTC logits (B, T, V) and frame_lengths (B,) of the unmasked input."""
+        out = self.model(audio, lengths)
+        return out.ctc_logits, out.frame_lengths
 
     def on_validation_epoch_end(self) -> None:
         if self._error_counts[1] > 0:
