@@ -15,7 +15,8 @@ backends timed in rotation over ``--rounds`` rounds of ``--steps`` steps after `
 - ``in_step_fraction``: time between the start and the end of the steps on the device's timeline (CUDA events; on the
   CPU the host clock) over the wall-clock time of the loop, which also holds the batch copies and Python overhead;
 - ``cuda_sync_warnings``: synchronising CUDA calls during the timed steps, counted as the warnings of
-  ``torch.cuda.set_sync_debug_mode("warn")``;
+  ``torch.cuda.set_sync_debug_mode("warn")`` (the most in one round; a round that crosses a multiple of
+  ``SpeechTask.nonfinite_check_every`` batches includes that one read of the non-finite counters, by design);
 - ``host_reads``: the host reads of tensor values in one step on the accelerator code path, by call site, from
   :class:`speechlab.host_sync.HostSyncCounter` (on the CPU that path is forced with ``device_path()``; LayerDrop's
   keep flags are a CPU tensor from a CPU generator, read without waiting for the device);
