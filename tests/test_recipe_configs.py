@@ -64,6 +64,10 @@ TINY_WIDTH: dict[str, dict[str, Any]] = {
         "discriminator": {"stft_filters": 4, "period_channels": [4, 8, 16, 16, 16]},
     },
 }
+# Encoders that are not SSL encoders take their own width override (CTCTask's ``encoder`` selects it).
+TINY_WIDTH_BY_ENCODER: dict[str, dict[str, Any]] = {
+    "fbank_conformer_tiny": {"encoder_overrides": {"hidden_size": 32, "ffn_size": 64, "num_heads": 2}},
+}
 MAX_BATCH_SECONDS = 6.5  # two of the rehearsal's 2-3.2 s utterances
 
 
@@ -154,7 +158,8 @@ def rehearsal_config(path: Path, work: Path, init_from: Path | None = None) -> t
         log_every_n_steps=1,
     )
     init_args = model["init_args"]
-    model["init_args"] = init_args = _merge(init_args, TINY_WIDTH[model["class_path"]])
+    width = TINY_WIDTH_BY_ENCODER.get(init_args.get("encoder"), TINY_WIDTH[model["class_path"]])
+    model["init_args"] = init_args = _merge(init_args, width)
     if "init_from" in init_args:
         assert init_from is not None, f"{path}: init_from needs its producer's run"
         init_args["init_from"] = str(init_from)

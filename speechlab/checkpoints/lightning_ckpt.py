@@ -139,6 +139,7 @@ def _build_and_load(make: Callable[[], nn.Module], state: dict[str, Tensor], sou
 def _ctc(checkpoint: dict, hparams: dict, source: str) -> nn.Module:
     from speechlab.data.text import tokenizer_from_files
     from speechlab.models.ctc import CTCConfig, CTCModel
+    from speechlab.models.fbank_conformer import FbankConformerConfig
     from speechlab.models.ssl_encoder import SSLEncoderConfig
 
     values = checkpoint.get("encoder_config")
@@ -146,7 +147,8 @@ def _ctc(checkpoint: dict, hparams: dict, source: str) -> nn.Module:
     if not isinstance(values, dict) or not isinstance(files, dict):
         raise CheckpointError(f"{source}: a CTC checkpoint without 'encoder_config' and 'tokenizer_files'.")
     check_config_limits(values, source=source)
-    encoder = config_from_dict(SSLEncoderConfig, values, source=source)
+    encoder_cls = FbankConformerConfig if values.get("kind") == "fbank_conformer" else SSLEncoderConfig
+    encoder = config_from_dict(encoder_cls, values, source=source)
     state = _sub_state(checkpoint["state_dict"], "model.")
     head = state.get("head.weight")
     if head is None:

@@ -1,4 +1,5 @@
-"""CTC speech recognition model: SSL encoder (conv features + Transformer) + linear CTC head, and greedy decoding."""
+"""CTC speech recognition model: an encoder (SSL: conv features + Transformer, or fbank + Conformer) + linear CTC
+head, and greedy decoding."""
 
 from __future__ import annotations
 
@@ -8,20 +9,48 @@ from typing import Any
 import torch
 from torch import nn
 
+from speechlab.models.fbank_conformer import FbankConformerConfig, FbankConformerEncoder
 from speechlab.models.ssl_encoder import SSLEncoder, SSLEncoderConfig
+
+EncoderConfig = SSLEncoderConfig | FbankConformerConfig
+
+
+def encoder_config_from_dict(values: dict[str, Any]) -> EncoderConfig:
+    """A stored encoder config (``dataclasses.asdict``) back as its dataclass: ``kind`` names a non-SSL encoder."""
+    from speechlab.checkpoints.pretrained_dir import config_from_dict
+
+    kind = values.get("kind")
+    if kind is None:
+        return config_from_dict(SSLEncoderConfig, values, prefix="encoder.")
+    if kind == "fbank_conformer":
+        return config_from_dict(FbankConformerConfig, values, prefix="encoder.")
+    raise ValueError(
+        f"unknown CTC encoder kind {kind!r}; expected 'fbank_conformer' or none (an SSL encoder)"
+    )
+
+
+def build_encoder(config: EncoderConfig) -> nn.Module:
+    """The encoder module for ``config``: ``SSLEncoder`` or ``FbankConformerEncoder``."""
+    if isinstance(config, FbankConformerConfig):
+        return FbankConformerEncoder(config)
+    return SSLEncoder(config)
 
 
 @dataclasses.dataclass
 class CTCConfig:
     """A CTC model: the encoder's config, the unit inventory size (blank included) and the head dropout."""
 
-    encoder: SSLEncoderConfig = dataclasses.field(default_factory=SSLEncoderConfig)
+    encoder: EncoderConfig = dataclasses.field(default_factory=SSLEncoderConfig)
     vocab_size: int = 32
     head_dropout: float = 0.1
 
+    def __post_init__(self) -> None:
+        if isinstance(self.encoder, dict):  # read back from config.json
+            self.encoder = encoder_config_from_dict(self.encoder)
+
 
 class CTCModel(nn.Module):
-    """``SSLEncoder`` followed by dropout and a linear layer over the unit inventory (index 0 = CTC blank).
+    """An encoder (``SSLEncoder``, or ``FbankConformerEncoder`` for a ``FbankConformerConfig``) followed by dropout and a linear layer over the unit inventory (index 0 = CTC blank).
 
     Built from a :class:`CTCConfig` (``CTCModel(config)``, how pretrained directories rebuild it) or from the
     encoder config and the vocabulary size (``CTCModel(encoder_config, vocab_size, head_dropout)``).
@@ -30,12 +59,12 @@ class CTCModel(nn.Module):
 
     def __init__(
         self,
-        config: CTCConfig | SSLEncoderConfig,
+        config: CTCConfig | SSLEncoderConfig | FbankConformerConfig,
         vocab_size: int | None = None,
         head_dropout: float = 0.1,
     ) -> None:
         super().__init__()
-        if isinstance(config, SSLEncoderConfig):
+        if isinstance(config, SSLEncoderConfig | FbankConformerConfig):
             if vocab_size is None:
                 raise ValueError("CTCModel(encoder_config, vocab_size): vocab_size is required")
             config = CTCConfig(encoder=config, vocab_size=vocab_size, head_dropout=head_dropout)
@@ -47,7 +76,7 @@ class CTCModel(nn.Module):
             raise ValueError(f"vocab_size must be >= 2 (blank + at least one unit), got {config.vocab_size}")
         self.config = config
         self.tokenizer: Any = None
-        self.encoder = SSLEncoder(config.encoder)
+        self.encoder = build_encoder(config.encoder)
         self.dropout = nn.Dropout(config.head_dropout)
         self.head = nn.Linear(config.encoder.hidden_size, config.vocab_size)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from speechlab.models import wavlm
+from speechlab.models import fbank_conformer, wavlm
+from speechlab.models.fbank_conformer import FbankConformerConfig
 from speechlab.models.ssl_encoder import SSLEncoderConfig
 
 
@@ -22,7 +23,10 @@ def encoder_presets() -> dict[str, Any]:
 
 def encoder_config(name: str, overrides: dict[str, Any] | None = None) -> SSLEncoderConfig:
     """``SSLEncoderConfig`` of preset ``name`` with ``overrides`` applied; unknown names/fields are clear errors."""
-    presets = encoder_presets()
+    return _configured(name, encoder_presets(), overrides)
+
+
+def _configured(name: str, presets: dict[str, Any], overrides: dict[str, Any] | None) -> Any:
     if name not in presets:
         raise ValueError(f"unknown encoder preset {name!r}; choose one of: {', '.join(sorted(presets))}")
     config = presets[name]()
@@ -33,3 +37,17 @@ def encoder_config(name: str, overrides: dict[str, Any] | None = None) -> SSLEnc
             f"unknown encoder field(s) {unknown} for preset {name!r}; valid fields: {sorted(fields)}"
         )
     return dataclasses.replace(config, **(overrides or {}))
+
+
+def ctc_encoder_presets() -> dict[str, Any]:
+    """The SSL presets plus the CTC-only encoders of :mod:`speechlab.models.fbank_conformer`, by name."""
+    presets = encoder_presets()
+    presets["fbank_conformer_tiny"] = fbank_conformer.fbank_conformer_tiny
+    return presets
+
+
+def ctc_encoder_config(
+    name: str, overrides: dict[str, Any] | None = None
+) -> SSLEncoderConfig | FbankConformerConfig:
+    """:func:`encoder_config` for CTC models, which may also use a non-SSL encoder (``fbank_conformer_tiny``)."""
+    return _configured(name, ctc_encoder_presets(), overrides)

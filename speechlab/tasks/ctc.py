@@ -14,9 +14,8 @@ import torch.nn.functional as F
 from speechlab.checkpoints.encoder_weights import load_encoder_state_dict
 from speechlab.data.text import tokenizer_from_files, tokenizer_to_files
 from speechlab.host_sync import host_reads_are_free
-from speechlab.models.ctc import CTCModel, ctc_greedy_decode
-from speechlab.models.presets import encoder_config
-from speechlab.models.ssl_encoder import SSLEncoderConfig
+from speechlab.models.ctc import CTCModel, ctc_greedy_decode, encoder_config_from_dict
+from speechlab.models.presets import ctc_encoder_config
 from speechlab.nn.masking import span_mask
 from speechlab.optim import OptimConfig
 from speechlab.tasks.base import SpeechTask
@@ -31,8 +30,9 @@ class CTCTask(SpeechTask):
     and is stored inside every checkpoint, so a checkpoint alone can transcribe.
 
     Args:
-        encoder: encoder preset name (see :mod:`speechlab.models.wavlm`), e.g. ``wavlm_tiny`` or ``wavlm_base``.
-        encoder_overrides: fields of ``SSLEncoderConfig`` to change (``{"num_layers": 4}``).
+        encoder: encoder preset name (see :mod:`speechlab.models.wavlm`), e.g. ``wavlm_tiny`` or ``wavlm_base``, or
+            ``fbank_conformer_tiny`` (fbank + torchaudio Conformer, :mod:`speechlab.models.fbank_conformer`).
+        encoder_overrides: fields of the preset's config to change (``{"num_layers": 4}``).
         mask_prob, mask_length: SpecAugment-style time masking with the learned mask embedding (training only).
         init_from: pretrained encoder to fine-tune: a Lightning ``.ckpt`` of any speechlab task, or any source
             ``speechlab.load`` accepts (our pretrained dir, Hugging Face dir, fairseq/unilm ``.pt``).
@@ -64,7 +64,7 @@ class CTCTask(SpeechTask):
         # Plain containers only, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["optim"])
         self.hparams["optim"] = dataclasses.asdict(self.optim_config)
-        self.encoder_config = encoder_config(encoder, encoder_overrides)
+        self.encoder_config = ctc_encoder_config(encoder, encoder_overrides)
         self.tokenizer = None
         self.model: CTCModel | None = None
 
@@ -128,7 +128,7 @@ class CTCTask(SpeechTask):
         super().on_load_checkpoint(checkpoint)
         if self.model is not None:
             return
-        self.encoder_config = SSLEncoderConfig(**checkpoint["encoder_config"])
+        self.encoder_config = encoder_config_from_dict(checkpoint["encoder_config"])
         self.build(tokenizer_from_files(checkpoint["tokenizer_files"]))
 
     def export_pretrained(self, directory: str | Path) -> Path:
