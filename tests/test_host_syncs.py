@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 
+import lightning as L
 import pytest
 import torch
 
@@ -323,3 +324,72 @@ def test_through_lightning_consecutive_nonfinite_steps_on_the_device_path_stop_a
         pytest.raises(NonFiniteError, match="3 consecutive steps had a non-finite loss or gradient"),
     ):
         _fit(fault_manifest, tmp_path, 8, poison="grad", at=(1, 2, 3, 4, 5, 6), max_nonfinite_steps=3)
+
+
+class _BatchAudit(L.Callback):
+    """Parameters of the generator, its EMA copy and the discriminator before/after every batch; host reads of
+    the batches from ``count_from`` on (the first batches initialise the codebooks)."""
+
+    def __init__(self, count_from: int) -> None:
+        self.count_from = count_from
+        self.changed: dict[int, dict[str, bool]] = {}
+        self.syncs = []
+        self._before = None
+        self._counter = None
+
+    @staticmethod
+    def _snapshot(task):
+        return {
+            name: [p.detach().clone() for p in module.parameters()]
+            for name, module in (("codec", task.codec), ("ema", task.codec_ema), ("disc", task.discriminator))
+        }
+
+    def on_train_batch_start(self, trainer, task, batch, batch_idx) -> None:
+        self._before = self._snapshot(task)
+        if batch_idx >= self.count_from:
+            self._counter = HostSyncCounter().__enter__()
+
+    def on_train_batch_end(self, trainer, task, outputs, batch, batch_idx) -> None:
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self.syncs += self._counter.syncs
+            self._counter = None
+        after = self._snapshot(task)
+        self.changed[batch_idx] = {
+            name: any(not torch.equal(a, b) for a, b in zip(self._before[name], after[name], strict=True))
+            for name in after
+        }
+
+
+def test_through_lightning_a_codec_gan_step_skips_a_nonfinite_generator_update_on_the_device(tmp_path):
+    from test_codec_task import real_batch, tiny_task
+
+    torch.manual_seed(0)
+    audio, lengths = real_batch(2, 0.4)
+    task = tiny_task(segment_seconds=0.4)
+    losses = task.generator_losses
+
+    def poisoned(*args, **kwargs):
+        total, parts = losses(*args, **kwargs)
+        return (total * float("nan") if task.batches_seen == 2 else total), parts
+
+    task.generator_losses = poisoned
+    audit = _BatchAudit(count_from=3)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+        max_steps=10,  # 5 batches: D step + G step each
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[audit],
+        limit_val_batches=0,
+    )
+    with device_path():
+        trainer.fit(task, torch.utils.data.DataLoader([(audio, lengths)] * 5, batch_size=None))
+    assert all(getattr(o, "defaults", {}).get("fused") for o in trainer.optimizers)
+    assert audit.changed[2] == {"codec": False, "ema": False, "disc": True}, audit.changed
+    assert audit.changed[1] == audit.changed[3] == {"codec": True, "ema": True, "disc": True}
+    assert task.nonfinite_steps == 1
+    assert _unexpected(audit.syncs) == [], "\n".join(f"{s.kind} at {s.site}" for s in audit.syncs)

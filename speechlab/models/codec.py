@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from speechlab.host_sync import host_reads_are_free
 from speechlab.nn.rvq import ResidualVectorQuantizer, RVQOutput
 from speechlab.nn.seanet import (
     LatentTransformer,
@@ -216,10 +217,11 @@ class Codec(nn.Module):
             raise ValueError(f"audio must be (batch, samples) mono, got shape {tuple(audio.shape)}")
         if lengths is not None:
             lengths = lengths.to(device=audio.device, dtype=torch.long)
-            if (
-                lengths.shape != (audio.shape[0],)
-                or int(lengths.max()) > audio.shape[1]
-                or int(lengths.min()) < 1
+            # The range check reads the lengths on the host: a device sync per step in training on a GPU, where
+            # the lengths come from the task's own crops; the API (eval mode) and the CPU always check.
+            check_range = not self.training or host_reads_are_free(lengths)
+            if lengths.shape != (audio.shape[0],) or (
+                check_range and (int(lengths.max()) > audio.shape[1] or int(lengths.min()) < 1)
             ):
                 raise ValueError(f"lengths must be (batch,) in [1, {audio.shape[1]}], got {lengths.tolist()}")
         pad = (-audio.shape[1]) % self.hop_length

@@ -27,11 +27,12 @@ class SpeechTask(L.LightningModule):
     ``nonfinite_steps`` (logged as ``train/nonfinite_steps``, saved in checkpoints). After ``max_nonfinite_steps`` consecutive skipped
     steps, training stops with :class:`NonFiniteError` telling what to check.
 
-    On an accelerator, with automatic optimisation and an optimiser that can skip its update on the device (fused
-    AdamW, which :func:`speechlab.optim.build_optimizer` builds there), the decision never reaches the host: the
-    loss and gradient checks stay device tensors, the optimiser gets ``found_inf`` (as ``GradScaler`` passes it)
-    and leaves parameters, moments and step counts untouched, and the counters are read on the host every
-    ``nonfinite_check_every`` batches, at checkpoints and at the end of training (so the error after
+    On an accelerator, with optimisers that can skip their update on the device (fused AdamW, which
+    :func:`speechlab.optim.build_optimizer` builds there; under manual optimisation every optimiser must), the
+    decision never reaches the host: the loss and gradient checks stay device tensors, the optimiser gets
+    ``found_inf`` (as ``GradScaler`` passes it) and leaves parameters, moments and step counts untouched
+    (``last_step_skipped`` tells task code that follows a step, e.g. an EMA), and the counters are read on the
+    host every ``nonfinite_check_every`` batches, at checkpoints and at the end of training (so the error after
     ``max_nonfinite_steps`` consecutive skips comes up to that many batches late; the skipped steps in between
     change nothing). There a skip drops the whole update: under gradient accumulation a non-finite micro-batch
     takes the other micro-batches of its update with it, where the host path drops only that micro-batch.
@@ -51,14 +52,14 @@ class SpeechTask(L.LightningModule):
         self._consecutive_nonfinite = 0
         self._last_nonfinite_batch: int | None = None
         self._drop_next_step = False
-        # on-device checks (see the class docstring)
-        self._loss_nonfinite: torch.Tensor | None = (
-            None  # bool, a loss of the coming optimiser step was not finite
-        )
-        self._batch_skipped: torch.Tensor | None = None  # bool, this batch skipped an optimiser step
-        self._nonfinite_counters: torch.Tensor | None = (
-            None  # int64 [skipped steps, current run, longest run]
-        )
+        # On-device checks (see the class docstring), all device tensors: a loss of the coming optimiser step was
+        # not finite (bool); this batch skipped an optimiser step (bool); [skipped steps, current run, longest
+        # run] (int64); the last optimiser step was skipped (bool, None on the host path: for task code that
+        # follows a step, e.g. an EMA of the weights, and must not read the decision on the host).
+        self._loss_nonfinite: torch.Tensor | None = None
+        self._batch_skipped: torch.Tensor | None = None
+        self._nonfinite_counters: torch.Tensor | None = None
+        self.last_step_skipped: torch.Tensor | None = None
 
     def count_skipped(self, reason: str, count: torch.Tensor, remedy: str = "") -> None:
         """Count ``count`` (a 0-d tensor) training items a step left out for ``reason`` (e.g. CTC targets longer
@@ -155,7 +156,9 @@ class SpeechTask(L.LightningModule):
         On an accelerator with automatic optimisation the check stays on the device: ``loss`` is returned as it
         is and :meth:`on_before_optimizer_step` skips the update (see the class docstring).
         """
-        if self.automatic_optimization and not host_reads_are_free(loss):
+        if not host_reads_are_free(loss) and (
+            self.automatic_optimization or self._manual_steps_skip_on_device()
+        ):
             nonfinite = ~torch.isfinite(loss.detach()).all()
             pending = self._loss_nonfinite
             self._loss_nonfinite = nonfinite if pending is None else pending | nonfinite
@@ -225,13 +228,24 @@ class SpeechTask(L.LightningModule):
 
     def _skips_on_device(self, optimizer: torch.optim.Optimizer, grad: torch.Tensor) -> bool:
         """Whether this step's non-finite check and skip can stay on the device (see the class docstring)."""
-        if not self.automatic_optimization or host_reads_are_free(grad):
+        if host_reads_are_free(grad):
             return False
         if not getattr(optimizer, "_step_supports_amp_scaling", False):  # fused optimisers take ``found_inf``
+            return False
+        if not self.automatic_optimization and not self._manual_steps_skip_on_device():
             return False
         trainer = self._trainer
         # under fp16 a GradScaler sets (and then deletes) ``found_inf`` itself
         return trainer is None or getattr(trainer.precision_plugin, "scaler", None) is None
+
+    def _manual_steps_skip_on_device(self) -> bool:
+        """Manual optimisation (e.g. a GAN): the checks stay on the device only when every optimiser can skip its
+        update there, since the task's own code then steps without knowing on the host whether the loss was
+        finite (``check_finite_loss`` returns the loss; see ``last_step_skipped``)."""
+        trainer = self._trainer
+        if trainer is None or not trainer.optimizers:
+            return False
+        return all(getattr(o, "_step_supports_amp_scaling", False) for o in trainer.optimizers)
 
     def _skip_on_device(
         self, optimizer: torch.optim.Optimizer, grads: list[torch.Tensor], loss_nonfinite: torch.Tensor | None
@@ -248,6 +262,7 @@ class SpeechTask(L.LightningModule):
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             skip = flag.bool()
         optimizer.found_inf = skip.float()  # read by the fused AdamW/Adam kernels, as GradScaler passes it
+        self.last_step_skipped = skip
         if self._nonfinite_counters is None:
             start = self._consecutive_nonfinite
             self._nonfinite_counters = to_device_async(torch.tensor([0, start, start]), skip.device)

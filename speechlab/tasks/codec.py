@@ -326,8 +326,13 @@ class CodecTask(SpeechTask):
     def _update_ema(self) -> None:
         if self.codec_ema is None:
             return
+        weight = 1 - self.ema_decay
+        if (
+            self.last_step_skipped is not None
+        ):  # on-device skip (SpeechTask): a skipped update moves no EMA either
+            weight = (~self.last_step_skipped).float() * weight
         for ema_p, p in zip(self.codec_ema.parameters(), self.codec.parameters(), strict=True):
-            ema_p.lerp_(p.detach(), 1 - self.ema_decay)
+            ema_p.lerp_(p.detach(), weight)
         # codebook buffers are already running averages: copy them so codes mean the same in both copies
         for ema_b, b in zip(self.codec_ema.buffers(), self.codec.buffers(), strict=True):
             ema_b.copy_(b)
