@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from speechlab.atomic import atomic_write
+
 FORMAT = "speechlab-codec-tokens"
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
@@ -98,10 +100,8 @@ def save_tokens(path: str | os.PathLike, codes: Tensor, info: TokenInfo) -> Path
         "model_version": info.model_version,
         "num_samples": "" if info.num_samples is None else str(info.num_samples),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"codes": codes.detach().to("cpu", dtype).contiguous()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file({"codes": codes.detach().to("cpu", dtype).contiguous()}, str(tmp), metadata=meta)
     return path
 
 

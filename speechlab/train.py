@@ -14,7 +14,6 @@ import random
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 from datetime import timedelta
@@ -30,43 +29,28 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
 
+from speechlab.atomic import atomic_write
+
 log = logging.getLogger(__name__)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write checkpoints to a temporary file in the same folder, fsync, then rename over the target.
+    """Write checkpoints with :func:`speechlab.atomic.atomic_write` (temporary file, fsync, rename).
 
     A run killed at any moment leaves either the previous complete file or the new complete file, never a
-    truncated ``last.ckpt``. A kill during a write leaves its temporary file (``.<name>.*.tmp``) behind; the next
-    successful write of the same checkpoint removes it. Files get the usual permissions (``0o666`` minus the
-    umask), not the owner-only ones of a bare ``mkstemp``.
+    truncated ``last.ckpt``; a full disk is a :class:`speechlab.atomic.WriteFailed` naming the file. A kill
+    during a write leaves its temporary file (``.<name>.*.tmp``) behind; the next successful write of the same
+    checkpoint removes it.
     """
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
     ) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        prefix = f".{path.name}."
-        fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                os.fchmod(f.fileno(), 0o666 & ~_umask())
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp_name, path)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        with atomic_write(path) as tmp, tmp.open("wb") as f:
+            torch.save(checkpoint, f)
         # Only one process writes a given checkpoint (global rank 0), so other temp files of it are stale.
-        for stale in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        for stale in path.parent.glob(f"{glob.escape(f'.{path.name}.')}*.tmp"):
             stale.unlink(missing_ok=True)
 
     def load_checkpoint(

@@ -18,20 +18,19 @@ allocates and loads.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib
 import os
-import tempfile
 import types
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from speechlab.atomic import atomic_write, write_text
 from speechlab.checkpoints.safe_load import (
     CheckpointError,
     check_config_limits,
@@ -188,28 +187,8 @@ def _meta_model(family: str, config: Any, source: str) -> nn.Module | None:
 # --------------------------------------------------------------------------------------------------- atomic writes
 
 
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it is renamed onto ``path`` (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600; give the final file normal permissions
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
 def _write_text(path: Path, text: str) -> None:
-    with atomic_write(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    write_text(path, text)
 
 
 # --------------------------------------------------------------------------------------------------- save / load

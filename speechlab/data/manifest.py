@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from speechlab.atomic import atomic_write
 from speechlab.audio import AudioError, audio_info
 
 __all__ = [
@@ -444,22 +445,12 @@ def write_manifest(path: str | os.PathLike, items: Iterable[dict]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     root = os.path.abspath(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as out:
-            for item in items:
-                line = dict(item)
-                if isinstance(line.get("audio"), (str, os.PathLike)):
-                    line["audio"] = _relative_if_inside(os.fspath(line["audio"]), root)
-                out.write(json.dumps(line, ensure_ascii=False) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a manifest is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, mode=0o666) as tmp, tmp.open("w", encoding="utf-8", newline="\n") as out:
+        for item in items:
+            line = dict(item)
+            if isinstance(line.get("audio"), (str, os.PathLike)):
+                line["audio"] = _relative_if_inside(os.fspath(line["audio"]), root)
+            out.write(json.dumps(line, ensure_ascii=False) + "\n")
     return path
 
 

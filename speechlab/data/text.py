@@ -26,6 +26,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from speechlab.atomic import write_bytes, write_text
+
 __all__ = [
     "BLANK",
     "CharTokenizer",
@@ -127,9 +129,7 @@ class Tokenizer:
         """Write ``units.json`` (and model files) into ``directory``; returns the directory."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / f".{UNITS_FILE}.tmp"
-        tmp.write_text(json.dumps(self._config(), ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, directory / UNITS_FILE)
+        write_text(directory / UNITS_FILE, json.dumps(self._config(), ensure_ascii=False, indent=1) + "\n")
         return directory
 
     def __repr__(self) -> str:
@@ -304,9 +304,7 @@ class SentencePieceTokenizer(Tokenizer):
     def save(self, directory: str | os.PathLike) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / f".{SPM_FILE}.tmp"
-        tmp.write_bytes(self.model_proto)
-        os.replace(tmp, directory / SPM_FILE)
+        write_bytes(directory / SPM_FILE, self.model_proto)
         return super().save(directory)
 
 
