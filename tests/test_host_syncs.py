@@ -20,6 +20,7 @@ from speechlab.host_sync import HostSyncCounter, device_path
 from speechlab.nn.masking import span_mask
 from speechlab.nn.rvq import ResidualVectorQuantizer
 from speechlab.tasks.base import NonFiniteError
+from speechlab.tasks.ctc import CTC_TOO_LONG
 from speechlab.tasks.wavlm_pretrain import WavLMPretrainTask
 
 # The one host read left in a WavLM step: LayerDrop's keep flags, drawn on the CPU from a CPU generator (a CPU
@@ -393,3 +394,46 @@ def test_through_lightning_a_codec_gan_step_skips_a_nonfinite_generator_update_o
     assert audit.changed[1] == audit.changed[3] == {"codec": True, "ema": True, "disc": True}
     assert task.nonfinite_steps == 1
     assert _unexpected(audit.syncs) == [], "\n".join(f"{s.kind} at {s.site}" for s in audit.syncs)
+
+
+def test_the_unispeech_device_path_gives_the_cpu_path_losses_without_reading_the_labeled_rows():
+    from test_unispeech_task import ESPEAK, _items, _task
+
+    from speechlab.audio import load_audio
+    from speechlab.data.collate import collate
+    from speechlab.data.text import PhonemeTokenizer
+
+    items = _items()  # 2 English (labeled) + 2 Swahili (unlabeled) utterances
+    tokenizer = PhonemeTokenizer.build([it["phonemes"] for it in items])
+    batch = collate(
+        [
+            {
+                "id": it["id"],
+                "audio": load_audio(ESPEAK / it["audio"])[:24000],
+                "targets": tokenizer.encode(" ".join(it["phonemes"].split()[:12])),
+                "language": it["language"],
+            }
+            for it in items
+        ]
+    )
+    results = {}
+    for name in ("cpu", "device"):
+        task = _task(tokenizer).train()
+        with device_path() if name == "device" else torch.enable_grad():
+            # a generator: the same masks, distractors and Gumbel noise on both paths
+            parts = task.compute_losses(batch, generator=torch.Generator().manual_seed(0))
+        parts["loss"].backward()
+        results[name] = (parts, {n: p.grad for n, p in task.named_parameters() if p.grad is not None})
+    (cpu, cpu_grads), (device, device_grads) = results["cpu"], results["device"]
+    assert device["num_labeled"] == 2
+    for key in ("loss", "ctc", "contrastive", CTC_TOO_LONG):
+        torch.testing.assert_close(device[key], cpu[key], msg=key)
+    for name, grad in cpu_grads.items():
+        torch.testing.assert_close(device_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+    # a training step (no generator: the mask is drawn on the device): what remains is the contrastive loss over
+    # the (variable number of) masked frames, forward and backward (the backward's index_put is credited to the
+    # frame that called backward)
+    with device_path(), HostSyncCounter() as counter:
+        task.compute_losses(batch)["loss"].backward()
+    sites = {s.site.split(":")[0] for s in _unexpected(counter.syncs)}
+    assert sites == {"speechlab/nn/contrastive.py", "tests/test_host_syncs.py"}, sites

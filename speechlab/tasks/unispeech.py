@@ -234,7 +234,25 @@ class UniSpeechTask(SpeechTask):
         ctc_sum = out.ctc_logits.new_zeros(())
         num_tokens = torch.zeros((), device=batch.audio.device)
         infeasible = torch.zeros((), dtype=torch.long, device=batch.audio.device)
-        if bool(labeled.any()):
+        if not host_reads_are_free(labeled) and batch.targets is not None and h.ctc_weight != 0.0:
+            # On an accelerator: CTC over every row, summed over the labeled ones (selecting the labeled rows would
+            # read their count on the host). A batch without labeled rows then gives the CTC head zero gradients
+            # rather than none. F.ctc_loss still reads the lengths on the host inside ATen.
+            feasible = ctc_feasible(batch.targets, batch.target_lengths, out.frame_lengths)
+            infeasible = (labeled & ~feasible).sum()
+            log_probs = out.ctc_logits.float().log_softmax(-1).transpose(0, 1)  # (T, B, V)
+            per_utterance = F.ctc_loss(
+                log_probs,
+                batch.targets.clamp_min(0),
+                out.frame_lengths,
+                batch.target_lengths,
+                blank=0,
+                reduction="none",
+                zero_infinity=True,
+            )
+            ctc_sum = torch.where(labeled, per_utterance, 0.0).sum()
+            num_tokens = (batch.target_lengths * feasible * labeled).sum().float()
+        elif host_reads_are_free(labeled) and bool(labeled.any()):
             # labeled utterances whose phones need more frames than they have: counted, left out of the CTC term
             feasible = ctc_feasible(batch.targets, batch.target_lengths, out.frame_lengths)
             infeasible = (labeled & ~feasible).sum()
