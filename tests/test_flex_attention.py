@@ -125,3 +125,31 @@ def test_compiled_flex_attention_equals_sdpa_on_cpu():
     sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     flex = torch.compile(gated_flex_attention)(q, k, v, gate, distance_bias, padding_mask)
     torch.testing.assert_close(flex, sdpa, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
+def test_written_out_attention_equals_sdpa(mask_kind):
+    # The CPU training path (attention dropout on) uses eager_attention; without dropout both must agree.
+    from speechlab.nn.attention import eager_attention
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 17, 8, generator=generator) for _ in range(3))
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.ones(2, 1, 1, 17, dtype=torch.bool)
+        mask[1, ..., 12:] = False
+    elif mask_kind == "float":
+        mask = torch.randn(2, 3, 17, 17, generator=generator)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(eager_attention(q, k, v, mask, 0.0), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_training_with_attention_dropout_drops_probabilities_at_the_configured_rate():
+    from speechlab.nn.attention import eager_attention
+
+    torch.manual_seed(0)
+    q = k = torch.zeros(1, 1, 200, 4)
+    v = torch.ones(1, 1, 200, 4)
+    out = eager_attention(q, k, v, None, 0.25)  # uniform probabilities 1/200, each kept with p 0.75, scaled
+    kept_mass = out[..., 0].mean()
+    assert abs(float(kept_mass) - 1.0) < 0.05 and float(out[..., 0].std()) > 0.01
