@@ -22,9 +22,12 @@ exactly its single-utterance features (at some speed cost for batches of mixed l
 **Long inputs** are split into windows on the 320-sample / 50 Hz frame grid: each window computes ``chunk_seconds``
 of "core" frames plus ``context_seconds`` of context on each side, and only the core frames are kept, so every
 output frame exists exactly once at its global index and the result has exactly the unchunked frame count. Frames
-whose receptive field fits in the window (the conv features; every layer of a model without attention) are
-identical to unchunked extraction; Transformer layers see ``context_seconds`` of context instead of the whole
-file. Memory is bounded by one window batch plus the output (use :meth:`FeatureExtractor.iter_chunks` to stream
+whose receptive field fits in the window are identical to unchunked extraction (within float error): the conv
+features of every model (for Base models, whose block-0 GroupNorm normalises over time, each window uses the whole
+file's statistics from one extra pass of conv 0), hidden state 0 once ``context_seconds`` covers half the positional
+conv (64 frames = 1.28 s for the released models), and every layer of a model without attention. Transformer layers
+see ``context_seconds`` of context on each side instead of the whole file, so their states differ from unchunked
+extraction, most near window edges. Memory is bounded by one window batch plus the output (use :meth:`FeatureExtractor.iter_chunks` to stream
 the output instead). With waveform normalisation (Large models) the whole file is normalised once, not per window.
 """
 
@@ -45,6 +48,7 @@ from torch import Tensor, nn
 from speechlab.checkpoints.hf_dir import HF_MODEL_TYPES, read_hf_directory
 from speechlab.checkpoints.safe_load import CheckpointError
 from speechlab.models.ssl_encoder import SSLEncoder, normalize_waveform
+from speechlab.nn.feature_encoder import Fp32GroupNorm
 
 __all__ = [
     "load",
@@ -542,10 +546,17 @@ class FeatureExtractor:
         normalize = self.encoder.config.normalize_waveform
         if normalize:  # whole-file statistics, like the unchunked model; the windows then skip it
             wave = normalize_waveform(wave[None])[0]
+        # Base models: block 0's GroupNorm normalises over time, so every window gets the whole file's statistics
+        # (one extra pass of conv 0 over the file) and the conv features are exact, as for LayerNorm models.
+        group_norm = self.encoder.feature_encoder.conv_layers[0].norm
+        if not isinstance(group_norm, Fp32GroupNorm) or len(windows) == 1:
+            group_norm = None
         budget = max(1, int(self.batch_seconds * SAMPLE_RATE))
         per_batch = max(1, budget // max(w.num_samples for w in windows))
         try:
             self.encoder.config.normalize_waveform = False
+            if group_norm is not None:
+                group_norm.fixed_statistics = self.encoder.feature_encoder.block0_statistics(wave)
             position = 0
             while position < len(windows):
                 # consecutive windows of equal length share one forward (no padding: exact for GroupNorm too)
@@ -564,6 +575,8 @@ class FeatureExtractor:
                     yield w.keep_start, states[:, row, lo:hi]
         finally:
             self.encoder.config.normalize_waveform = normalize
+            if group_norm is not None:
+                group_norm.fixed_statistics = None
 
     def weighted_sum(
         self, *, learnable: bool = True, weights: Sequence[float] | None = None

@@ -468,3 +468,21 @@ def test_readme_snippet_runs_as_written(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "torch.Size([2, 2, 482, 32])" in result.stdout
+
+
+@pytest.mark.parametrize("conv_norm", ["group", "layer"])
+def test_chunked_conv_features_are_exact_for_group_norm_and_layer_norm_models(conv_norm):
+    # Base models normalise block 0 over time (GroupNorm): each window must use the whole file's statistics.
+    model = tiny_encoder(conv_norm=conv_norm, layer_norm_first=conv_norm == "layer")
+    torch.manual_seed(3)
+    audio = 0.1 * torch.randn(16000 * 6 + 77)
+    audio[: 16000 * 2] *= 5.0  # a loud first part: per-window statistics would differ a lot from the file's
+    full = FeatureExtractor(model, chunk_seconds=None)(audio)
+    chunked = FeatureExtractor(model, chunk_seconds=1.0, context_seconds=0.5)(audio)
+    assert chunked.hidden_states.shape == full.hidden_states.shape
+    # hidden state 0 = conv features + positional conv (16 frames here, inside the 0.5 s context): exact
+    assert (chunked.hidden_states[0] - full.hidden_states[0]).abs().max() < 1e-4
+    assert (
+        model.feature_encoder.conv_layers[0].norm is None
+        or getattr(model.feature_encoder.conv_layers[0].norm, "fixed_statistics", None) is None
+    ), "the whole-file statistics must not stay set after extraction"

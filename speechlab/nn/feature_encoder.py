@@ -34,11 +34,23 @@ def conv_output_lengths(lengths: Tensor, conv_layers: Sequence[ConvSpec]) -> Ten
 
 
 class Fp32GroupNorm(nn.GroupNorm):
-    """GroupNorm computed in fp32 (also under autocast), output in the input dtype."""
+    """GroupNorm computed in fp32 (also under autocast), output in the input dtype.
+
+    ``fixed_statistics``: ``(mean, var)``, each (channels,), to normalise with instead of the input's own
+    statistics (one group per channel only): chunked extraction sets the whole file's statistics so that every
+    window normalises exactly as the unchunked model does.
+    """
+
+    fixed_statistics: tuple[Tensor, Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
-            out = F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps)
+            if self.fixed_statistics is not None:
+                mean, var = (t.to(x.device, torch.float32)[None, :, None] for t in self.fixed_statistics)
+                out = (x.float() - mean) * torch.rsqrt(var + self.eps)
+                out = out * self.weight[None, :, None] + self.bias[None, :, None]
+            else:
+                out = F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps)
         return out.to(x.dtype)
 
 
@@ -191,6 +203,31 @@ class ConvFeatureEncoder(nn.Module):
     def output_lengths(self, lengths: Tensor) -> Tensor:
         """lengths: (batch,) samples -> (batch,) frames."""
         return conv_output_lengths(lengths, self.conv_specs)
+
+    @torch.no_grad()
+    def block0_statistics(self, waveform: Tensor, segment_frames: int = 16000) -> tuple[Tensor, Tensor]:
+        """Per-channel mean and (biased) variance over time of conv 0's output on a whole waveform (samples,),
+        computed ``segment_frames`` conv-0 frames at a time (bounded memory), in float64 sums.
+
+        These are the statistics block 0's GroupNorm of a Base model computes on the unchunked input.
+        """
+        conv = self.conv_layers[0].conv
+        kernel, stride = conv.kernel_size[0], conv.stride[0]
+        frames = (waveform.numel() - kernel) // stride + 1
+        if frames < 1:
+            raise ValueError(f"{waveform.numel()} samples is shorter than conv 0's kernel ({kernel})")
+        total = torch.zeros(conv.out_channels, dtype=torch.float64)
+        squares = torch.zeros(conv.out_channels, dtype=torch.float64)
+        for start in range(0, frames, segment_frames):
+            end = min(frames, start + segment_frames)
+            piece = waveform[start * stride : (end - 1) * stride + kernel].to(
+                conv.weight.device, torch.float32
+            )
+            out = F.conv1d(piece[None, None], conv.weight.float(), conv.bias, stride)[0].double().cpu()
+            total += out.sum(-1)
+            squares += out.square().sum(-1)
+        mean = total / frames
+        return mean.float(), (squares / frames - mean.square()).clamp_min(0.0).float()
 
     def forward(self, audio: Tensor) -> Tensor:
         """audio: (batch, samples) float -> features (batch, channels, frames).
