@@ -115,7 +115,9 @@ def main() -> None:
     test, _ = load_split("en_test", tokenizer)
     model = BiLSTMCTC(tokenizer.vocab_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, vocab {tokenizer.vocab_size}")
+    print(
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, vocab {tokenizer.vocab_size}"
+    )
 
     best = (math.inf, -1, None)  # (val PER, step, state_dict)
     step, epoch = 0, 0
@@ -127,7 +129,9 @@ def main() -> None:
             feats, lengths, targets, target_lengths = collate(order[i : i + args.batch_size])
             logits, out_lengths = model(feats, lengths)
             log_probs = logits.log_softmax(-1).transpose(0, 1)
-            loss = F.ctc_loss(log_probs, targets, out_lengths, target_lengths, reduction="sum", zero_infinity=True)
+            loss = F.ctc_loss(
+                log_probs, targets, out_lengths, target_lengths, reduction="sum", zero_infinity=True
+            )
             loss = loss / target_lengths.sum()
             optimizer.zero_grad()
             loss.backward()
