@@ -144,8 +144,15 @@ class Transcriber:
         self.device = torch.device(device)
         self.model.to(self.device)
         encoder = self.model.encoder
-        self.padding_invariant = encoder.config.conv_norm == "layer"
-        self.hop, self.receptive_field = conv_geometry(encoder.config.conv_layers)
+        if hasattr(encoder.config, "conv_layers"):  # an SSL encoder: conv feature encoder on the waveform
+            self.padding_invariant = encoder.config.conv_norm == "layer"
+            self.hop, self.receptive_field = conv_geometry(encoder.config.conv_layers)
+        else:
+            # fbank + Conformer: per-utterance feature normalisation and a padding-sensitive depthwise conv, so
+            # each input is transcribed whole (no windows) and padded only next to inputs of its own length
+            self.padding_invariant = False
+            self.hop, self.receptive_field = encoder.hop, encoder.hop
+            chunk_seconds = None
         self.frame_seconds = self.hop / SAMPLE_RATE
         self.batch_seconds = batch_seconds
         if chunk_seconds is not None and chunk_seconds <= 0:

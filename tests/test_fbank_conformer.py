@@ -141,3 +141,18 @@ def test_ctc_loss_decreases_on_a_small_real_batch():
         optimizer.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, losses
+
+
+def test_transcriber_decodes_a_fbank_conformer_model_whole(speech):
+    from speechlab.transcribe import Transcriber
+
+    audio, lengths = speech
+    tokenizer = PhonemeTokenizer.build(it["phonemes"] for it in _english(3))
+    model = CTCModel(ctc_encoder_config("fbank_conformer_tiny", SMALL), tokenizer.vocab_size)
+    transcriber = Transcriber(model, tokenizer=tokenizer)
+    assert transcriber.chunk_threshold is None and transcriber.frame_seconds == 0.04
+    waves = [audio[b, :n] for b, n in enumerate(lengths.tolist())]
+    log_probs = transcriber.log_probs(waves)
+    for wave, lp in zip(waves, log_probs, strict=True):
+        assert lp.shape == (model.encoder.num_frames(wave.numel()), tokenizer.vocab_size)
+    assert len(transcriber(waves)) == 3

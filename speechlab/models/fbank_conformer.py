@@ -118,6 +118,11 @@ class FbankConformerEncoder(nn.Module):
             dropout=config.dropout,
         )
 
+    @property
+    def hop(self) -> int:
+        """Samples between output frames (10 ms fbank hop x 2 per subsampling convolution)."""
+        return HOP * 2**self.config.subsampling_layers
+
     def frame_lengths(self, lengths: Tensor) -> Tensor:
         """(batch,) int64 samples -> (batch,) int64 output frames (fbank, then (n - 1) // 2 + 1 per stride-2 conv)."""
         frames = fbank_frames(lengths)
