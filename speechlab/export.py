@@ -72,6 +72,13 @@ def export(model: nn.Module, out: str | Path, fmt: str = "speechlab") -> Path:
         raise ValueError(f"format must be 'speechlab' or 'hf', got {fmt!r}")
     if family == "ctc":
         from speechlab.checkpoints.hf_ctc import export_hf_ctc
+        from speechlab.models.fbank_conformer import FbankConformerEncoder
+
+        if isinstance(model.encoder, FbankConformerEncoder):
+            raise ValueError(
+                "speechlab export --format hf: a CTC model with the fbank Conformer encoder has no Hugging Face "
+                "export (transformers has no such model class); use --format speechlab"
+            )
 
         return export_hf_ctc(model, out)
     if family in ("wavlm", "hubert"):

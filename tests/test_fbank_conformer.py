@@ -156,3 +156,11 @@ def test_transcriber_decodes_a_fbank_conformer_model_whole(speech):
     for wave, lp in zip(waves, log_probs, strict=True):
         assert lp.shape == (model.encoder.num_frames(wave.numel()), tokenizer.vocab_size)
     assert len(transcriber(waves)) == 3
+
+
+def test_hugging_face_export_is_refused_with_a_clear_message(tmp_path):
+    from speechlab.export import export
+
+    model = CTCModel(ctc_encoder_config("fbank_conformer_tiny", SMALL), 10)
+    with pytest.raises(ValueError, match="fbank Conformer.*--format speechlab"):
+        export(model, tmp_path / "hf", fmt="hf")
