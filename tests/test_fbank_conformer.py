@@ -44,6 +44,10 @@ def speech() -> tuple[torch.Tensor, torch.Tensor]:
 def test_preset_is_selectable_by_name_with_overrides():
     config = ctc_encoder_config("fbank_conformer_tiny", {"num_layers": 2})
     assert isinstance(config, FbankConformerConfig) and config.num_layers == 2
+    waveform = ctc_encoder_config("waveform_conformer_tiny")
+    assert (
+        waveform.front_end == "waveform" and FbankConformerEncoder(waveform).hop == 640
+    )  # 25 Hz, as fbank's
     with pytest.raises(ValueError, match="conv_layers"):
         ctc_encoder_config("fbank_conformer_tiny", {"conv_layers": []})
 
@@ -76,10 +80,12 @@ def test_encoder_equals_torchaudio_conformer_on_the_subsampled_features(speech):
     assert out.frame_lengths.tolist() == expected_lengths.tolist()
 
 
-def test_frame_lengths_match_the_output_and_num_frames(speech):
+@pytest.mark.parametrize("front_end", ["fbank", "waveform"])
+def test_frame_lengths_match_the_output_and_num_frames(speech, front_end):
     audio, lengths = speech
     for layers in (1, 2):
-        encoder = FbankConformerEncoder(FbankConformerConfig(**SMALL, subsampling_layers=layers)).eval()
+        config = FbankConformerConfig(**SMALL, subsampling_layers=layers, front_end=front_end)
+        encoder = FbankConformerEncoder(config).eval()
         with torch.no_grad():
             out = encoder(audio, lengths)
         assert (
@@ -92,9 +98,10 @@ def test_frame_lengths_match_the_output_and_num_frames(speech):
             assert encoder.num_frames(n) == int(out.frame_lengths[b])
 
 
-def test_padding_does_not_change_the_conformer_input_at_valid_frames(speech):
+@pytest.mark.parametrize("front_end", ["fbank", "waveform"])
+def test_padding_does_not_change_the_conformer_input_at_valid_frames(speech, front_end):
     audio, lengths = speech
-    encoder = FbankConformerEncoder(FbankConformerConfig(**SMALL)).eval()
+    encoder = FbankConformerEncoder(FbankConformerConfig(**SMALL, front_end=front_end)).eval()
     with torch.no_grad():
         batched = encoder(audio, lengths)
         for b, n in enumerate(lengths.tolist()):

@@ -4,6 +4,10 @@ waveform (B, S) -> per utterance: Kaldi fbank (80 bins, 25 ms / 10 ms) and mean/
 frames -> stride-2 1-D convolutions over time (2 of them: 4x subsampling, 40 ms frames) -> Linear(D) ->
 [mask_emb at masked frames] -> ``torchaudio.models.Conformer`` (Gulati et al. 2020) -> (B, T, D).
 
+``front_end: waveform`` replaces fbank by ``wavlm_tiny``'s learned conv feature encoder on the raw waveform (7 convs x
+128 channels, LayerNorm, 20 ms hop; then one stride-2 convolution gives the same 25 Hz): the diagnostic of the mini
+recipe's README that separates the front end from the Transformer (preset ``waveform_conformer_tiny``).
+
 Selected in configs by ``encoder: fbank_conformer_tiny`` (see :func:`fbank_conformer_tiny`); ``CTCModel`` builds it
 from a :class:`FbankConformerConfig` the way it builds ``SSLEncoder`` from an ``SSLEncoderConfig``, and this
 module's outputs carry the same fields ``CTCModel`` and ``CTCTask`` read (``last_hidden_state``,
@@ -25,10 +29,12 @@ import torchaudio
 from torch import Tensor, nn
 
 from speechlab.models.ssl_encoder import SSLEncoderOutput
+from speechlab.nn.feature_encoder import ConvFeatureEncoder, Fp32LayerNorm, conv_output_lengths
 
 SAMPLE_RATE = 16000
 WINDOW = 400  # 25 ms at 16 kHz
 HOP = 160  # 10 ms
+WAVEFORM_CONV = [(128, 10, 5)] + [(128, 3, 2)] * 4 + [(128, 2, 2)] * 2  # wavlm_tiny's, 320-sample hop
 
 
 @dataclass
@@ -36,6 +42,7 @@ class FbankConformerConfig:
     """Front end and Conformer hyper-parameters (defaults: the ~1.5 M-parameter CPU model of the mini recipe)."""
 
     kind: str = "fbank_conformer"  # tells this config from an SSLEncoderConfig in a stored dict
+    front_end: str = "fbank"  # "fbank" | "waveform" (wavlm_tiny's conv feature encoder; a diagnostic)
     num_mel_bins: int = 80
     subsampling_layers: int = 2  # stride-2 convolutions: 2 -> 40 ms frames (25 Hz), 1 -> 20 ms (50 Hz)
     hidden_size: int = 144
@@ -52,6 +59,8 @@ class FbankConformerConfig:
         if self.kind != "fbank_conformer":
             raise ValueError(f"FbankConformerConfig.kind must be 'fbank_conformer', got {self.kind!r}")
         name = "FbankConformerConfig."
+        if self.front_end not in ("fbank", "waveform"):
+            raise ValueError(f"{name}front_end must be 'fbank' or 'waveform', got {self.front_end!r}")
         for size in (
             "num_mel_bins",
             "subsampling_layers",
@@ -79,6 +88,11 @@ def fbank_conformer_tiny() -> FbankConformerConfig:
     return FbankConformerConfig()
 
 
+def waveform_conformer_tiny() -> FbankConformerConfig:
+    """:func:`fbank_conformer_tiny` on ``wavlm_tiny``'s raw-waveform CNN instead of fbank (same 25 Hz output)."""
+    return FbankConformerConfig(front_end="waveform", subsampling_layers=1)
+
+
 def normalized_fbank(audio: Tensor, num_mel_bins: int = 80) -> Tensor:
     """audio: (samples,) float32 at 16 kHz in [-1, 1] -> (frames, num_mel_bins) log-mel, zero mean / unit variance
     per bin over the utterance. Kaldi's convention: 16-bit sample scale, no dither (deterministic)."""
@@ -102,6 +116,10 @@ class FbankConformerEncoder(nn.Module):
         self.config = config
         layers: list[nn.Module] = []
         channels = config.num_mel_bins
+        if config.front_end == "waveform":
+            self.waveform_encoder = ConvFeatureEncoder(WAVEFORM_CONV, norm="layer")
+            channels = WAVEFORM_CONV[-1][0]
+            self.waveform_norm = Fp32LayerNorm(channels)
         for _ in range(config.subsampling_layers):
             layers.append(nn.Conv1d(channels, config.hidden_size, kernel_size=3, stride=2, padding=1))
             channels = config.hidden_size
@@ -120,26 +138,46 @@ class FbankConformerEncoder(nn.Module):
 
     @property
     def hop(self) -> int:
-        """Samples between output frames (10 ms fbank hop x 2 per subsampling convolution)."""
-        return HOP * 2**self.config.subsampling_layers
+        """Samples between output frames (the front end's hop x 2 per subsampling convolution)."""
+        front_hop = 320 if self.config.front_end == "waveform" else HOP
+        return front_hop * 2**self.config.subsampling_layers
+
+    def _front_frames(self, lengths: Tensor) -> Tensor:
+        """(batch,) samples -> (batch,) frames of the front end (before the subsampling convolutions)."""
+        if self.config.front_end == "waveform":
+            return conv_output_lengths(lengths, WAVEFORM_CONV).to(lengths.device)
+        return fbank_frames(lengths)
 
     def frame_lengths(self, lengths: Tensor) -> Tensor:
-        """(batch,) int64 samples -> (batch,) int64 output frames (fbank, then (n - 1) // 2 + 1 per stride-2 conv)."""
-        frames = fbank_frames(lengths)
+        """(batch,) int64 samples -> (batch,) int64 output frames (front end, then (n - 1) // 2 + 1 per stride-2
+        conv)."""
+        frames = self._front_frames(lengths)
         for _ in range(self.config.subsampling_layers):
             frames = torch.where(frames > 0, (frames - 1) // 2 + 1, frames)
         return frames
 
     def num_frames(self, num_samples: int) -> int:
         """Output frames of one unpadded input of ``num_samples`` samples, on a Python int (no host read)."""
-        frames = (num_samples - WINDOW) // HOP + 1 if num_samples >= WINDOW else 0
+        if self.config.front_end == "waveform":
+            frames = int(num_samples)
+            for _, kernel, stride in WAVEFORM_CONV:
+                frames = max((frames - kernel) // stride + 1, 0)
+        else:
+            frames = (num_samples - WINDOW) // HOP + 1 if num_samples >= WINDOW else 0
         for _ in range(self.config.subsampling_layers):
             frames = (frames - 1) // 2 + 1 if frames > 0 else 0
         return frames
 
     def features(self, audio: Tensor, lengths: Tensor) -> Tensor:
-        """audio: (B, S), lengths: (B,) -> (B, num_mel_bins, frames) normalised fbank, zero at padded frames.
-        Kaldi's fbank takes one waveform, hence the loop over the (few) utterances of a batch."""
+        """audio: (B, S), lengths: (B,) -> (B, channels, frames) front-end features, zero at padded frames:
+        normalised fbank (Kaldi's fbank takes one waveform, hence the loop over the few utterances of a batch), or
+        the LayerNorm-ed output of the waveform CNN."""
+        if self.config.front_end == "waveform":
+            cnn = self.waveform_norm(self.waveform_encoder(audio).transpose(1, 2)).transpose(1, 2)
+            valid = (
+                torch.arange(cnn.shape[2], device=cnn.device)[None, :] < self._front_frames(lengths)[:, None]
+            )
+            return cnn * valid.unsqueeze(1)
         frames = fbank_frames(lengths)
         feats = audio.new_zeros(
             audio.shape[0], self.config.num_mel_bins, self.num_frames_before_subsampling(audio)
@@ -169,7 +207,9 @@ class FbankConformerEncoder(nn.Module):
         if audio.dim() != 2:
             raise ValueError(f"audio must be (batch, samples), got shape {tuple(audio.shape)}")
         if self.num_frames(audio.shape[1]) < 1:
-            raise ValueError(f"audio too short: {audio.shape[1]} samples; fbank needs at least {WINDOW}")
+            raise ValueError(
+                f"audio too short: {audio.shape[1]} samples; the front end needs at least {WINDOW}"
+            )
         if output_hidden_states:
             raise ValueError("FbankConformerEncoder does not return per-layer hidden states")
         batch = audio.shape[0]
@@ -177,7 +217,7 @@ class FbankConformerEncoder(nn.Module):
             lengths = torch.full((batch,), audio.shape[1], dtype=torch.long, device=audio.device)
         lengths = lengths.to(audio.device)
         x = self.features(audio, lengths)  # (B, F, T0)
-        frames = fbank_frames(lengths)
+        frames = self._front_frames(lengths)
         for conv in self.feature_encoder:
             x = torch.relu(conv(x))
             frames = torch.where(frames > 0, (frames - 1) // 2 + 1, frames)

@@ -43,6 +43,7 @@ def ctc_encoder_presets() -> dict[str, Any]:
     """The SSL presets plus the CTC-only encoders of :mod:`speechlab.models.fbank_conformer`, by name."""
     presets = encoder_presets()
     presets["fbank_conformer_tiny"] = fbank_conformer.fbank_conformer_tiny
+    presets["waveform_conformer_tiny"] = fbank_conformer.waveform_conformer_tiny
     return presets
 
 
