@@ -171,3 +171,10 @@ def test_hugging_face_export_is_refused_with_a_clear_message(tmp_path):
     model = CTCModel(ctc_encoder_config("fbank_conformer_tiny", SMALL), 10)
     with pytest.raises(ValueError, match="fbank Conformer.*--format speechlab"):
         export(model, tmp_path / "hf", fmt="hf")
+
+
+def test_layerwise_lr_decay_is_refused_for_the_from_scratch_encoder():
+    from speechlab.tasks.ctc import CTCTask
+
+    with pytest.raises(ValueError, match="layerwise_lr_decay"):
+        CTCTask(encoder="fbank_conformer_tiny", layerwise_lr_decay=0.9)

@@ -16,6 +16,7 @@ from speechlab.data.text import tokenizer_from_files, tokenizer_to_files
 from speechlab.host_sync import host_reads_are_free
 from speechlab.models.ctc import CTCModel, ctc_greedy_decode, encoder_config_from_dict
 from speechlab.models.presets import ctc_encoder_config
+from speechlab.models.ssl_encoder import SSLEncoderConfig
 from speechlab.nn.masking import span_mask
 from speechlab.optim import OptimConfig
 from speechlab.tasks.base import SpeechTask
@@ -65,6 +66,11 @@ class CTCTask(SpeechTask):
         self.save_hyperparameters(ignore=["optim"])
         self.hparams["optim"] = dataclasses.asdict(self.optim_config)
         self.encoder_config = ctc_encoder_config(encoder, encoder_overrides)
+        if layerwise_lr_decay and not isinstance(self.encoder_config, SSLEncoderConfig):
+            raise ValueError(
+                f"layerwise_lr_decay is for fine-tuning SSL encoders; encoder {encoder!r} is trained from scratch: "
+                "leave model.layerwise_lr_decay unset"
+            )
         self.tokenizer = None
         self.model: CTCModel | None = None
 
