@@ -17,6 +17,7 @@
 #   7  neural codec (tiny): train on the bundled speech, evaluate on held-out LJ Speech clips -> exp/codec/
 #   8  the UniSpeech low-resource table: rows (a)-(d) x sw/tr/cy      -> exp/unispeech_experiment/results.md
 #   9  print the results table                                           -> exp/results.md
+#  11  phoneme CTC from scratch with fbank + Conformer, test PER of the best val checkpoint -> exp/ctc_phoneme_fbank/
 set -euo pipefail
 
 stage=0
@@ -25,7 +26,7 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --stage) stage="$2"; shift 2 ;;
     --stop-stage) stop_stage="$2"; shift 2 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -107,4 +108,11 @@ if run 10; then
   speechlab export "$exp/ctc_phoneme" --out "$exp/ctc_phoneme/export_hf" --format hf --overwrite
   speechlab transcribe --model "$exp/ctc_phoneme" "$exp/data/en_test.jsonl" --format jsonl --no-progress \
     --output "$exp/ctc_phoneme/test_transcripts.jsonl"
+fi
+
+if run 11; then
+  log 11 "phoneme CTC from scratch, fbank + Conformer; test PER of the checkpoint with the best val PER"
+  speechlab fit --config recipes/mini/conf/ctc_phoneme_fbank.yaml --ckpt_path last
+  best=$(python -c "from speechlab.checkpoints.run_dir import run_checkpoint as c; print(c('$exp/ctc_phoneme_fbank', 'best'))")
+  speechlab test --config recipes/mini/conf/ctc_phoneme_fbank.yaml --ckpt_path "$best"
 fi

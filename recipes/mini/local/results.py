@@ -10,6 +10,8 @@ from pathlib import Path
 ROWS = [
     ("ctc_phoneme", "val/per", "best", "phoneme CTC from scratch: espeak English val PER (best of the run)"),
     ("ctc_phoneme", "test/per", "last", "phoneme CTC from scratch: espeak English test PER"),
+    ("ctc_phoneme_fbank", "val/per", "best", "phoneme CTC from scratch, fbank + Conformer: val PER (best)"),
+    ("ctc_phoneme_fbank", "test/per", "last", "phoneme CTC from scratch, fbank + Conformer: test PER"),
     ("wavlm/iter1", "val/acc_masked", "first_last", "WavLM pretraining (tiny): val masked-unit accuracy"),
     ("wavlm/iter1", "val/loss_masked", "first_last", "WavLM pretraining (tiny): val masked-unit CE (nats)"),
     ("wavlm/iter1", "val/acc_unmasked", "first_last", "WavLM pretraining (tiny): val unmasked-unit accuracy"),
