@@ -1,7 +1,7 @@
 """An anchor for the mini recipe's phoneme CTC, written without speechlab's models: fbank + BiLSTM + CTC.
 
 Kaldi fbank (80 bins) with per-utterance mean/variance normalisation, two stride-2 1-D convolutions over time
-(4x subsampling, 40 ms frames), a 3-layer BiLSTM (192 units per direction), a linear CTC head; AdamW at a constant
+(4x subsampling, 40 ms frames; ``--conv2d``: two 3x3 stride-2 convolutions over time and frequency instead), a 3-layer BiLSTM (192 units per direction), a linear CTC head; AdamW at a constant
 lr, 4 utterances a batch, gradient norm clipped at 5. It trains on ``en_train`` until ``--cpu-minutes`` of process
 CPU time are spent, validates on ``en_val`` every epoch, keeps the parameters of the best val PER and prints the test
 PER of those once. speechlab is used only for I/O: the manifest reader, audio loading and the phoneme tokenizer.
@@ -51,14 +51,27 @@ def load_split(name: str, tokenizer: PhonemeTokenizer | None) -> tuple[list[dict
 class BiLSTMCTC(nn.Module):
     """(B, T, 80) features -> (B, T/4, vocab) logits."""
 
-    def __init__(self, vocab_size: int, hidden: int = 192, layers: int = 3, dropout: float = 0.1) -> None:
+    def __init__(
+        self, vocab_size: int, hidden: int = 192, layers: int = 3, dropout: float = 0.1, conv2d: bool = False
+    ) -> None:
         super().__init__()
-        self.subsample = nn.Sequential(
-            nn.Conv1d(80, 2 * hidden, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.Conv1d(2 * hidden, 2 * hidden, 3, stride=2, padding=1),
-            nn.ReLU(),
-        )
+        self.conv2d = conv2d
+        if conv2d:  # ESPnet-style: 3x3 stride-2 convolutions over (time, frequency), then a projection
+            channels = 32
+            self.subsample = nn.Sequential(
+                nn.Conv2d(1, channels, 3, stride=2, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(channels, channels, 3, stride=2, padding=1),
+                nn.ReLU(),
+            )
+            self.project = nn.Linear(channels * 20, 2 * hidden)  # 80 mel bins -> 20 after two stride-2 convs
+        else:
+            self.subsample = nn.Sequential(
+                nn.Conv1d(80, 2 * hidden, 3, stride=2, padding=1),
+                nn.ReLU(),
+                nn.Conv1d(2 * hidden, 2 * hidden, 3, stride=2, padding=1),
+                nn.ReLU(),
+            )
         self.lstm = nn.LSTM(2 * hidden, hidden, layers, batch_first=True, bidirectional=True, dropout=dropout)
         self.head = nn.Linear(2 * hidden, vocab_size)
 
@@ -69,7 +82,11 @@ class BiLSTMCTC(nn.Module):
         return lengths
 
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.subsample(feats.transpose(1, 2)).transpose(1, 2)
+        if self.conv2d:
+            x = self.subsample(feats[:, None])  # (B, C, T/4, 20)
+            x = self.project(x.permute(0, 2, 1, 3).flatten(2))
+        else:
+            x = self.subsample(feats.transpose(1, 2)).transpose(1, 2)
         out_lengths = self.out_lengths(lengths)
         packed = nn.utils.rnn.pack_padded_sequence(x, out_lengths, batch_first=True, enforce_sorted=False)
         x, _ = self.lstm(packed)
@@ -104,6 +121,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--conv2d", action="store_true", help="2-D (time x frequency) subsampling convolutions instead of 1-D"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
@@ -113,7 +133,7 @@ def main() -> None:
     train, tokenizer = load_split("en_train", None)
     val, _ = load_split("en_val", tokenizer)
     test, _ = load_split("en_test", tokenizer)
-    model = BiLSTMCTC(tokenizer.vocab_size)
+    model = BiLSTMCTC(tokenizer.vocab_size, conv2d=args.conv2d)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     print(
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, vocab {tokenizer.vocab_size}"
