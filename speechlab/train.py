@@ -129,7 +129,9 @@ class GracefulSigterm(Callback):
     agree, with one small all-reduce, whether any of them was signalled, and all raise Lightning's
     ``SIGTERMException`` after the same step: ``last.ckpt`` is written (``save_on_exception``) with no
     half-accumulated gradients lost, and resuming continues exactly. A stop at an epoch's last batch is deferred
-    to the next step, because Lightning miscounts the epoch when it resumes from that point.
+    to the next step, because Lightning miscounts the epoch when it resumes from that point. (So with fewer
+    batches per epoch than ``accumulate_grad_batches``, whose every update falls on an epoch's last batch, only
+    the watchdog below ends the run, and it resumes from the previous checkpoint.)
 
     A process stuck in a collective (a dead peer) never returns to Python, so no Python handler can run: a
     watchdog thread, woken through ``signal.set_wakeup_fd`` by the signal itself, ends the process with exit
