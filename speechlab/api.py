@@ -392,16 +392,10 @@ class FeatureExtractor:
         self, inputs: AudioInput, lengths: Tensor | Sequence[int] | None, sample_rate: int
     ) -> tuple[list[Tensor], bool]:
         """-> (list of 1-D float32 CPU waveforms at 16 kHz, whether the input was one 1-D waveform)."""
-        from speechlab.audio import load_audio, resample
+        from speechlab.audio import as_waveform
 
         def as_wave(item: Any, index: int) -> Tensor:
-            if isinstance(item, str | os.PathLike):
-                return load_audio(item, sample_rate=SAMPLE_RATE)
-            wave = torch.as_tensor(item)
-            if wave.dim() != 1:
-                raise ValueError(f"input {index}: expected a 1-D waveform, got shape {tuple(wave.shape)}")
-            wave = wave.detach().to("cpu", torch.float32)
-            return resample(wave, sample_rate, SAMPLE_RATE)  # bounded memory for any rate pair
+            return as_waveform(item, index, sample_rate, SAMPLE_RATE)
 
         single = False
         if isinstance(inputs, str | os.PathLike):

@@ -29,6 +29,7 @@ __all__ = [
     "MAX_SAMPLE_RATE",
     "MIN_SAMPLE_RATE",
     "AudioError",
+    "as_waveform",
     "audio_info",
     "check_header",
     "load_audio",
@@ -297,3 +298,17 @@ def load_audio(
         )
     samples = torch.from_numpy(data.mean(axis=1) if data.shape[1] > 1 else data[:, 0])
     return resample(samples, file_rate, sample_rate).contiguous()
+
+
+def as_waveform(
+    item: str | os.PathLike | torch.Tensor | np.ndarray, index: int, sample_rate: int, target_rate: int
+) -> torch.Tensor:
+    """One API input -> a 1-D float32 CPU waveform at ``target_rate``: a path is read with :func:`load_audio`, an
+    array or tensor (``sample_rate``) is checked to be 1-D and resampled with :func:`resample` (bounded memory
+    for any rate pair). ``index`` names the input in errors."""
+    if isinstance(item, str | os.PathLike):
+        return load_audio(item, sample_rate=target_rate)
+    wave = torch.as_tensor(item)
+    if wave.dim() != 1:
+        raise ValueError(f"input {index}: expected a 1-D waveform, got shape {tuple(wave.shape)}")
+    return resample(wave.detach().to("cpu", torch.float32), sample_rate, target_rate)

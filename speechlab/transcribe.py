@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from speechlab.api import conv_geometry, plan_chunks
+from speechlab.audio import as_waveform
 
 __all__ = ["Transcript", "Transcriber", "add_parser", "main"]
 
@@ -199,22 +200,6 @@ class Transcriber:
 
     # ------------------------------------------------------------------------------------------ inputs
 
-    @staticmethod
-    def _waveform(item: Any, index: int, sample_rate: int) -> Tensor:
-        if isinstance(item, str | os.PathLike):
-            from speechlab.audio import load_audio
-
-            return load_audio(item, sample_rate=SAMPLE_RATE)
-        wave = torch.as_tensor(item)
-        if wave.dim() != 1:
-            raise ValueError(f"input {index}: expected a 1-D waveform, got shape {tuple(wave.shape)}")
-        wave = wave.detach().to("cpu", torch.float32)
-        if sample_rate != SAMPLE_RATE:
-            import torchaudio.functional as AF
-
-            wave = AF.resample(wave, sample_rate, SAMPLE_RATE)
-        return wave
-
     def _waveforms(self, audio: Any, sample_rate: int) -> list[Tensor]:
         if isinstance(audio, str | os.PathLike) or (
             isinstance(audio, Tensor | np.ndarray) and np.ndim(audio) == 1
@@ -222,7 +207,7 @@ class Transcriber:
             audio = [audio]
         if not isinstance(audio, Sequence | Tensor | np.ndarray) or len(audio) == 0:
             raise ValueError("no audio given (expected a path, a waveform, or a list of them)")
-        waves = [self._waveform(item, i, sample_rate) for i, item in enumerate(audio)]
+        waves = [as_waveform(item, i, sample_rate, SAMPLE_RATE) for i, item in enumerate(audio)]
         for i, wave in enumerate(waves):
             if int(self.model.encoder.frame_lengths(torch.tensor([wave.numel()]))[0]) < 1:
                 raise ValueError(f"input {i}: {wave.numel()} samples is too short for one output frame")
