@@ -38,8 +38,10 @@ def fbank(audio: torch.Tensor) -> torch.Tensor:
     return (feats - feats.mean(0)) / (feats.std(0) + 1e-5)
 
 
-def load_split(name: str, tokenizer: PhonemeTokenizer | None) -> tuple[list[dict], PhonemeTokenizer]:
-    items = read_manifest(DATA / f"{name}.jsonl", require=("phonemes",))
+def load_split(
+    data: Path, name: str, tokenizer: PhonemeTokenizer | None
+) -> tuple[list[dict], PhonemeTokenizer]:
+    items = read_manifest(data / f"{name}.jsonl", require=("phonemes",))
     if tokenizer is None:
         tokenizer = PhonemeTokenizer.build(it["phonemes"] for it in items)
     for it in items:
@@ -121,6 +123,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", type=Path, default=DATA, help="folder of prepare.py's manifests")
     parser.add_argument(
         "--conv2d", action="store_true", help="2-D (time x frequency) subsampling convolutions instead of 1-D"
     )
@@ -130,9 +133,9 @@ def main() -> None:
     random.seed(args.seed)
 
     cpu_start = time.process_time()
-    train, tokenizer = load_split("en_train", None)
-    val, _ = load_split("en_val", tokenizer)
-    test, _ = load_split("en_test", tokenizer)
+    train, tokenizer = load_split(args.data, "en_train", None)
+    val, _ = load_split(args.data, "en_val", tokenizer)
+    test, _ = load_split(args.data, "en_test", tokenizer)
     model = BiLSTMCTC(tokenizer.vocab_size, conv2d=args.conv2d)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     print(
@@ -141,7 +144,7 @@ def main() -> None:
 
     best = (math.inf, -1, None)  # (val PER, step, state_dict)
     step, epoch = 0, 0
-    while time.process_time() - cpu_start < 60 * args.cpu_minutes:
+    while epoch == 0 or time.process_time() - cpu_start < 60 * args.cpu_minutes:  # at least one epoch
         order = list(train)
         random.shuffle(order)
         losses = []
