@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"
@@ -121,3 +122,13 @@ def tmp_corpus(tmp_path: Path) -> TmpCorpus:
 def make_sine():
     """The :func:`sine` helper: ``make_sine(seconds, sample_rate, frequency=440.0, amplitude=0.5)``."""
     return sine
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, 2 threads per process run ~10x slower under load.
+    A test module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,13 +20,7 @@ from speechlab.nn.attention import (
 )
 from speechlab.nn.position import RelativePositionBias
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _padded(batch=3, length=70, dim=64, seed=0):

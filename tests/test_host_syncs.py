@@ -28,12 +28,7 @@ from speechlab.tasks.wavlm_pretrain import WavLMPretrainTask
 ALLOWED_SITES = ("speechlab/nn/transformer.py", "keep.tolist()")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(lengths=(16000, 11000, 6000), num_classes=12, seed=0) -> Batch:

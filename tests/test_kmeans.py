@@ -22,13 +22,7 @@ from speechlab.models.wavlm import wavlm_base, wavlm_tiny
 DATA = Path(__file__).resolve().parents[1] / "data"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 threads per process run ~10x slower under load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _blobs(num_clusters=8, per_cluster=500, dim=5, seed=0):
