@@ -59,6 +59,71 @@ def test_align_units_crops_pads_and_blanks_padded_frames():
     assert longer.tolist() == [[1, 2, 3, 4, 5, UNIT_PAD, UNIT_PAD], [6, 7] + [UNIT_PAD] * 5]
 
 
+def test_align_units_with_a_stride_takes_every_kth_unit_for_a_slower_encoder():
+    units = torch.tensor([[1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, UNIT_PAD, UNIT_PAD, UNIT_PAD]])
+    # a 25 Hz encoder over 50 Hz units: frame t <- unit 2t (fairseq HuBERT's label_rate handling)
+    aligned = align_units(units, 4, torch.tensor([4, 2]), stride=2)
+    assert aligned.tolist() == [[1, 3, 5, 7], [8, 10, UNIT_PAD, UNIT_PAD]]
+
+
+def test_fbank_conformer_pretraining_targets_every_second_unit_and_learns_on_a_real_batch():
+    """The mini recipe's WavLM-style pretraining of the fbank Conformer (25 Hz) on 50 Hz MFCC units."""
+    torch.manual_seed(0)
+    batch = _real_batch(num_items=4, seconds=1.5)
+    small = {"hidden_size": 32, "ffn_size": 64, "num_heads": 2, "num_layers": 2}
+    task = WavLMPretrainTask(
+        encoder="fbank_conformer_tiny",
+        encoder_overrides=small,
+        num_classes=12,
+        final_dim=16,
+        mask_prob=0.5,
+        mask_length=3,
+        pred_nomask_weight=1.0,
+        feature_penalty_weight=0.0,
+        mixing=MixingConfig(mix_prob=0.5, noise_manifest=str(DATA / "noise_opensfx" / "manifest.jsonl")),
+    )
+    assert task.units_stride == 2 and (task.mask_prob, task.mask_length) == (0.5, 3)
+    frames = task.encoder.frame_lengths(batch.lengths)
+    expected = align_units(batch.units[:, ::2], task.encoder.num_frames(batch.audio.shape[1]), frames)
+    got = align_units(batch.units, task.encoder.num_frames(batch.audio.shape[1]), frames, task.units_stride)
+    assert torch.equal(got, expected) and (got != UNIT_PAD).sum() == frames.sum()
+    task.setup("fit")
+    task.train()
+    optimizer = torch.optim.AdamW(task.parameters(), lr=3e-3)
+    losses = []
+    for step in range(15):
+        audio, lengths = task.mixer(batch.audio, batch.lengths)
+        results = task.compute_loss(
+            audio, lengths, batch.units, generator=torch.Generator().manual_seed(step % 2)
+        )
+        optimizer.zero_grad()
+        results["loss"].backward()
+        optimizer.step()
+        losses.append(results["loss"].item())
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
+
+
+def test_units_at_a_rate_the_encoder_hop_is_no_multiple_of_are_a_clear_error():
+    with pytest.raises(ValueError, match="units_hop=480"):
+        WavLMPretrainTask(encoder="fbank_conformer_tiny", units_hop=480)
+
+
+def test_fbank_conformer_pretraining_exports_an_encoder_that_loads_and_fine_tunes(tmp_path):
+    from speechlab.api import load
+    from speechlab.models.fbank_conformer import FbankConformerEncoder
+
+    small = {"hidden_size": 32, "ffn_size": 64, "num_heads": 2, "num_layers": 1}
+    task = WavLMPretrainTask(
+        encoder="fbank_conformer_tiny", encoder_overrides=small, num_classes=12, final_dim=8
+    )
+    task.export_pretrained(tmp_path / "pretrained")
+    loaded = load(tmp_path / "pretrained")
+    assert isinstance(loaded, FbankConformerEncoder)
+    for key, value in task.encoder.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
 def test_head_logits_are_cosine_similarity_over_temperature():
     torch.manual_seed(0)
     head = UnitPredictionHead(hidden_size=8, num_classes=5, final_dim=4, logit_temp=0.1)

@@ -69,6 +69,7 @@ _FAMILIES: dict[str, tuple[str, str, str] | tuple[type, type]] = {
     "unispeech": ("speechlab.models.unispeech", "UniSpeechConfig", "UniSpeech"),
     "codec": ("speechlab.models.codec", "CodecConfig", "Codec"),
     "ctc": ("speechlab.models.ctc", "CTCConfig", "CTCModel"),
+    "fbank_conformer": ("speechlab.models.fbank_conformer", "FbankConformerConfig", "FbankConformerEncoder"),
 }
 
 

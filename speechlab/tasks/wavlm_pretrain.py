@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,9 @@ from torch import Tensor, nn
 from speechlab.augment.mixing import MixingConfig, UtteranceMixer
 from speechlab.data.collate import UNIT_PAD
 from speechlab.host_sync import host_reads_are_free
-from speechlab.models.presets import encoder_config
+from speechlab.models.ctc import build_encoder
+from speechlab.models.fbank_conformer import FbankConformerConfig
+from speechlab.models.presets import ctc_encoder_config, encoder_config
 from speechlab.models.ssl_encoder import SSLEncoder
 from speechlab.nn.masking import span_mask
 from speechlab.optim import OptimConfig
@@ -60,13 +63,17 @@ class UnitPredictionHead(nn.Module):
             return projected @ embeddings.T / self.logit_temp
 
 
-def align_units(units: Tensor, num_frames: int, frame_lengths: Tensor) -> Tensor:
+def align_units(units: Tensor, num_frames: int, frame_lengths: Tensor, stride: int = 1) -> Tensor:
     """Unit targets aligned to the encoder frames: (B, U) padded with -100 -> (B, num_frames).
 
-    Rows are cropped or padded with -100 to ``num_frames``; frames at or beyond ``frame_lengths`` (padding) are
-    set to -100 too. The k-means units of ``speechlab kmeans`` have exactly the encoder's frame count, so cropping
-    only matters for units computed another way (or audio cropped by ``max_seconds``).
+    ``stride``: units per encoder frame (encoder hop / unit hop); encoder frame ``t`` takes unit ``stride * t``,
+    as HuBERT does for labels at a higher rate than its frames (fairseq ``label_rate``). Rows are then cropped or
+    padded with -100 to ``num_frames``; frames at or beyond ``frame_lengths`` (padding) are set to -100 too. The
+    k-means units of ``speechlab kmeans`` have exactly the 50 Hz encoders' frame count, so cropping only matters
+    for units computed another way (or audio cropped by ``max_seconds``).
     """
+    if stride > 1:
+        units = units[:, ::stride]
     batch, length = units.shape
     if length >= num_frames:
         aligned = units[:, :num_frames]
@@ -98,8 +105,10 @@ class WavLMPretrainTask(SpeechTask):
     """Masked unit prediction through utterance mixing (WavLM) — HuBERT when ``mixing`` is None.
 
     Args:
-        encoder: encoder preset name (``wavlm_tiny``, ``wavlm_base``, ``wavlm_base_plus``, ``wavlm_large``, ...).
-        encoder_overrides: ``SSLEncoderConfig`` fields to change, e.g. ``{"feature_grad_mult": 0.1}``.
+        encoder: encoder preset name (``wavlm_tiny``, ``wavlm_base``, ``wavlm_base_plus``, ``wavlm_large``, ...),
+            or ``fbank_conformer_tiny`` (log-mel + Conformer at 25 Hz, the mini recipe's CPU model; its masking
+            defaults are WavLM's 0.8 / 10 frames unless set).
+        encoder_overrides: config fields of the preset to change, e.g. ``{"feature_grad_mult": 0.1}``.
         num_classes: number of k-means clusters of the units (100 for MFCC iteration 1, 500 later).
         final_dim: projection size of the prediction head (256 Base, 768 Large).
         logit_temp: cosine-similarity temperature (0.1).
@@ -107,6 +116,8 @@ class WavLMPretrainTask(SpeechTask):
         pred_masked_weight, pred_nomask_weight: loss weights of masked / unmasked frames (1 / 0).
         feature_penalty_weight: weight of mean(CNN features^2) (10 for Base, as HuBERT).
         mixing: utterance mixing (training batches only); None = no mixing (plain HuBERT).
+        units_hop: samples per unit of the manifests' units (320: ``speechlab kmeans``'s 50 Hz); an encoder with a
+            hop of k x ``units_hop`` predicts every k-th unit.
         mixing_seed: seed of the mixing draws; each training micro-batch mixes with a generator seeded from
             (mixing_seed, global rank, epoch, batch index), so resumed runs mix exactly as uninterrupted ones.
         optim: optimiser + schedule (:class:`speechlab.optim.OptimConfig`).
@@ -128,6 +139,7 @@ class WavLMPretrainTask(SpeechTask):
         feature_penalty_weight: float = 10.0,
         mixing: MixingConfig | None = None,
         mixing_seed: int = 0,
+        units_hop: int = 320,
         optim: OptimConfig | None = None,
         max_nonfinite_steps: int = 20,
     ) -> None:
@@ -138,11 +150,22 @@ class WavLMPretrainTask(SpeechTask):
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2 (the k-means cluster count), got {num_classes}")
         self.save_hyperparameters()
-        self.encoder_config = encoder_config(encoder, encoder_overrides)
-        self.encoder = SSLEncoder(self.encoder_config)
+        self.encoder_config = ctc_encoder_config(encoder, encoder_overrides)
+        self.encoder = build_encoder(self.encoder_config)
         self.head = UnitPredictionHead(self.encoder_config.hidden_size, num_classes, final_dim, logit_temp)
-        self.mask_prob = self.encoder_config.mask_prob if mask_prob is None else mask_prob
-        self.mask_length = self.encoder_config.mask_length if mask_length is None else mask_length
+        self.mask_prob = getattr(self.encoder_config, "mask_prob", 0.8) if mask_prob is None else mask_prob
+        self.mask_length = (
+            getattr(self.encoder_config, "mask_length", 10) if mask_length is None else mask_length
+        )
+        if isinstance(self.encoder_config, FbankConformerConfig):
+            encoder_hop = self.encoder.hop
+        else:
+            encoder_hop = math.prod(stride for _, _, stride in self.encoder_config.conv_layers)
+        if units_hop < 1 or encoder_hop % units_hop != 0:
+            raise ValueError(
+                f"units_hop={units_hop}: the encoder's hop ({encoder_hop} samples) must be a whole multiple of it"
+            )
+        self.units_stride = encoder_hop // units_hop
         self.mixing_config = mixing
         self.mixer: UtteranceMixer | None = None
         self._units_checked = False
@@ -158,10 +181,14 @@ class WavLMPretrainTask(SpeechTask):
 
     def export_pretrained(self, directory: str | Path) -> Path:
         """Write the encoder (what fine-tuning and feature extraction use) as a speechlab pretrained directory;
-        family ``wavlm`` with the gated relative position bias, else ``hubert``."""
+        family ``wavlm`` with the gated relative position bias, else ``hubert`` (``fbank_conformer`` for that
+        encoder)."""
         from speechlab.checkpoints.pretrained_dir import save_pretrained
 
-        family = "wavlm" if self.encoder_config.relative_position_bias else "hubert"
+        if isinstance(self.encoder_config, FbankConformerConfig):
+            family = "fbank_conformer"
+        else:
+            family = "wavlm" if self.encoder_config.relative_position_bias else "hubert"
         return save_pretrained(self.encoder, directory, family=family)
 
     def setup(self, stage: str) -> None:
@@ -210,7 +237,7 @@ class WavLMPretrainTask(SpeechTask):
                 generator=generator,
             ).to(audio.device)
         out = self.encoder(audio, lengths, frame_mask=frame_mask)
-        targets = align_units(units, num_frames, out.frame_lengths)
+        targets = align_units(units, num_frames, out.frame_lengths, self.units_stride)
         if not self._units_checked and int(targets.max()) >= self.hparams.num_classes:
             raise ValueError(
                 f"unit id {int(targets.max())} >= num_classes={self.hparams.num_classes}: set model.num_classes "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import random
 import time
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
+from speechlab.atomic import write_text
 from speechlab.audio import load_audio
 from speechlab.data.manifest import read_manifest
 from speechlab.data.text import PhonemeTokenizer
@@ -125,6 +127,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", type=Path, default=DATA, help="folder of prepare.py's manifests")
     parser.add_argument(
+        "--output", type=Path, help="also write the result here as JSON (run.sh's results table)"
+    )
+    parser.add_argument(
         "--conv2d", action="store_true", help="2-D (time x frequency) subsampling convolutions instead of 1-D"
     )
     args = parser.parse_args()
@@ -175,10 +180,15 @@ def main() -> None:
     model.load_state_dict(best[2])
     test_per = per(model, test, tokenizer)
     minutes = (time.process_time() - cpu_start) / 60
+    capability = torch.backends.cpu.get_cpu_capability()
     print(
         f"best val PER {best[0]:.3f} at step {best[1]}; test PER {test_per:.3f}; "
-        f"{minutes:.1f} CPU-minutes in all (CPU {torch.backends.cpu.get_cpu_capability()}, 1 thread)"
+        f"{minutes:.1f} CPU-minutes in all (CPU {capability}, 1 thread)"
     )
+    if args.output:
+        result = {"val_per": best[0], "best_step": best[1], "steps": step, "epochs": epoch}
+        result |= {"test_per": test_per, "cpu_minutes": round(minutes, 2), "cpu_capability": capability}
+        write_text(args.output, json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":
