@@ -1,7 +1,8 @@
-"""Audio reading: soundfile decode, segment reads, mono mix-down, resampling.
+"""Audio: listing and reading files (soundfile decode, segment reads, mono mix-down), resampling, MFCC features.
 
-One function each: :func:`audio_info` reads only the header, :func:`load_audio` reads (a segment of) a file
-and returns a mono float32 tensor at the requested rate, :func:`resample` changes the rate with bounded memory.
+One function each: :func:`list_audio_files` finds the audio files of a folder, :func:`audio_info` reads only the
+header, :func:`load_audio` reads (a segment of) a file and returns a mono float32 tensor at the requested rate,
+:func:`resample` changes the rate with bounded memory, :func:`mfcc_features` computes 39-d MFCC + deltas.
 Every failure is an :class:`AudioError` that names the file, says what is wrong and what to do, so a bad file
 never surfaces as an obscure crash inside a worker.
 
@@ -22,9 +23,11 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
+import torchaudio.compliance.kaldi
 import torchaudio.functional as AF
 
 __all__ = [
+    "AUDIO_EXTENSIONS",
     "MAX_ABS_SAMPLE",
     "MAX_SAMPLE_RATE",
     "MIN_SAMPLE_RATE",
@@ -32,9 +35,15 @@ __all__ = [
     "as_waveform",
     "audio_info",
     "check_header",
+    "list_audio_files",
     "load_audio",
+    "mfcc_features",
     "resample",
 ]
+
+# What a folder search counts as audio (every tool that takes --input-dir / a folder): the formats soundfile
+# (libsndfile >= 1.1) decodes.
+AUDIO_EXTENSIONS = (".flac", ".wav", ".ogg", ".mp3", ".opus", ".aiff", ".aif")
 
 MIN_SAMPLE_RATE = 1000  # below: not speech audio (a 1 Hz header would turn 3 KB into 64M samples at 16 kHz)
 MAX_SAMPLE_RATE = 768_000
@@ -172,6 +181,20 @@ def _read_frames(path: Path, start: int, frames: int) -> np.ndarray:
             if block.shape[0] < min(frames + block.shape[0], READ_BLOCK_FRAMES):
                 break  # the data ended before the header said it would
     return np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+
+
+def list_audio_files(folder: str | os.PathLike, extensions: tuple[str, ...] = AUDIO_EXTENSIONS) -> list[Path]:
+    """Every audio file under ``folder`` (recursive, sorted; the suffix compared case-insensitively).
+
+    Raises ``FileNotFoundError`` naming the folder when it does not exist or holds no such file.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+    if not files:
+        raise FileNotFoundError(f"{folder}: no audio files ({', '.join(extensions)}) in this folder")
+    return files
 
 
 def audio_info(path: str | os.PathLike) -> tuple[int, int, int]:
@@ -312,3 +335,21 @@ def as_waveform(
     if wave.dim() != 1:
         raise ValueError(f"input {index}: expected a 1-D waveform, got shape {tuple(wave.shape)}")
     return resample(wave.detach().to("cpu", torch.float32), sample_rate, target_rate)
+
+
+def mfcc_features(audio: torch.Tensor, sample_rate: int = 16000) -> torch.Tensor:
+    """39-d MFCC + deltas at 100 Hz. audio: (samples,) float32 -> (frames_100hz, 39) float32.
+
+    13 Kaldi-compatible MFCCs (``torchaudio.compliance.kaldi.mfcc``: 25 ms window, 10 ms shift, 23 mel bins,
+    ``use_energy=False``, no dither) + deltas + delta-deltas: HuBERT's iteration-1 k-means features (Hsu et al.
+    2021, §IV-B). Frame ``k`` sees samples ``[160 k, 160 k + 400)`` (``snip_edges``); under 400 samples, no frame.
+    """
+    if audio.numel() < 400:
+        return audio.new_zeros(0, 39)
+    mfcc = torchaudio.compliance.kaldi.mfcc(
+        audio.reshape(1, -1).float(), sample_frequency=sample_rate, use_energy=False, dither=0.0
+    )  # (frames, 13)
+    static = mfcc.transpose(0, 1)  # (13, frames)
+    delta = AF.compute_deltas(static)
+    delta2 = AF.compute_deltas(delta)
+    return torch.cat([static, delta, delta2], dim=0).transpose(0, 1).contiguous()

@@ -436,7 +436,7 @@ def test_nan_kmeans_centroids_are_refused_on_load_and_never_label(tmp_path, caps
     import torch
     from safetensors.torch import save_file
 
-    from speechlab.kmeans import KMeans
+    from speechlab.nn.kmeans import KMeans
 
     centroids = torch.randn(4, 39)
     centroids[2, 5] = float("nan")
@@ -453,7 +453,7 @@ def test_nan_kmeans_centroids_are_refused_on_load_and_never_label(tmp_path, caps
 def test_kmeans_fit_refuses_non_finite_features_naming_the_item(tmp_path, capsys):
     import torch
 
-    from speechlab.kmeans import KMeans, KMeansConfig
+    from speechlab.nn.kmeans import KMeans, KMeansConfig
 
     x = torch.randn(100, 8)
     x[7, 3] = float("inf")

@@ -4,20 +4,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from speechlab.audio import mfcc_features
+from speechlab.cli import main
 from speechlab.data.dataset import AudioDataset, parse_units
 from speechlab.data.manifest import read_manifest
-from speechlab.kmeans import (
-    KMeans,
-    KMeansConfig,
-    align_frames,
-    encoder_frame_count,
-    load_item_audio,
-    main,
-    mfcc_features,
-    mfcc_frame_features,
-)
 from speechlab.models.ssl_encoder import SSLEncoder
 from speechlab.models.wavlm import wavlm_base, wavlm_tiny
+from speechlab.nn.kmeans import KMeans, KMeansConfig
+from speechlab.tasks.units import align_frames, encoder_frame_count, load_item_audio, mfcc_frame_features
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 

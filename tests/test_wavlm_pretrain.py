@@ -7,11 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from speechlab.augment.mixing import MixingConfig
+from speechlab.cli import main
 from speechlab.data.collate import UNIT_PAD, collate
 from speechlab.data.dataset import AudioDataset
 from speechlab.data.manifest import read_manifest
-from speechlab.kmeans import KMeans, KMeansConfig, load_item_audio, main, mfcc_frame_features
+from speechlab.nn.kmeans import KMeans, KMeansConfig
 from speechlab.nn.masking import span_mask
+from speechlab.tasks.units import load_item_audio, mfcc_frame_features
 from speechlab.tasks.wavlm_pretrain import (
     UnitPredictionHead,
     WavLMPretrainTask,
