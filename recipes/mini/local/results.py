@@ -1,31 +1,43 @@
-"""Print the mini recipe's results (markdown) from the runs' CSV logs and the evaluation files of stages 7 and 8."""
+"""Print the mini recipe's results (markdown) from the runs' CSV logs, the anchor's JSON and the evaluation tables.
+
+    python recipes/mini/local/results.py --exp recipes/mini/exp            # the main job (run.sh stage 8)
+    python recipes/mini/local/results.py --exp recipes/mini/exp --seeds    # seeds 0-2 (stage 10)
+
+Every figure is read from what the stages wrote; a stage that did not run is reported as missing, and each claim
+of issue 15 ("learns", "pays", "no collapse") is printed as a check with the numbers it compares.
+"""
 
 from __future__ import annotations
 
 import argparse
 import csv
+import datetime
+import json
+import platform
+import statistics
 from pathlib import Path
 
-# (run folder, metric, how to summarise its logged values, what it is)
-ROWS = [
-    ("ctc_phoneme", "val/per", "best", "phoneme CTC from scratch: espeak English val PER (best of the run)"),
-    ("ctc_phoneme", "test/per", "last", "phoneme CTC from scratch: espeak English test PER"),
-    ("ctc_phoneme_fbank", "val/per", "best", "phoneme CTC from scratch, fbank + Conformer: val PER (best)"),
-    ("ctc_phoneme_fbank", "test/per", "last", "phoneme CTC from scratch, fbank + Conformer: test PER"),
-    ("wavlm/iter1", "val/acc_masked", "first_last", "WavLM pretraining (tiny): val masked-unit accuracy"),
-    ("wavlm/iter1", "val/loss_masked", "first_last", "WavLM pretraining (tiny): val masked-unit CE (nats)"),
-    ("wavlm/iter1", "val/acc_unmasked", "first_last", "WavLM pretraining (tiny): val unmasked-unit accuracy"),
-    ("wavlm_ctc_phoneme", "val/per", "best", "phoneme CTC fine-tuned from WavLM: val PER (best of the run)"),
-    ("wavlm_ctc_phoneme", "test/per", "last", "phoneme CTC fine-tuned from WavLM: test PER"),
-    ("unispeech", "val/per", "best", "UniSpeech pretraining: English val PER (best)"),
-    ("unispeech_ft_sw", "val/per", "best", "UniSpeech -> Swahili CTC fine-tuning: val PER (best)"),
-    ("unispeech_ft_sw", "test/per", "last", "UniSpeech -> Swahili CTC fine-tuning: test PER"),
+import torch
+
+# (run folder under exp/, what it is) of the main job's phoneme CTC comparison
+CTC_RUNS = [
+    ("ctc_phoneme_fbank", "from scratch: fbank + Conformer (`ctc_phoneme_fbank.yaml`)"),
+    ("wavlm_ctc_phoneme_fbank", "WavLM-style pretrained, then fine-tuned (`wavlm_ctc_phoneme_fbank.yaml`)"),
 ]
-# markdown written by stages 7 (codec-eval) and 8 (the UniSpeech low-resource table), shown as they are
-TABLES = [
-    ("codec/eval.md", "Codec on held-out LJ Speech (untrained preset vs trained)"),
-    ("unispeech_experiment/results.md", "UniSpeech low-resource table"),
-]
+STAGES = {
+    "0": "manifests",
+    "1": "anchor (background, 1 thread)",
+    "2": "CTC from scratch",
+    "3": "WavLM-style pretraining",
+    "4": "CTC fine-tuning",
+    "5": "UniSpeech",
+    "6": "codec",
+    "7": "export + transcribe",
+    "8": "plots",
+    "total": "the whole job",
+}
+# codec criteria of issue 15: usage of every level, level-0 perplexity as a fraction of the codebook, mel gain
+MIN_USAGE, MIN_PERPLEXITY_FRACTION, MIN_MEL_GAIN = 0.80, 0.5, 0.10
 
 
 def logged_values(run: Path, metric: str) -> list[tuple[int, float]]:
@@ -40,29 +52,259 @@ def logged_values(run: Path, metric: str) -> list[tuple[int, float]]:
     return values
 
 
-def summarise(values: list[tuple[int, float]], how: str) -> str:
-    """``best`` (lowest), ``last`` or ``first_last`` ("a (step s) -> b (step t)") of logged values."""
-    if how == "best":
-        step, value = min(values, key=lambda sv: sv[1])
-        return f"{value:.3f} (step {step})"
-    if how == "last":
-        return f"{values[-1][1]:.3f}"
-    (first_step, first), (last_step, last) = values[0], values[-1]
-    return f"{first:.3f} (step {first_step}) -> {last:.3f} (step {last_step})"
+def best(values: list[tuple[int, float]]) -> str:
+    step, value = min(values, key=lambda sv: sv[1])
+    return f"{value:.3f} ({step})"
+
+
+def last(values: list[tuple[int, float]]) -> float | None:
+    return values[-1][1] if values else None
+
+
+def fmt(value: float | None) -> str:
+    return "missing" if value is None else f"{value:.3f}"
+
+
+def check(ok: bool, text: str) -> str:
+    return f"- {'met' if ok else '**not met**'}: {text}"
+
+
+def header() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"Measured {datetime.date.today().isoformat()} on {cpu} (torch CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads available, torch "
+        f"{torch.__version__}); seed 0; test PERs of the checkpoint with the best val PER, on `en_test` "
+        "(12 utterances), decoded once per model."
+    )
+
+
+def anchor_result(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def markdown_table(text: str) -> list[dict[str, str]]:
+    """The rows of the first markdown table in ``text`` as dicts keyed by its (lower-cased) header cells."""
+    lines = [line.strip() for line in text.splitlines() if line.strip().startswith("|")]
+    if len(lines) < 3:
+        return []
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    names = [name.lower() for name in cells[0]]
+    return [dict(zip(names, row, strict=False)) for row in cells[2:]]
+
+
+def timings(exp: Path) -> list[str]:
+    path = exp / "timings.tsv"
+    if not path.is_file():
+        return ["(no exp/timings.tsv: run.sh was not run from stage 0)"]
+    seconds: dict[str, int] = {}
+    for line in path.read_text().splitlines():
+        name, value = line.split("\t")
+        seconds[name] = int(value)  # a re-run stage: its latest time
+    rows = ["| stage | what | wall time |", "|---|---|---|"]
+    for name, value in seconds.items():
+        rows.append(f"| {name} | {STAGES.get(name, name)} | {value / 60:.1f} min |")
+    return rows
+
+
+def ctc_section(exp: Path) -> list[str]:
+    lines = [
+        "## Phoneme CTC on espeak English: anchor, from scratch, pretrained + fine-tuned",
+        "",
+        "| model | budget | best val PER (step) | test PER |",
+        "|---|---|---|---|",
+    ]
+    anchor = anchor_result(exp / "anchor" / "result.json")
+    if anchor:
+        lines.append(
+            f"| anchor: fbank + BiLSTM, plain torch (`local/anchor_bilstm.py`) | {anchor['cpu_minutes']:.1f} "
+            f"CPU-min, {anchor['steps']} steps | {anchor['val_per']:.3f} ({anchor['best_step']}) | "
+            f"{anchor['test_per']:.3f} |"
+        )
+    test = {}
+    for run, what in CTC_RUNS:
+        val = logged_values(exp / run, "val/per")
+        test[run] = last(logged_values(exp / run, "test/per"))
+        steps = max((s for s, _ in val), default=-1) + 1
+        lines.append(f"| {what} | {steps} steps | {best(val) if val else 'missing'} | {fmt(test[run])} |")
+    scratch, tuned = test["ctc_phoneme_fbank"], test["wavlm_ctc_phoneme_fbank"]
+    lines.append("")
+    if anchor and scratch is not None:
+        lines.append(
+            check(
+                scratch <= anchor["test_per"],
+                f"from scratch {scratch:.3f} <= anchor {anchor['test_per']:.3f}",
+            )
+        )
+    if scratch is not None and tuned is not None:
+        lines.append(
+            check(
+                tuned < scratch,
+                f"pretrained + fine-tuned {tuned:.3f} < from scratch {scratch:.3f} (same steps)",
+            )
+        )
+    if anchor and tuned is not None:
+        lines.append(
+            check(
+                tuned < anchor["test_per"],
+                f"pretrained + fine-tuned {tuned:.3f} < anchor {anchor['test_per']:.3f}",
+            )
+        )
+    pretrain = exp / "wavlm_fbank"
+    acc, ce = logged_values(pretrain, "val/acc_masked"), logged_values(pretrain, "val/loss_masked")
+    if acc:
+        lines += [
+            "",
+            f"WavLM-style pretraining (`wavlm_pretrain_fbank.yaml`, 100 MFCC k-means units, chance 1 %): val "
+            f"masked-unit accuracy {acc[0][1]:.3f} (step {acc[0][0]}) -> {acc[-1][1]:.3f} (step {acc[-1][0]}), "
+            f"cross-entropy {ce[0][1]:.2f} -> {ce[-1][1]:.2f} nats (uniform: ln 100 = 4.61).",
+        ]
+    return lines
+
+
+def unispeech_section(exp: Path) -> list[str]:
+    lines = ["## UniSpeech (swap 0.5): English CTC during pretraining, then Swahili", ""]
+    en = logged_values(exp / "unispeech", "val/per")
+    sw = last(logged_values(exp / "unispeech_ft_sw", "test/per"))
+    if not en:
+        return lines + ["missing (stage 5 did not run)"]
+    lines.append(
+        f"English val PER (unmasked input) during multitask pretraining: first {en[0][1]:.3f} (step {en[0][0]}), "
+        f"best {best(en)}, last {en[-1][1]:.3f}; Swahili test PER after fine-tuning: {fmt(sw)}."
+    )
+    lines.append("")
+    lines.append(
+        check(min(v for _, v in en) < 0.9, "English CTC leaves the all-blank plateau (val PER < 0.9)")
+    )
+    table = exp / "unispeech_table" / "results.md"
+    if table.is_file():
+        lines += [
+            "",
+            "Rows (a)-(d), 3 seeds (`exp/unispeech_table/results.md`, stage 11):",
+            "",
+            table.read_text().strip(),
+        ]
+    return lines
+
+
+def codec_section(exp: Path) -> list[str]:
+    path = exp / "codec" / "eval.md"
+    lines = ["## Codec on held-out LJ Speech (untrained preset vs trained)", ""]
+    if not path.is_file():
+        return lines + ["missing (stage 6 did not run)"]
+    text = path.read_text(encoding="utf-8").strip()
+    lines.append(text)
+    rows = [row for row in markdown_table(text) if "untrained" not in row.get("codec", "")]
+    by_nq = {row.get("n_q"): row for row in rows}
+    if "1" in by_nq and "4" in by_nq:
+        mel1, mel4 = float(by_nq["1"]["mel distance"]), float(by_nq["4"]["mel distance"])
+        gain = 1 - mel4 / mel1
+        lines += [
+            "",
+            check(
+                gain >= MIN_MEL_GAIN,
+                f"n_q 4 vs 1: mel distance {mel4:.3f} vs {mel1:.3f}, {gain:.0%} lower (>= 10 %)",
+            ),
+        ]
+        row = by_nq["4"]
+        usage_key = next((k for k in row if k.startswith("min usage")), "codebook usage")
+        if usage_key in row:
+            usage = float(row[usage_key])
+            lines.append(
+                check(usage >= MIN_USAGE, f"{usage_key} {usage:.2f} (>= {MIN_USAGE:.0%} of the entries)")
+            )
+        perplexity_key = next((k for k in row if k.startswith("perplexity l0")), None)
+        size_key = next((k for k in row if k.startswith("codebook size")), None)
+        if perplexity_key and size_key:
+            perplexity, size = float(row[perplexity_key]), float(row[size_key])
+            lines.append(
+                check(
+                    perplexity >= MIN_PERPLEXITY_FRACTION * size,
+                    f"level-0 perplexity {perplexity:.1f} of {size:.0f} codes (>= half)",
+                )
+            )
+    return lines
+
+
+def main_job(exp: Path) -> str:
+    lines = ["# Mini recipe results (`bash recipes/mini/run.sh`)", "", header(), "", *timings(exp), ""]
+    for section in (ctc_section, unispeech_section, codec_section):
+        lines += section(exp) + [""]
+    export = exp / "ctc_phoneme_fbank" / "test_transcripts.jsonl"
+    if export.is_file():
+        count = sum(1 for line in export.open() if line.strip())
+        lines.append(
+            f"Stage 7: exported the stage-2 model and transcribed `en_test` ({count} lines in `{export}`)."
+        )
+    lines.append("Curves: `exp/plots/*.png` (every logged metric against the step).")
+    return "\n".join(lines)
+
+
+def mean_sd(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.3f} (1 seed)" if values else "missing"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def seeds_table(exp: Path, wall_seconds: int | None) -> str:
+    out = exp / "seeds"
+    rows: dict[str, list[float | None]] = {
+        "anchor": [],
+        "ctc_phoneme_fbank": [],
+        "wavlm_ctc_phoneme_fbank": [],
+    }
+    for seed in (0, 1, 2):
+        base = exp if seed == 0 else out / f"seed{seed}"
+        anchor = anchor_result(base / "anchor" / "result.json") or anchor_result(
+            out / f"seed{seed}" / "anchor" / "result.json"
+        )
+        rows["anchor"].append(anchor["test_per"] if anchor else None)
+        for run, _ in CTC_RUNS:
+            rows[run].append(last(logged_values(base / run, "test/per")))
+    names = {"anchor": "anchor: fbank + BiLSTM, plain torch (12 CPU-min)", **dict(CTC_RUNS)}
+    lines = ["# Phoneme CTC over seeds 0, 1, 2 (`run.sh` stage 10): test PER at the best val checkpoint", ""]
+    lines.append(header().replace("seed 0; ", ""))
+    if wall_seconds is not None:
+        lines.append(f"Wall time of the stage: {wall_seconds / 60:.1f} min.")
+    lines += ["", "| model | seed 0 | seed 1 | seed 2 | mean ± sd |", "|---|---|---|---|---|"]
+    for key, values in rows.items():
+        present = [v for v in values if v is not None]
+        lines.append(f"| {names[key]} | " + " | ".join(fmt(v) for v in values) + f" | {mean_sd(present)} |")
+    means = {
+        k: statistics.mean([v for v in vs if v is not None])
+        for k, vs in rows.items()
+        if any(v is not None for v in vs)
+    }
+    if len(means) == 3:
+        tuned = means["wavlm_ctc_phoneme_fbank"]
+        lines += [
+            "",
+            check(
+                tuned < means["ctc_phoneme_fbank"],
+                f"mean pretrained + fine-tuned {tuned:.3f} < from scratch {means['ctc_phoneme_fbank']:.3f}",
+            ),
+            check(
+                tuned < means["anchor"],
+                f"mean pretrained + fine-tuned {tuned:.3f} < anchor {means['anchor']:.3f}",
+            ),
+        ]
+    return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--exp", type=Path, default=Path(__file__).resolve().parents[1] / "exp")
+    parser.add_argument("--seeds", action="store_true", help="the 3-seed table of stage 10 instead")
+    parser.add_argument("--wall-seconds", type=int, help="the stage's wall time, printed with the table")
     args = parser.parse_args()
-    print("| run | metric | value |\n|---|---|---|")
-    for run, metric, how, what in ROWS:
-        values = logged_values(args.exp / run, metric)
-        if values:
-            print(f"| {what} | `{metric}` | {summarise(values, how)} |")
-    for path, title in TABLES:
-        if (args.exp / path).is_file():
-            print(f"\n{title} (`exp/{path}`):\n\n{(args.exp / path).read_text(encoding='utf-8').strip()}")
+    print(seeds_table(args.exp, args.wall_seconds) if args.seeds else main_job(args.exp))
 
 
 if __name__ == "__main__":
