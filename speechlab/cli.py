@@ -30,8 +30,8 @@ TOOLS: dict[str, tuple[str, str]] = {
     "transcribe": ("speechlab.transcribe", "transcribe audio files / folders / manifests with a CTC model (greedy or beam search + n-gram LM)"),
     "plot": ("speechlab.plots", "plot a run's training curves to PNG"),
     "kmeans": ("speechlab.commands.kmeans", "k-means unit targets (HuBERT/WavLM pseudo-labels) for manifests"),
-    "encode": ("speechlab.codec_tokens", "audio (manifest or folder) -> codec token files + a manifest"),
-    "decode": ("speechlab.codec_tokens", "codec token files -> wav files"),
+    "encode": ("speechlab.commands.encode", "audio (manifest or folder) -> codec token files + a manifest"),
+    "decode": ("speechlab.commands.decode", "codec token files -> wav files"),
     "codec-eval": ("speechlab.codec_eval", "compare codecs on one manifest (mel/STFT distance, SI-SDR, STOI, PESQ, usage, RTF)"),
     "check-manifest": ("speechlab.data.manifest", "validate manifests: schema, files, headers, durations (and optionally decode every file)"),
 }  # fmt: skip

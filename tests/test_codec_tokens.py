@@ -11,13 +11,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from speechlab.codec_tokens import (
-    TokenFileError,
-    TokenInfo,
-    add_parser,
-    load_tokens,
-    save_tokens,
-)
+from speechlab.checkpoints.codec_tokens import TokenFileError, TokenInfo, load_tokens, save_tokens
+from speechlab.commands import decode, encode
 from speechlab.models.codec import Codec, codec_tiny
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "ljspeech_en"
@@ -91,7 +86,14 @@ def test_token_file_round_trips_codes_and_header(tmp_path):
             "newer",
         ),
         (lambda h, d: ({**h, "codes": {**h["codes"], "shape": [3, 4]}}, d, None), "shape"),
-        (lambda h, d: ({**h, "codes": {**h["codes"], "dtype": "F32"}}, d, None), "integers"),
+        (  # a well-formed float tensor (a corrupt one is already refused by the safetensors checks)
+            lambda h, d: (
+                {**h, "codes": {**h["codes"], "dtype": "F32", "data_offsets": [0, 32]}},
+                d + d,
+                None,
+            ),
+            "integers",
+        ),
         (lambda h, d: (h, d[:-2], None), "truncated"),
         (
             lambda h, d: ({**h, "extra": {"dtype": "I16", "shape": [0], "data_offsets": [16, 16]}}, d, None),
@@ -136,7 +138,9 @@ def test_tokens_from_another_codec_are_refused():
 
 def run_cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers(dest="command"))
+    subparsers = parser.add_subparsers(dest="command")
+    encode.add_parser(subparsers)
+    decode.add_parser(subparsers)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -121,12 +121,15 @@ def read_json(path: str | os.PathLike, *, max_bytes: int = MAX_JSON_BYTES) -> di
 # --------------------------------------------------------------------------------------------------- safetensors
 
 
-def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+def read_safetensors_header(
+    path: str | os.PathLike, *, max_header_bytes: int = MAX_HEADER_BYTES
+) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Read and validate a ``.safetensors`` header without reading tensor data.
 
     Checks: the 8-byte header length is sane and inside the file, the header is a JSON object, every dtype is
     known, every ``data_offsets`` range lies inside the file and matches ``prod(shape) * itemsize``. A file cut
-    short (interrupted download / copy) fails here with a message saying so.
+    short (interrupted download / copy) fails here with a message saying so. ``max_header_bytes`` lets a format
+    with small headers (codec token files) refuse a huge one before reading it.
 
     Returns ``(tensors, metadata)``: ``{name: TensorInfo}`` and the ``__metadata__`` string map.
     """
@@ -141,16 +144,16 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorIn
                 f"{path}: {file_size} bytes is too short for a safetensors file (truncated?)."
             )
         (header_size,) = struct.unpack("<Q", prefix)
-        if header_size > MAX_HEADER_BYTES or header_size > file_size - 8:
+        if header_size > max_header_bytes or header_size > file_size - 8:
             raise CheckpointError(
-                f"{path}: header claims {header_size} bytes but the file has {file_size}; the file is truncated "
-                "or not a safetensors file. Re-download or re-export it."
+                f"{path}: header claims {header_size} bytes but the file has {file_size} (header length limit "
+                f"{max_header_bytes}); the file is truncated or not a safetensors file. Re-download or re-export it."
             )
         raw = handle.read(header_size)
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({err}).") from err
+        raise CheckpointError(f"{path}: corrupt safetensors header, not valid JSON ({err}).") from err
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object).")
 
