@@ -24,7 +24,7 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # Tool commands: command -> (module whose ``add_parser(subparsers)`` registers it, one-line summary). The summaries
 # let ``speechlab --help`` list every command without importing the modules (a test checks they match).
 TOOLS: dict[str, tuple[str, str]] = {
-    "extract": ("speechlab.extract", "extract layer-wise SSL features for a manifest or a folder"),
+    "extract": ("speechlab.commands.extract", "extract layer-wise SSL features for a manifest or a folder"),
     "convert": ("speechlab.convert", "convert checkpoints between speechlab and Hugging Face formats (import fairseq/unilm .pt)"),
     "export": ("speechlab.export", "export a run / checkpoint as a speechlab or Hugging Face model directory (with a round-trip check)"),
     "transcribe": ("speechlab.transcribe", "transcribe audio files / folders / manifests with a CTC model (greedy or beam search + n-gram LM)"),

@@ -12,7 +12,8 @@ import torch
 from safetensors import safe_open
 from test_api import tiny_encoder
 
-from speechlab import extract
+from speechlab import cli
+from speechlab.commands import extract
 from speechlab.api import FeatureExtractor
 from speechlab.audio import load_audio
 from speechlab.checkpoints.pretrained_dir import save_pretrained
@@ -33,13 +34,13 @@ def corpus(tmp_corpus):
 
 
 def _args(model_dir: Path, out: Path, *extra: str) -> list[str]:
-    return ["--model", str(model_dir), "--output-dir", str(out), "--no-progress", *extra]
+    return ["extract", "--model", str(model_dir), "--output-dir", str(out), "--no-progress", *extra]
 
 
 def test_manifest_to_one_npy_per_utterance_matches_the_api(model_dir, corpus, tmp_path):
     out = tmp_path / "features"
     manifest = corpus.root / "manifest.jsonl"
-    assert extract.main(_args(model_dir, out, "--manifest", str(manifest), "--layers", "0,2")) == 0
+    assert cli.main(_args(model_dir, out, "--manifest", str(manifest), "--layers", "0,2")) == 0
     reference = FeatureExtractor(tiny_encoder(), layers=[0, 2], exact=True)
     for line in corpus.lines:
         saved = np.load(out / f"{line['id']}.npy")
@@ -55,12 +56,12 @@ def test_manifest_to_one_npy_per_utterance_matches_the_api(model_dir, corpus, tm
 def test_rerun_skips_finished_outputs_and_resumes_missing_ones(model_dir, corpus, tmp_path, capsys):
     out = tmp_path / "features"
     args = _args(model_dir, out, "--manifest", str(corpus.root / "manifest.jsonl"))
-    assert extract.main(args) == 0
+    assert cli.main(args) == 0
     finished = out / "utt1.npy"
     stamp = finished.stat().st_mtime_ns
     (out / "utt2.npy").unlink()  # as if the run had been killed before writing it
     capsys.readouterr()
-    assert extract.main(args) == 0
+    assert cli.main(args) == 0
     assert "extracted 1 utterances" in capsys.readouterr().out
     assert finished.stat().st_mtime_ns == stamp and (out / "utt2.npy").exists()
 
@@ -68,9 +69,9 @@ def test_rerun_skips_finished_outputs_and_resumes_missing_ones(model_dir, corpus
 def test_changed_settings_in_the_same_output_dir_are_refused(model_dir, corpus, tmp_path):
     out = tmp_path / "features"
     manifest = str(corpus.root / "manifest.jsonl")
-    assert extract.main(_args(model_dir, out, "--manifest", manifest, "--layers", "last")) == 0
+    assert cli.main(_args(model_dir, out, "--manifest", manifest, "--layers", "last")) == 0
     with pytest.raises(SystemExit, match="other settings"):
-        extract.main(_args(model_dir, out, "--manifest", manifest, "--layers", "all"))
+        cli.main(_args(model_dir, out, "--manifest", manifest, "--layers", "all"))
 
 
 def test_unreadable_file_is_a_clear_error_or_a_counted_skip(model_dir, tmp_corpus, tmp_path, capsys):
@@ -78,9 +79,9 @@ def test_unreadable_file_is_a_clear_error_or_a_counted_skip(model_dir, tmp_corpu
     (tmp_corpus.root / "audio").joinpath("broken.flac").write_bytes(b"fLaC" + b"\0" * 100)
     out = tmp_path / "features"
     folder = str(tmp_corpus.root / "audio")
-    assert extract.main(_args(model_dir, out, "--input-dir", folder)) == 2
+    assert cli.main(_args(model_dir, out, "--input-dir", folder)) == 2
     assert "broken.flac" in capsys.readouterr().err
-    assert extract.main(_args(model_dir, out, "--input-dir", folder, "--on-error", "skip")) == 0
+    assert cli.main(_args(model_dir, out, "--input-dir", folder, "--on-error", "skip")) == 0
     text = capsys.readouterr().out
     assert "1 skipped after errors" in text and "broken" in text
     assert (out / "good.npy").exists() and not (out / "broken.npy").exists()
@@ -89,10 +90,7 @@ def test_unreadable_file_is_a_clear_error_or_a_counted_skip(model_dir, tmp_corpu
 def test_sharded_safetensors_output(model_dir, corpus, tmp_path):
     out = tmp_path / "shards"
     manifest = str(corpus.root / "manifest.jsonl")
-    assert (
-        extract.main(_args(model_dir, out, "--manifest", manifest, "--shard-size", "3", "--layers", "-1"))
-        == 0
-    )
+    assert cli.main(_args(model_dir, out, "--manifest", manifest, "--shard-size", "3", "--layers", "-1")) == 0
     shards = sorted(out.glob("shard-*.safetensors"))
     assert [s.name for s in shards] == ["shard-00000.safetensors", "shard-00001.safetensors"]
     reference = FeatureExtractor(tiny_encoder(), layers=[2], exact=True)
@@ -109,7 +107,7 @@ def test_long_file_is_streamed_in_windows_to_the_same_result(model_dir, tmp_corp
     manifest = tmp_corpus.write()
     out = tmp_path / "features"
     window = ["--chunk-seconds", "1", "--context-seconds", "0.5"]
-    assert extract.main(_args(model_dir, out, "--manifest", str(manifest), *window)) == 0
+    assert cli.main(_args(model_dir, out, "--manifest", str(manifest), *window)) == 0
     saved = np.load(out / "long.npy")
     reference = FeatureExtractor(tiny_encoder(), chunk_seconds=1.0, context_seconds=0.5)
     expected = reference(load_audio(tmp_corpus.root / "audio" / "long.flac")).hidden_states[:, 0].numpy()
@@ -121,7 +119,7 @@ def test_safetensors_per_utterance_in_float16(model_dir, corpus, tmp_path):
     out = tmp_path / "features"
     manifest = str(corpus.root / "manifest.jsonl")
     assert (
-        extract.main(
+        cli.main(
             _args(model_dir, out, "--manifest", manifest, "--format", "safetensors", "--dtype", "float16")
         )
         == 0

@@ -1,4 +1,4 @@
-"""``speechlab extract``: layer-wise SSL features for a manifest or a folder of audio files.
+"""Layer-wise SSL features of many utterances written to disk: what ``speechlab extract`` runs.
 
 One output per utterance (``<id>.npy`` holding ``(layers, frames, dim)``, or ``<id>.safetensors`` with one
 ``layer_<i>`` tensor ``(frames, dim)`` per layer), or shards of N utterances (``shard-00000.safetensors`` with
@@ -9,11 +9,9 @@ are extracted in windows and streamed to disk (bounded memory for hour-long reco
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +19,24 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from speechlab.atomic import atomic_write
+from speechlab.audio import AudioError, list_audio_files, load_audio
+from speechlab.data.manifest import output_names, read_manifest
+
+__all__ = [
+    "ExtractReport",
+    "Item",
+    "extract_items",
+    "items_from_folder",
+    "items_from_manifest",
+    "write_extract_info",
+]
 
 log = logging.getLogger(__name__)
 
-AUDIO_EXTENSIONS = (".flac", ".wav", ".ogg", ".mp3", ".opus", ".aiff", ".aif")
 INFO_NAME = "extract_info.json"
 
 
@@ -40,8 +52,6 @@ class Item:
 
 def items_from_manifest(path: str | os.PathLike, on_error: str = "raise") -> list[Item]:
     """Items of a JSON Lines manifest (``id``, ``audio``, optional ``offset`` / ``duration`` of a segment)."""
-    from speechlab.data.manifest import read_manifest
-
     items = []
     for entry in read_manifest(path, on_error=on_error, check_audio="exists"):
         offset = float(entry.get("offset", 0.0) or 0.0)
@@ -50,17 +60,11 @@ def items_from_manifest(path: str | os.PathLike, on_error: str = "raise") -> lis
     return items
 
 
-def items_from_folder(
-    folder: str | os.PathLike, extensions: tuple[str, ...] = AUDIO_EXTENSIONS
-) -> list[Item]:
-    """Every audio file under ``folder`` (recursive, sorted); the id is the relative path without extension."""
+def items_from_folder(folder: str | os.PathLike) -> list[Item]:
+    """Every audio file under ``folder`` (:func:`speechlab.audio.list_audio_files`); the id is the relative path
+    without extension."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: input folder does not exist")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
-    if not files:
-        raise FileNotFoundError(f"{folder}: no audio files with extensions {', '.join(extensions)}")
-    return [Item(p.relative_to(folder).with_suffix("").as_posix(), str(p)) for p in files]
+    return [Item(p.relative_to(folder).with_suffix("").as_posix(), str(p)) for p in list_audio_files(folder)]
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -75,15 +79,11 @@ def _write_utterance(
     path: Path, states: torch.Tensor, layers: tuple[int, ...], fmt: str, dtype: np.dtype
 ) -> None:
     """states: (layers, frames, dim) -> one file, atomically."""
-    from speechlab.checkpoints.pretrained_dir import atomic_write
-
     with atomic_write(path) as tmp:
         if fmt == "npy":
             with tmp.open("wb") as handle:
                 np.save(handle, states.numpy().astype(dtype, copy=False))
         else:
-            from safetensors.torch import save_file
-
             torch_dtype = torch.float16 if dtype == np.float16 else torch.float32
             tensors = {
                 f"layer_{layer}": states[i].to(torch_dtype).contiguous() for i, layer in enumerate(layers)
@@ -95,8 +95,6 @@ def _stream_long(
     extractor: Any, item: Item, wave: torch.Tensor, path: Path, fmt: str, dtype: np.dtype
 ) -> None:
     """Chunked extraction of one long input streamed into a memory-mapped .npy (bounded RAM)."""
-    from speechlab.checkpoints.pretrained_dir import atomic_write
-
     frames = extractor.num_frames(wave.numel())
     shape = (len(extractor.layers), frames, extractor.encoder.config.hidden_size)
     if fmt == "npy":
@@ -129,8 +127,6 @@ class ExtractReport:
 
 
 def _load(item: Item, min_samples: int) -> torch.Tensor:
-    from speechlab.audio import load_audio
-
     wave = load_audio(item.audio, sample_rate=16000, offset=item.offset, duration=item.duration)
     if wave.numel() < min_samples:
         raise ValueError(
@@ -179,16 +175,10 @@ def extract_items(
     progress: bool = True,
 ) -> ExtractReport:
     """Extract ``items`` with ``extractor`` (a :class:`speechlab.api.FeatureExtractor`) into ``output_dir``."""
-    from tqdm.auto import tqdm
-
-    from speechlab.audio import AudioError
-
     if fmt not in ("npy", "safetensors"):
         raise ValueError(f"format must be 'npy' or 'safetensors', got {fmt!r}")
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    from speechlab.data.manifest import output_names
-
     # every item needs its own output file: refuse ids that map to one name ('a' and './a') before writing
     names = dict(zip((id(item) for item in items), output_names([item.id for item in items]), strict=True))
     np_dtype = np.dtype(dtype)
@@ -254,10 +244,6 @@ def extract_items(
                         report.audio_seconds += waves[item.id].numel() / 16000
                         report.done += 1
                 bar.update(len(group))
-                from safetensors.torch import save_file
-
-                from speechlab.checkpoints.pretrained_dir import atomic_write
-
                 meta = {
                     "ids": json.dumps(shard_ids),
                     "layers": json.dumps(list(extractor.layers)),
@@ -316,25 +302,8 @@ def extract_items(
     return report
 
 
-# ------------------------------------------------------------------------------------------------ CLI
-
-
-def _parse_layers(text: str, num_layers: int) -> list[int] | None:
-    if text == "all":
-        return None
-    if text == "last":
-        return [num_layers]
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as err:
-        raise SystemExit(
-            f"--layers: expected 'all', 'last' or comma-separated integers, got {text!r}"
-        ) from err
-
-
-def _check_info(output_dir: Path, info: dict, overwrite: bool) -> None:
-    from speechlab.checkpoints.pretrained_dir import atomic_write
-
+def write_extract_info(output_dir: Path, info: dict, overwrite: bool) -> None:
+    """Record the settings in ``output_dir/extract_info.json``; refuse a resumed run with other settings."""
     path = output_dir / INFO_NAME
     if path.exists() and not overwrite:
         previous = json.loads(path.read_text())
@@ -348,171 +317,3 @@ def _check_info(output_dir: Path, info: dict, overwrite: bool) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(info, indent=2) + "\n")
-
-
-def run(args: argparse.Namespace) -> int:
-    from speechlab.api import FeatureExtractor, find_encoder, load
-    from speechlab.data.manifest import output_names
-    from speechlab.tool_errors import ToolError, one_line
-
-    if bool(args.manifest) == bool(args.input_dir):
-        print("speechlab extract: give exactly one of --manifest or --input-dir", file=sys.stderr)
-        return 2
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    # A ManifestError / FileNotFoundError names the file and the fix; the tool error boundary prints it.
-    items = (
-        items_from_manifest(args.manifest, args.on_error)
-        if args.manifest
-        else items_from_folder(args.input_dir)
-    )
-    output_names(
-        [item.id for item in items], source=args.manifest or args.input_dir
-    )  # before the model loads
-    model = load(args.model, device=device)
-    layers = _parse_layers(args.layers, find_encoder(model).config.num_layers)
-    extractor = FeatureExtractor(
-        model,
-        layers=layers,
-        device=device,
-        exact=not args.padded_batches,
-        bf16=args.bf16,
-        batch_seconds=args.batch_seconds,
-        chunk_seconds=args.chunk_seconds if args.chunk_seconds > 0 else None,
-        context_seconds=args.context_seconds,
-    )
-    output_dir = Path(args.output_dir)
-    fmt = "safetensors" if args.shard_size > 0 else args.format
-    info = {
-        "model": str(args.model),
-        "layers": list(extractor.layers),
-        "format": fmt,
-        "dtype": args.dtype,
-        "shard_size": args.shard_size,
-        "frame_rate": 16000 / extractor.hop,
-        "hidden_size": extractor.encoder.config.hidden_size,
-        "layout": "(layers, frames, dim)" if fmt == "npy" else "layer_<i>: (frames, dim)",
-    }
-    _check_info(output_dir, info, args.overwrite)
-    try:
-        report = extract_items(
-            extractor,
-            items,
-            output_dir,
-            fmt=fmt,
-            dtype=args.dtype,
-            shard_size=args.shard_size,
-            batch_seconds=args.batch_seconds,
-            on_error=args.on_error,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-        )
-    except Exception as err:
-        raise ToolError(
-            f"{one_line(err)} -> re-run to resume; pass --on-error skip to skip unreadable files"
-        ) from err
-    print(
-        f"extracted {report.done} utterances ({report.audio_seconds:.1f} s of audio) to {output_dir}; "
-        f"{report.skipped_existing} already done, {report.failed} skipped after errors"
-    )
-    for line in (report.failures or [])[:10]:
-        print(f"  skipped {line}")
-    return 0
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``speechlab extract``."""
-    parser = subparsers.add_parser(
-        "extract",
-        help="extract layer-wise SSL features for a manifest or a folder",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
-    parser.set_defaults(func=run)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    src = parser.add_argument_group("input")
-    src.add_argument(
-        "--model",
-        required=True,
-        help="speechlab pretrained dir, Hugging Face dir or hub id, or a fairseq/unilm .pt file",
-    )
-    src.add_argument("--manifest", help="JSON Lines manifest (id, audio, optional offset/duration)")
-    src.add_argument(
-        "--input-dir", help="folder of audio files (recursive); ids are relative paths without extension"
-    )
-    out = parser.add_argument_group("output")
-    out.add_argument("--output-dir", required=True, help="where features go (created; resumable)")
-    out.add_argument(
-        "--layers",
-        default="all",
-        help="hidden-state indices: 'all' (0..L, default), 'last', or e.g. '0,6,12' (0 = Transformer "
-        "input, L = last layer; negatives count from the end)",
-    )
-    out.add_argument(
-        "--format",
-        choices=("npy", "safetensors"),
-        default="npy",
-        help="per-utterance file type: .npy (layers, frames, dim) or .safetensors (layer_<i>)",
-    )
-    out.add_argument(
-        "--shard-size",
-        type=int,
-        default=0,
-        help="write shards of N utterances (shard-00000.safetensors, keys '<id>/layer_<i>') "
-        "instead of one file per utterance; 0 = no sharding",
-    )
-    out.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored precision")
-    out.add_argument("--overwrite", action="store_true", help="re-extract outputs that already exist")
-    cmp = parser.add_argument_group("compute")
-    cmp.add_argument(
-        "--device", default="auto", help="'auto' (GPU when present), 'cpu', 'cuda', 'cuda:1', ..."
-    )
-    cmp.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster; features move slightly)")
-    cmp.add_argument(
-        "--batch-seconds", type=float, default=80.0, help="audio seconds per forward batch (bounds memory)"
-    )
-    cmp.add_argument(
-        "--padded-batches",
-        action="store_true",
-        help="pad utterances of different lengths into one batch (faster). For Base models (GroupNorm conv "
-        "encoder) an utterance's features then depend on the others in its batch; by default each length runs "
-        "unpadded so every file gets its single-utterance features",
-    )
-    cmp.add_argument(
-        "--chunk-seconds",
-        type=float,
-        default=30.0,
-        help="long files are extracted in windows of this many kept seconds (0 = never chunk)",
-    )
-    cmp.add_argument(
-        "--context-seconds",
-        type=float,
-        default=5.0,
-        help="context added on each side of every window (its frames are discarded)",
-    )
-    cmp.add_argument(
-        "--on-error",
-        choices=("raise", "skip"),
-        default="raise",
-        help="unreadable audio or bad manifest lines: stop with an error (default) or skip and count",
-    )
-    cmp.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-
-
-def main(argv: list[str] | None = None) -> int:
-    from speechlab.tool_errors import add_debug_argument, run_tool
-
-    parser = argparse.ArgumentParser(
-        prog="speechlab extract", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_arguments(parser)
-    add_debug_argument(parser)
-    return run_tool("extract", run, parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
