@@ -19,8 +19,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load": "speechlab.api",
     "FeatureExtractor": "speechlab.api",
-    "Transcriber": "speechlab.transcribe",
-    "Transcript": "speechlab.transcribe",
+    "Transcriber": "speechlab.inference.transcriber",
+    "Transcript": "speechlab.inference.transcriber",
     "Features": "speechlab.api",
     "WeightedLayerSum": "speechlab.api",
     "save_pretrained": "speechlab.checkpoints.pretrained_dir",

@@ -1,12 +1,11 @@
 """Plots people would rather look at than read: training curves from a run's CSV logs, and spectrograms.
 
-``speechlab plot RUN_DIR`` writes ``RUN_DIR/curves.png`` (one panel per metric, all logger versions of the run
-joined, so a resumed run shows as one curve).
+:func:`plot_curves` draws one panel per metric, all logger versions of the run joined, so a resumed run shows as
+one curve; ``speechlab plot RUN_DIR`` (:mod:`speechlab.commands.plot`) writes it to ``RUN_DIR/curves.png``.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 from collections import defaultdict
 from pathlib import Path
@@ -79,22 +78,3 @@ def plot_spectrograms(
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return Path(out)
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "plot",
-        help="plot a run's training curves to PNG",
-        description="Plot every metric logged by a speechlab run (its logs/version_*/metrics.csv) against the step.",
-    )
-    parser.add_argument(
-        "run_dir", help="the run folder (trainer.default_root_dir), e.g. recipes/mini/exp/ctc_phoneme"
-    )
-    parser.add_argument("--out", help="PNG to write (default: RUN_DIR/curves.png)")
-    parser.add_argument("--metrics", nargs="+", help="only these metrics (default: all but learning rates)")
-    parser.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    print(plot_curves(args.run_dir, args.out, args.metrics))
-    return 0

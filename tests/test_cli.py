@@ -54,7 +54,7 @@ def test_a_tool_command_imports_only_its_own_module():
         "    main(['plot', '--help'])\n"
         "except SystemExit:\n"
         "    pass\n"
-        "print('lightning.pytorch.cli' in sys.modules, 'speechlab.transcribe' in sys.modules)\n"
+        "print('lightning.pytorch.cli' in sys.modules, 'speechlab.commands.transcribe' in sys.modules)\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60

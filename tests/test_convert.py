@@ -10,9 +10,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_api import _hf_to_unilm_key, hf_model, tiny_encoder
 
-from speechlab import convert
+from speechlab import cli
 from speechlab.api import FeatureExtractor, load
 from speechlab.checkpoints.pretrained_dir import is_pretrained_dir, save_pretrained
+from speechlab.commands import convert
+from speechlab.inference.round_trip import test_signal as make_test_signal
 
 
 def _layer_lines(text: str) -> list[float]:
@@ -21,7 +23,7 @@ def _layer_lines(text: str) -> list[float]:
 
 def test_hugging_face_to_speechlab_prints_per_layer_differences(tmp_path, capsys):
     hf_model("wavlm").save_pretrained(tmp_path / "hf")
-    assert convert.main([str(tmp_path / "hf"), str(tmp_path / "ours")]) == 0
+    assert cli.main(["convert", str(tmp_path / "hf"), str(tmp_path / "ours")]) == 0
     out = capsys.readouterr().out
     assert is_pretrained_dir(tmp_path / "ours")
     assert "transformers on source" in out  # independent reference: transformers itself on the source
@@ -35,11 +37,11 @@ def test_speechlab_to_hugging_face_loads_in_transformers(tmp_path, capsys):
 
     model = tiny_encoder(conv_norm="layer", layer_norm_first=True, normalize_waveform=True)
     save_pretrained(model, tmp_path / "ours", family="wavlm")
-    assert convert.main([str(tmp_path / "ours"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    assert cli.main(["convert", str(tmp_path / "ours"), str(tmp_path / "hf"), "--to", "hf"]) == 0
     out = capsys.readouterr().out
     assert "transformers on" in out and max(_layer_lines(out)) < 1e-4
     reference = AutoModel.from_pretrained(str(tmp_path / "hf")).eval()
-    audio = convert.test_signal(1.0)
+    audio = make_test_signal(1.0)
     normalized = (audio - audio.mean()) / torch.sqrt(audio.var(unbiased=False) + 1e-5)
     with torch.no_grad():
         expected = reference(normalized[None], output_hidden_states=True).hidden_states
@@ -62,10 +64,10 @@ def test_unilm_pt_import(tmp_path, capsys):
         "conv_pos_groups": 4,
     }
     torch.save({"cfg": cfg, "model": state}, tmp_path / "hubert.pt")
-    assert convert.main([str(tmp_path / "hubert.pt"), str(tmp_path / "ours")]) == 0
+    assert cli.main(["convert", str(tmp_path / "hubert.pt"), str(tmp_path / "ours")]) == 0
     assert max(_layer_lines(capsys.readouterr().out)) < 1e-4
     model = load(tmp_path / "ours")
-    audio = convert.test_signal(1.0)
+    audio = make_test_signal(1.0)
     with torch.no_grad():
         expected = reference(audio[None], output_hidden_states=True).hidden_states
     ours = FeatureExtractor(model)(audio).hidden_states
@@ -74,9 +76,9 @@ def test_unilm_pt_import(tmp_path, capsys):
 
 
 def test_a_corrupted_export_fails_the_parity_check(tmp_path, monkeypatch, capsys):
-    from speechlab.checkpoints import hf_ssl
+    from speechlab.checkpoints import export
 
-    real_export = hf_ssl.export_hf_wavlm
+    real_export = export.export_hf_wavlm
 
     def corrupting_export(encoder, directory, **kwargs):
         real_export(encoder, directory, **kwargs)
@@ -88,9 +90,9 @@ def test_a_corrupted_export_fails_the_parity_check(tmp_path, monkeypatch, capsys
         save_file(state, str(path))
         return directory
 
-    monkeypatch.setattr(hf_ssl, "export_hf_wavlm", corrupting_export)
+    monkeypatch.setattr(export, "export_hf_wavlm", corrupting_export)
     save_pretrained(tiny_encoder(), tmp_path / "ours", family="wavlm")
-    assert convert.main([str(tmp_path / "ours"), str(tmp_path / "hf"), "--to", "hf"]) == 1
+    assert cli.main(["convert", str(tmp_path / "ours"), str(tmp_path / "hf"), "--to", "hf"]) == 1
     out = capsys.readouterr().out
     diffs = _layer_lines(out)
     assert diffs[0] == 0.0 and diffs[2] > 1e-2  # layer 0 untouched, the last layer moved
@@ -101,9 +103,9 @@ def test_refuses_non_empty_output_and_unreadable_source(tmp_path, capsys):
     save_pretrained(tiny_encoder(), tmp_path / "ours", family="wavlm")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "file").write_text("x")
-    assert convert.main([str(tmp_path / "ours"), str(tmp_path / "busy")]) == 2
+    assert cli.main(["convert", str(tmp_path / "ours"), str(tmp_path / "busy")]) == 2
     (tmp_path / "bad.pt").write_bytes(b"\x80\x04garbage")
-    assert convert.main([str(tmp_path / "bad.pt"), str(tmp_path / "out")]) == 1
+    assert cli.main(["convert", str(tmp_path / "bad.pt"), str(tmp_path / "out")]) == 2  # bad input: exit 2
     assert "bad.pt" in capsys.readouterr().err
 
 
@@ -119,4 +121,4 @@ def test_add_parser_registers_convert_with_documented_options():
 
 @pytest.mark.parametrize("seconds", [1.0, 2.0])
 def test_test_signal_is_fixed(seconds):
-    assert torch.equal(convert.test_signal(seconds), convert.test_signal(seconds))
+    assert torch.equal(make_test_signal(seconds), make_test_signal(seconds))

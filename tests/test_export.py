@@ -10,15 +10,15 @@ import soundfile as sf
 import torch
 from test_transcribe import EN, ctc_model, files, phoneme_tokenizer
 
-from speechlab import export
 from speechlab.api import load
 from speechlab.checkpoints.hf_ctc import export_hf_ctc
 from speechlab.checkpoints.pretrained_dir import save_pretrained
 from speechlab.checkpoints.safe_load import CheckpointError
+from speechlab.cli import main
 from speechlab.data.text import CharTokenizer, SentencePieceTokenizer
+from speechlab.inference.transcriber import Transcriber
 from speechlab.models.ctc import CTCConfig, CTCModel
 from speechlab.models.presets import encoder_config
-from speechlab.transcribe import Transcriber
 
 
 def _pipeline_texts(directory: Path) -> list[str]:
@@ -87,7 +87,7 @@ def test_sentencepiece_vocabulary_is_refused_with_the_reason(tmp_path):
 def test_export_command_prints_a_round_trip_report(tmp_path, capsys):
     model = ctc_model(phoneme_tokenizer())
     save_pretrained(model, tmp_path / "ours", family="ctc")
-    assert export.main([str(tmp_path / "ours"), "--out", str(tmp_path / "hf"), "--format", "hf"]) == 0
+    assert main(["export", str(tmp_path / "ours"), "--out", str(tmp_path / "hf"), "--format", "hf"]) == 0
     out = capsys.readouterr().out
     assert "transformers WavLMForCTC vs speechlab: CTC logits: max abs difference" in out
     assert "greedy transcript, transformers:" in out and "OK: largest difference" in out
@@ -96,9 +96,9 @@ def test_export_command_prints_a_round_trip_report(tmp_path, capsys):
 def test_a_corrupted_export_fails_the_report(tmp_path, monkeypatch, capsys):
     from safetensors.torch import load_file, save_file
 
-    from speechlab.checkpoints import hf_ctc
+    from speechlab.checkpoints import export
 
-    real = hf_ctc.export_hf_ctc
+    real = export.export_hf_ctc
 
     def corrupting(model, directory, **kwargs):
         real(model, directory, **kwargs)
@@ -107,14 +107,13 @@ def test_a_corrupted_export_fails_the_report(tmp_path, monkeypatch, capsys):
         save_file(state, str(Path(directory) / "model.safetensors"))
         return Path(directory)
 
-    monkeypatch.setattr(hf_ctc, "export_hf_ctc", corrupting)
+    monkeypatch.setattr(export, "export_hf_ctc", corrupting)
     save_pretrained(ctc_model(phoneme_tokenizer()), tmp_path / "ours", family="ctc")
-    assert export.main([str(tmp_path / "ours"), "--out", str(tmp_path / "hf"), "--format", "hf"]) == 1
+    assert main(["export", str(tmp_path / "ours"), "--out", str(tmp_path / "hf"), "--format", "hf"]) == 1
     assert "FAILED" in capsys.readouterr().out
 
 
 def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
-    from speechlab.cli import main
     from speechlab.models.unispeech import UniSpeech
     from speechlab.tasks.unispeech import build_config
 

@@ -13,10 +13,10 @@ from safetensors import safe_open
 from test_api import tiny_encoder
 
 from speechlab import cli
-from speechlab.commands import extract
 from speechlab.api import FeatureExtractor
 from speechlab.audio import load_audio
 from speechlab.checkpoints.pretrained_dir import save_pretrained
+from speechlab.commands import extract
 
 
 @pytest.fixture

@@ -151,7 +151,7 @@ def test_ctc_loss_decreases_on_a_small_real_batch():
 
 
 def test_transcriber_decodes_a_fbank_conformer_model_whole(speech):
-    from speechlab.transcribe import Transcriber
+    from speechlab.inference.transcriber import Transcriber
 
     audio, lengths = speech
     tokenizer = PhonemeTokenizer.build(it["phonemes"] for it in _english(3))
@@ -166,7 +166,7 @@ def test_transcriber_decodes_a_fbank_conformer_model_whole(speech):
 
 
 def test_hugging_face_export_is_refused_with_a_clear_message(tmp_path):
-    from speechlab.export import export
+    from speechlab.checkpoints.export import export
 
     model = CTCModel(ctc_encoder_config("fbank_conformer_tiny", SMALL), 10)
     with pytest.raises(ValueError, match="fbank Conformer.*--format speechlab"):

@@ -331,10 +331,10 @@ def test_every_task_logs_the_metric_its_best_checkpoints_are_ranked_by(batch_and
 
 
 def test_convert_reads_a_ctc_run_checkpoint(runs, tmp_path):
-    from speechlab import convert
+    from speechlab import cli
 
     root, tasks = runs
-    assert convert.main([str(root / "ctc" / "checkpoints" / "last.ckpt"), str(tmp_path / "out")]) == 0
+    assert cli.main(["convert", str(root / "ctc" / "checkpoints" / "last.ckpt"), str(tmp_path / "out")]) == 0
     model = load(tmp_path / "out")
     assert isinstance(model, CTCModel) and model.tokenizer.units == tasks["ctc"].tokenizer.units
     _same_weights(model, tasks["ctc"].model)

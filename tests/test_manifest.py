@@ -234,10 +234,10 @@ def test_write_manifest_leaves_the_old_file_intact_when_an_item_cannot_be_writte
 def _cli(argv):
     import argparse
 
-    from speechlab.data import manifest
+    from speechlab.commands import check_manifest
 
     parser = argparse.ArgumentParser(prog="speechlab")
-    manifest.add_parser(parser.add_subparsers())
+    check_manifest.add_parser(parser.add_subparsers())
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import soundfile as sf
 import torch
 
-from speechlab import export, transcribe
+from speechlab import cli
 from speechlab.api import load
 from speechlab.checkpoints.run_dir import run_checkpoint
 from speechlab.models.ctc import CTCModel
@@ -96,8 +96,10 @@ def test_fit_test_best_rerun_export_transcribe_and_load_a_ctc_run(tmp_path, caps
     assert (rerun / "checkpoints" / "last.ckpt").is_file()
 
     # export in both formats, each with a round-trip report
-    assert export.main([str(run), "--out", str(tmp_path / "ours")]) == 0
-    assert export.main([str(run), "--out", str(tmp_path / "hf"), "--format", "hf", "--ckpt", "last"]) == 0
+    assert cli.main(["export", str(run), "--out", str(tmp_path / "ours")]) == 0
+    assert (
+        cli.main(["export", str(run), "--out", str(tmp_path / "hf"), "--format", "hf", "--ckpt", "last"]) == 0
+    )
     report = capsys.readouterr().out
     assert "transformers WavLMForCTC vs speechlab: CTC logits: max abs difference" in report
     assert report.count("OK: largest difference") == 2
@@ -105,7 +107,7 @@ def test_fit_test_best_rerun_export_transcribe_and_load_a_ctc_run(tmp_path, caps
     # speechlab transcribe and transformers' ASR pipeline: the same text for the same files
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
     out = tmp_path / "hyp.jsonl"
-    assert transcribe.main(["--model", str(run), "--ckpt", "last", str(manifest), "--format", "jsonl",
+    assert cli.main(["transcribe", "--model", str(run), "--ckpt", "last", str(manifest), "--format", "jsonl",
                             "--output", str(out), "--no-progress"]) == 0  # fmt: skip
     ours = {r["id"]: r["text"] for r in map(json.loads, out.read_text().splitlines())}
     assert "PER" in capsys.readouterr().err  # the manifest has phoneme references

@@ -10,13 +10,14 @@ import pytest
 import torch
 
 import speechlab
-from speechlab import transcribe
+from speechlab import cli
 from speechlab.audio import load_audio
 from speechlab.checkpoints.pretrained_dir import save_pretrained
+from speechlab.commands import transcribe
 from speechlab.data.text import CharTokenizer, PhonemeTokenizer
+from speechlab.inference.transcriber import Transcriber
 from speechlab.models.ctc import CTCConfig, CTCModel
 from speechlab.models.presets import encoder_config
-from speechlab.transcribe import Transcriber
 
 REPO = Path(__file__).resolve().parents[1]
 ESPEAK = REPO / "data" / "espeak"
@@ -165,7 +166,7 @@ def test_command_transcribes_files_folders_and_manifests_with_error_rates(tmp_pa
     out = tmp_path / "out.jsonl"
     argv = ["--model", str(tmp_path / "model"), str(manifest), str(folder), files()[1], "--format", "jsonl",
             "--output", str(out), "--no-progress"]  # fmt: skip
-    assert transcribe.main(argv) == 0
+    assert cli.main(["transcribe", *argv]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in records] == [r["id"] for r in EN] + ["one", Path(files()[1]).stem]
     expected = Transcriber(model)(files())
@@ -173,12 +174,12 @@ def test_command_transcribes_files_folders_and_manifests_with_error_rates(tmp_pa
     assert records[3]["text"] == expected[0].text and records[4]["text"] == expected[1].text
     assert records[0]["start"] == expected[0].start_seconds and records[0]["reference"] == EN[0]["phonemes"]
     err = capsys.readouterr().err
-    from speechlab.transcribe import error_rates
+    from speechlab.inference.transcriber import error_rates
 
     per = error_rates([r["phonemes"] for r in EN], [t.text for t in expected], phonemes=True)["per"]
     assert f"PER {100 * per:.2f}% over 3 utterances" in err
 
-    assert transcribe.main(["--model", str(tmp_path / "model"), files()[0], "--no-progress"]) == 0
+    assert cli.main(["transcribe", "--model", str(tmp_path / "model"), files()[0], "--no-progress"]) == 0
     assert capsys.readouterr().out == f"{Path(files()[0]).stem}\t{expected[0].text}\n"
 
 
@@ -220,7 +221,7 @@ def test_long_input_with_attention_keeps_the_exact_frame_count():
 
 
 def test_error_rates_are_wer_and_cer_for_text_and_per_for_phonemes():
-    from speechlab.transcribe import error_rates
+    from speechlab.inference.transcriber import error_rates
 
     rates = error_rates(["a cat sat", "dog"], ["a bat sat", "dog"], phonemes=False)
     assert rates == pytest.approx({"wer": 1 / 4, "cer": 1 / 12})  # one word of 4; one char of 9 + 3

@@ -92,3 +92,13 @@ def run_checkpoint(run: str | Path, which: str = "auto") -> Path:
     if not last.is_file():
         raise CheckpointError(f"{run}: no {CHECKPOINT_DIR}/{LAST}; the run wrote no checkpoint yet.")
     return last
+
+
+def resolve_source(source: str, ckpt: str | None) -> str:
+    """A run folder -> its ``best`` / ``last`` checkpoint; anything else unchanged (``--ckpt`` then must be unset)."""
+    path = Path(source)
+    if is_run_dir(path):
+        return str(run_checkpoint(path, ckpt or "auto"))
+    if ckpt is not None:
+        raise ValueError(f"--ckpt {ckpt} needs a run folder (with checkpoints/), but {source} is not one")
+    return source

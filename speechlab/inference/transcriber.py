@@ -1,4 +1,4 @@
-"""Speech recognition with a trained CTC model: :class:`Transcriber` (Python) and ``speechlab transcribe`` (CLI).
+"""Speech recognition with a trained CTC model: :class:`Transcriber`.
 
 ```python
 import speechlab
@@ -22,18 +22,12 @@ over time and include the padding) only batch utterances of identical length. In
 ``context_seconds`` more on each side, so the log-probabilities have exactly the unchunked frame count and
 memory stays bounded; waveform normalisation (Large models) uses the whole file's statistics.
 
-``speechlab transcribe --model SRC INPUT...``: inputs are audio files, folders (searched recursively) and JSON
-Lines manifests; output is ``id<TAB>text`` lines or JSONL (``--format jsonl``: id, text, units, start seconds per
-unit, score). When manifest lines carry references (``text``, or ``phonemes`` for a phoneme model) the error rates
-are printed (WER and CER, or PER) via jiwer.
+``speechlab transcribe`` (:mod:`speechlab.commands.transcribe`) runs it on files, folders and manifests.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,12 +38,15 @@ import torch
 from torch import Tensor, nn
 
 from speechlab.api import conv_geometry, plan_chunks
-from speechlab.audio import as_waveform
+from speechlab.audio import as_waveform, list_audio_files
+from speechlab.data.manifest import read_manifest
+from speechlab.data.text import BLANK, WORD_DELIMITER
+from speechlab.models.ctc import CTCModel
+from speechlab.models.ssl_encoder import normalize_waveform
 
-__all__ = ["Transcript", "Transcriber", "add_parser", "main"]
+__all__ = ["Transcript", "Transcriber", "collect_inputs", "error_rates"]
 
 SAMPLE_RATE = 16000
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus")
 
 
 @dataclass
@@ -84,8 +81,6 @@ class Transcript:
 
 
 def _ctc_model(model: nn.Module) -> nn.Module:
-    from speechlab.models.ctc import CTCModel
-
     if isinstance(model, CTCModel):
         return model
     raise TypeError(
@@ -175,8 +170,6 @@ class Transcriber:
             from torchaudio.models.decoder import ctc_decoder
         except (ImportError, RuntimeError) as err:
             raise ImportError("beam search needs flashlight-text (pip install flashlight-text)") from err
-        from speechlab.data.text import BLANK, WORD_DELIMITER
-
         units = list(self.tokenizer.units)
         # The word boundary unit: '|' for characters; phonemes and pieces have none, so the blank stands in.
         silence = WORD_DELIMITER if WORD_DELIMITER in units else BLANK
@@ -251,8 +244,6 @@ class Transcriber:
 
     def _chunked(self, wave: Tensor) -> Tensor:
         """(frames, vocab) of one long waveform, window by window (see the module docstring)."""
-        from speechlab.models.ssl_encoder import normalize_waveform
-
         encoder = self.model.encoder
         total = int(encoder.frame_lengths(torch.tensor([wave.numel()]))[0])
         windows = plan_chunks(total, hop=self.hop, receptive_field=self.receptive_field,
@@ -336,7 +327,7 @@ class Transcriber:
         return [self.decode(lp) for lp in self.log_probs(audio, sample_rate=sample_rate)]
 
 
-# ================================================================================================ the command
+# ================================================================================================ inputs
 
 
 @dataclass
@@ -350,17 +341,11 @@ class _Item:
 
 def collect_inputs(inputs: Sequence[str], field_name: str) -> list[_Item]:
     """Audio files, folders (recursive) and ``.jsonl`` manifests -> items (manifest references from ``field_name``)."""
-    from speechlab.data.manifest import read_manifest
-
     items: list[_Item] = []
     for entry in inputs:
         path = Path(entry)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
-            if not files:
-                raise FileNotFoundError(
-                    f"{path}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) in this folder"
-                )
+            files = list_audio_files(path)
             items += [_Item(p.relative_to(path).with_suffix("").as_posix(), str(p)) for p in files]
         elif path.suffix.lower() in (".jsonl", ".json"):
             for line in read_manifest(path, check_audio="exists"):
@@ -386,6 +371,7 @@ def collect_inputs(inputs: Sequence[str], field_name: str) -> list[_Item]:
 
 def error_rates(refs: list[str], hyps: list[str], phonemes: bool) -> dict[str, float]:
     """WER + CER (text) or PER (phonemes) over the corpus, via jiwer (the task's own counting)."""
+    # local: tasks.ctc imports Lightning, which `speechlab.Transcriber` and `speechlab transcribe` need only here
     from speechlab.tasks.ctc import error_counts
 
     counts = error_counts(refs, hyps)
@@ -393,112 +379,3 @@ def error_rates(refs: list[str], hyps: list[str], phonemes: bool) -> dict[str, f
     if phonemes:
         return {"per": word}
     return {"wer": word, "cer": float(counts[2] / counts[3].clamp_min(1))}
-
-
-def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from speechlab.api import load
-    from speechlab.audio import load_audio
-    from speechlab.export import resolve_source
-
-    model = load(resolve_source(args.model, args.ckpt), device=args.device)
-    transcriber = Transcriber(
-        model,
-        decoder=args.decoder,
-        beam_size=args.beam_size,
-        lm=args.lm,
-        lexicon=args.lexicon,
-        lm_weight=args.lm_weight,
-        word_score=args.word_score,
-        batch_seconds=args.batch_seconds,
-        chunk_seconds=args.chunk_seconds or None,
-        context_seconds=args.context_seconds,
-    )
-    field_name = transcriber.tokenizer.field
-    items = collect_inputs(args.inputs, field_name)
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
-    refs, hyps = [], []
-    try:
-        progress = tqdm(
-            total=len(items), desc="transcribe", unit="utt", disable=args.no_progress, file=sys.stderr
-        )
-        for start in range(0, len(items), args.files_per_batch):
-            chunk = items[start : start + args.files_per_batch]
-            waves = [load_audio(it.audio, SAMPLE_RATE, it.offset, it.duration) for it in chunk]
-            for item, result in zip(chunk, transcriber(waves), strict=True):
-                if args.format == "jsonl":
-                    record = {"id": item.id, **result.to_dict()}
-                    if item.reference is not None:
-                        record["reference"] = item.reference
-                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
-                else:
-                    out.write(f"{item.id}\t{result.text}\n")
-                if item.reference is not None:
-                    refs.append(item.reference)
-                    hyps.append(result.text)
-            progress.update(len(chunk))
-        progress.close()
-    finally:
-        if out is not sys.stdout:
-            out.close()
-    if refs:
-        rates = error_rates(refs, hyps, phonemes=field_name == "phonemes")
-        shown = ", ".join(f"{k.upper()} {100 * v:.2f}%" for k, v in rates.items())
-        print(f"{shown} over {len(refs)} utterances with a reference ({field_name})", file=sys.stderr)
-    return 0
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        required=True,
-        help="a CTC model: run folder, Lightning .ckpt, speechlab 'ctc' directory or Hugging Face *ForCTC directory",
-    )
-    parser.add_argument("inputs", nargs="+", help="audio files, folders (recursive) and .jsonl manifests")
-    parser.add_argument(
-        "--ckpt", choices=("best", "last"), default=None, help="for a run folder: which checkpoint"
-    )
-    parser.add_argument("--output", help="write here instead of stdout")
-    parser.add_argument(
-        "--format", choices=("text", "jsonl"), default="text", help="id<TAB>text lines or JSONL"
-    )
-    parser.add_argument("--decoder", choices=("greedy", "beam"), default="greedy")
-    parser.add_argument("--beam-size", type=int, default=50)
-    parser.add_argument("--lm", help="KenLM n-gram language model (ARPA or binary); needs --lexicon")
-    parser.add_argument("--lexicon", help="lexicon: one 'word unit unit ...' line per word (beam search)")
-    parser.add_argument("--lm-weight", type=float, default=2.0)
-    parser.add_argument("--word-score", type=float, default=0.0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch-seconds", type=float, default=120.0, help="padded audio seconds per forward")
-    parser.add_argument(
-        "--chunk-seconds",
-        type=float,
-        default=30.0,
-        help="longer inputs run in windows of this many kept seconds (0: never)",
-    )
-    parser.add_argument("--context-seconds", type=float, default=5.0, help="context each side of a window")
-    parser.add_argument("--files-per-batch", type=int, default=32, help="files read into memory at a time")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``speechlab transcribe``."""
-    parser = subparsers.add_parser(
-        "transcribe",
-        help="transcribe audio files / folders / manifests with a CTC model (greedy or beam search + n-gram LM)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
-    parser.set_defaults(func=run)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="speechlab transcribe", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
