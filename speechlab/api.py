@@ -45,6 +45,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from speechlab.audio import as_waveform, load_audio
+from speechlab.checkpoints import registry
 from speechlab.checkpoints.hf_dir import HF_MODEL_TYPES, read_hf_directory
 from speechlab.checkpoints.safe_load import CheckpointError
 from speechlab.models.ssl_encoder import SSLEncoder, normalize_waveform
@@ -98,8 +100,6 @@ def load(
     WavLM / HuBERT / wav2vec2 give an :class:`~speechlab.models.ssl_encoder.SSLEncoder`; UniSpeech gives
     :class:`~speechlab.models.unispeech.UniSpeech` (its backbone is ``model.encoder``).
     """
-    from speechlab.checkpoints import registry
-
     path = Path(source)
     if not path.exists():
         path = _snapshot(str(source), revision=revision, cache_dir=cache_dir)
@@ -392,7 +392,6 @@ class FeatureExtractor:
         self, inputs: AudioInput, lengths: Tensor | Sequence[int] | None, sample_rate: int
     ) -> tuple[list[Tensor], bool]:
         """-> (list of 1-D float32 CPU waveforms at 16 kHz, whether the input was one 1-D waveform)."""
-        from speechlab.audio import as_waveform
 
         def as_wave(item: Any, index: int) -> Tensor:
             return as_waveform(item, index, sample_rate, SAMPLE_RATE)
@@ -518,8 +517,6 @@ class FeatureExtractor:
         """Stream a long input: yields ``(first_frame, states)`` with states (num_layers, frames, dim) on
         ``output_device``, in order and covering every frame once. Memory: one batch of windows at a time."""
         if isinstance(waveform, str | os.PathLike):
-            from speechlab.audio import load_audio
-
             waveform = load_audio(waveform, sample_rate=SAMPLE_RATE)
         wave = torch.as_tensor(waveform).to(torch.float32)
         if wave.dim() != 1:

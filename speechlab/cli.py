@@ -3,7 +3,7 @@
 ``speechlab fit|validate|test --config conf.yaml`` train and evaluate any task through LightningCLI (one Trainer
 setup for every task, see :mod:`speechlab.train` and :mod:`speechlab.lightning_cli`); the other subcommands are
 tools (feature extraction, k-means units, codec tokenization, checkpoint conversion and export, transcription),
-each implemented next to what it uses.
+one module each in :mod:`speechlab.commands` (``codec-eval``: :mod:`speechlab.codec_eval`, for now).
 
 Start-up stays fast: this module imports neither torch nor Lightning. ``speechlab --help`` and ``--version`` are
 answered from the table below, a tool command imports only its own module, and Lightning is imported only for
@@ -46,7 +46,7 @@ def _version() -> str:
 
         return version("speechlab")
     except Exception:  # not installed as a package (a plain checkout on PYTHONPATH)
-        import speechlab
+        import speechlab  # local: only on this fallback path
 
         return speechlab.__version__
 
@@ -89,7 +89,7 @@ def _tool_parser(commands: list[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
-        from speechlab.lightning_cli import run
+        from speechlab.lightning_cli import run  # local: Lightning only for fit/validate/test (fast --help)
 
         return run(argv)
     parser = _tool_parser([argv[0]] if argv and argv[0] in TOOLS else [])
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def __getattr__(name: str) -> Any:
     if name == "SpeechLabCLI":  # kept importable from here; defined where Lightning is imported
-        from speechlab.lightning_cli import SpeechLabCLI
+        from speechlab.lightning_cli import SpeechLabCLI  # local: imports Lightning (fast --help)
 
         return SpeechLabCLI
     raise AttributeError(f"module 'speechlab.cli' has no attribute {name!r}")
