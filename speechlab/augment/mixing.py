@@ -4,9 +4,9 @@ With probability ``mix_prob`` each primary utterance gets an interfering segment
 (probability ``noise_prob``, SNR ~ U(snr_range) dB) or a segment of *another* utterance of the batch (energy
 ratio ~ U(energy_ratio_range) dB). The segment covers at most ``max_overlap`` of the primary's valid length and
 sits at a uniformly random position. Targets are untouched: the model has to predict the clean primary's units
-(WavLM paper §III-B; ``ssl_spec.md`` §4).
+(WavLM, Chen et al. 2022, §III-B; the released training code is microsoft/UniSpeech's ``utterance_mixing_dataset.py``).
 
-Deliberate differences from the reference training code (``ssl_spec.md`` §10 pitfall 16):
+Deliberate differences from the reference training code (docs/pitfalls.md, 4):
 
 - the partner is never the primary itself, and it is taken from the *clean* batch (no chains of mixtures);
 - powers: the primary's over its valid samples, the interferer's over the segment actually added, so the SNR /

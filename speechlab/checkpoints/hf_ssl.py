@@ -1,4 +1,7 @@
-"""Hugging Face WavLM / HuBERT / wav2vec 2.0 backbones <-> :class:`SSLEncoder` (config and state dict; spec §9.3).
+"""Hugging Face WavLM / HuBERT / wav2vec 2.0 backbones <-> :class:`SSLEncoder` (config and state dict).
+
+The names are those of transformers' ``modeling_wavlm.py`` / ``modeling_hubert.py`` / ``modeling_wav2vec2.py``
+(``feature_extractor.conv_layers.*``, ``encoder.layers.*.attention.*``, ``encoder.pos_conv_embed.conv``).
 
 - :func:`config_from_hf` / :func:`config_to_hf`: ``config.json`` dict <-> :class:`SSLEncoderConfig`.
 - :func:`state_dict_from_hf` / :func:`state_dict_to_hf`: parameter names and the positional-conv weight norm, which

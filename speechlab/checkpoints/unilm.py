@@ -1,5 +1,6 @@
-"""Original microsoft/unilm WavLM (and fairseq HuBERT / wav2vec 2.0) ``.pt`` checkpoints -> :class:`SSLEncoder`
-(spec §9.1, §9.2).
+"""Original microsoft/unilm WavLM (and fairseq HuBERT / wav2vec 2.0) ``.pt`` checkpoints -> :class:`SSLEncoder`.
+
+Key names as in unilm's ``wavlm/WavLM.py`` and fairseq's ``wav2vec2.py`` / ``hubert.py``.
 
 Layout: ``{"cfg": {...}, "model": state_dict}``. unilm releases have a flat ``cfg`` (the WavLMConfig fields); fairseq
 training checkpoints nest the model fields under ``cfg["model"]`` (and must have been saved as plain containers:
@@ -7,7 +8,7 @@ files are read with ``torch.load(weights_only=True)`` only, never unpickling arb
 
 The relative-bias geometry (``num_buckets``, ``max_distance``) is always read from the checkpoint's cfg: the unilm /
 UniSpeech *class* defaults (``max_distance=1280``) differ from what every release used (800), so a cfg without these
-fields is rejected instead of silently mis-bucketing. The positional-conv weight norm is read in both spellings
+fields is rejected instead of silently mis-bucketing (docs/pitfalls.md, 7). The positional-conv weight norm is read in both spellings
 (``weight_g``/``weight_v`` and ``parametrizations.weight.original0/1``).
 """
 

@@ -1,4 +1,7 @@
-"""The shared SSL backbone: wav2vec 2.0 / HuBERT / WavLM / UniSpeech encoder (spec §1, §2, §6.4).
+"""The shared SSL backbone: wav2vec 2.0 / HuBERT / WavLM / UniSpeech encoder.
+
+wav2vec 2.0 (Baevski et al. 2020) §2, the backbone HuBERT (Hsu et al. 2021) §III reuses, plus WavLM's gated relative
+position bias (Chen et al. 2022) §III-A.
 
 waveform (B, S) -> [per-utterance normalisation] -> conv feature encoder (B, C, T) -> LayerNorm(C) -> Linear(C, D)
 -> dropout -> [mask_emb at masked frames] -> Transformer (conv positional embedding, post-LN or pre-LN layers,
@@ -8,7 +11,7 @@ Padding: ``lengths`` gives valid samples; frames are valid up to the conv formul
 same convention as ``transformers``. With ``conv_norm="layer"`` (Large) a padded batch gives, on valid frames, the
 same result as each utterance alone (within float error). With ``conv_norm="group"`` (Base) it does **not**: the
 GroupNorm of conv block 0 normalises each channel over the whole padded time axis, so zero padding changes the
-statistics and thus every valid frame (spec §10.8; ~10-30 % relative change on random weights). This is what the
+statistics and thus every valid frame (docs/pitfalls.md, 1; ~10-30 % relative change on random weights). This is what the
 released Base checkpoints and the reference implementations do; bucket by length or run unpadded when exact
 Base features matter.
 

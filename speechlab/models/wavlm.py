@@ -1,4 +1,8 @@
-"""Named backbone presets (spec §1.6, §6.1). Each returns an :class:`SSLEncoderConfig`; build with ``SSLEncoder(cfg)``.
+"""Named backbone presets. Each returns an :class:`SSLEncoderConfig`; build with ``SSLEncoder(cfg)``.
+
+The released models' sizes (WavLM, Chen et al. 2022, §IV-A; HuBERT, Hsu et al. 2021, Table I; wav2vec 2.0, Baevski
+et al. 2020, §4.2) with the settings of their checkpoints' configs (torchaudio's ``wavlm_base`` / ``wavlm_large`` factories,
+transformers' ``WavLMConfig`` on the hub).
 
 | preset            | conv norm | layout | layers x D (heads) | rel. bias | waveform norm |
 |-------------------|-----------|--------|--------------------|-----------|---------------|

@@ -1,6 +1,7 @@
-"""Multi-head self-attention with WavLM's optional gated relative position bias (spec §2.3).
+"""Multi-head self-attention with WavLM's optional gated relative position bias (WavLM, Chen et al. 2022, §III-A).
 
-The gate follows the released code (what the checkpoints expect), not the paper: for head h and query frame i,
+The gate follows the released code (what the checkpoints expect), not the paper (docs/pitfalls.md, 5): for head h
+and query frame i,
 
     u = gate_proj(x[b, i, head h])            # Linear(head_dim, 8), x = the attention *input* (not the projected q)
     a, b = sigmoid(u.view(2, 4).sum(-1))      # two gate logits, each the sum of 4 outputs

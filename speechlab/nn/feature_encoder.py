@@ -1,9 +1,13 @@
-"""Convolutional waveform feature encoder shared by wav2vec 2.0, HuBERT, WavLM and UniSpeech (spec §1.2).
+"""Convolutional waveform feature encoder shared by wav2vec 2.0, HuBERT, WavLM and UniSpeech.
+
+wav2vec 2.0 (Baevski et al. 2020) §2 ("Feature encoder") and §4.2 (seven blocks of 512 channels, strides
+(5, 2, 2, 2, 2, 2, 2), kernels (10, 3, 3, 3, 3, 2, 2): a 320-sample hop and a 400-sample receptive field).
 
 Seven 1-D convolutions (no padding) turn 16 kHz audio into 50 Hz frames. Two normalisation layouts:
 
 - ``"group"`` (Base models): only block 0 has a ``GroupNorm(C, C)``, i.e. a per-channel normalisation over *time*.
-  Its statistics include padded samples, so a padded batch is not equal to running each utterance alone.
+  Its statistics include padded samples, so a padded batch is not equal to running each utterance alone
+  (docs/pitfalls.md, 1).
 - ``"layer"`` (Large models): every block has a ``LayerNorm(C)`` over channels, per frame (padding-invariant).
 
 Norms always run in fp32 (like fairseq's ``Fp32GroupNorm`` / ``Fp32LayerNorm``) and cast back to the input dtype.

@@ -1,4 +1,5 @@
-"""Span masking for masked prediction (wav2vec 2.0 / HuBERT / WavLM; spec §3.1), vectorised over the batch.
+"""Span masking for masked prediction (wav2vec 2.0, Baevski et al. 2020, §3.1; used by HuBERT and WavLM alike),
+vectorised over the batch. The steps are those of fairseq's ``compute_mask_indices`` (``mask_selection="static"``).
 
 Per utterance with ``n`` valid frames:
 

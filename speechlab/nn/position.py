@@ -1,10 +1,13 @@
-"""Position information for the SSL Transformer (spec §1.4 and §2.2).
+"""Position information for the SSL Transformer: wav2vec 2.0's convolutional relative positional embedding
+(Baevski et al. 2020, §2 and §4.2) and WavLM's relative position bias (Chen et al. 2022, §III-A), bucketed like
+T5's (Raffel et al. 2020, §2.1).
 
 - :class:`ConvPositionalEmbedding`: grouped Conv1d (kernel 128, 16 groups) with weight norm over ``dim=2`` (one
   magnitude per kernel tap, ``g`` of shape (1, 1, K)), "same" padding that drops the last frame for even kernels,
   then GELU. Used by wav2vec 2.0, HuBERT, WavLM and UniSpeech.
 - :func:`relative_position_buckets` and :class:`RelativePositionBias`: WavLM's bidirectional T5-style log buckets
-  (320 buckets, max distance 800 in every released checkpoint) and the (heads, T, T) bias built from the layer-0 table.
+  (320 buckets, max distance 800 in every released checkpoint: docs/pitfalls.md, 7) and the (heads, T, T) bias built
+  from the layer-0 table.
 
 bf16 on CPU: oneDNN in torch 2.11 returns wrong values for bf16 grouped conv1d with few channels per group on
 CPUs with native bf16 (AVX512-BF16 / AMX): relative error > 1 for 4-12 channels per group and kernel 16 or 128,
@@ -25,7 +28,7 @@ from torch import Tensor, nn
 def relative_position_buckets(
     relative_positions: Tensor, num_buckets: int = 320, max_distance: int = 800
 ) -> Tensor:
-    """Bucket index of ``r = key - query`` (spec §2.2).
+    """Bucket index of ``r = key - query`` (T5's bidirectional log buckets, Raffel et al. 2020 §2.1).
 
     Half of the buckets for r <= 0 (offset 0), half for r > 0 (offset ``num_buckets // 2``); within each half the
     first ``num_buckets // 4`` distances are exact, larger ones are log-spaced up to ``max_distance`` and saturate.

@@ -1,4 +1,7 @@
-"""Transformer encoder of the SSL backbone: conv positional embedding + post-LN or pre-LN layers (spec §1.5).
+"""Transformer encoder of the SSL backbone: conv positional embedding + post-LN or pre-LN layers.
+
+wav2vec 2.0 (Baevski et al. 2020) §2 ("Contextualized representations with Transformers"); the pre-LN layout of the
+Large models is fairseq's ``layer_norm_first`` (transformers' ``do_stable_layer_norm``).
 
 - Post-LN (Base, ``layer_norm_first=False``): ``x = LN(x + pos_conv(x))`` -> dropout -> layers with
   ``x = LN1(x + Drop(Attn(x)))``, ``x = LN2(x + FFN(x))``. No final LN.
@@ -100,7 +103,7 @@ class TransformerEncoderLayer(nn.Module):
         attention_backend: str = "sdpa",
     ) -> Tensor:
         if self.layer_norm_first:
-            # The WavLM gate reads the attention input, i.e. the LN1 output here (spec §2.3).
+            # The WavLM gate reads the attention input, i.e. the LN1 output here (docs/pitfalls.md, 5).
             attended = self.attention(self.attention_norm(x), padding_mask, position_bias, attention_backend)
             x = x + self.dropout(attended)
             return x + self.feed_forward(self.ffn_norm(x))
@@ -114,7 +117,7 @@ class TransformerEncoder(nn.Module):
     """Positional conv + L layers (+ WavLM relative bias shared from one table).
 
     LayerDrop skips whole layers in training with probability ``layerdrop`` but never layer 0 (WavLM's bias table
-    belongs to layer 0 in every checkpoint; spec §2.5). Here the bias is built once at encoder level, so it is
+    belongs to layer 0 in every checkpoint; docs/pitfalls.md, 6). Here the bias is built once at encoder level, so it is
     available to every layer regardless. The draws come from a generator that the training loop reseeds alike on
     every rank before each batch (:meth:`reseed_shared`), so DDP ranks drop the same layers, as one process
     training on the global batch would; without a reseed they come from the global torch RNG.

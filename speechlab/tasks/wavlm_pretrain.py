@@ -1,4 +1,4 @@
-"""WavLM / HuBERT masked-prediction pre-training (``ssl_spec.md`` §3, §4, §5.3, §6.4).
+"""WavLM / HuBERT masked-prediction pre-training (HuBERT, Hsu et al. 2021, §III-B; WavLM, Chen et al. 2022, §III-B).
 
 One step: (train only) mix the batch with noise or another utterance (:class:`UtteranceMixer`) -> span-mask the
 encoder frames -> ``SSLEncoder`` -> ``final_proj`` (D -> final_dim) -> cosine similarity with one embedding per unit
@@ -8,7 +8,7 @@ As in fairseq, the summed loss is divided by the number of masked frames (the pe
 first, so it stays a per-frame quantity).
 
 Unit ids are the k-means cluster ids ``0..num_classes-1`` as written by ``speechlab kmeans`` (no fairseq
-dictionary offset; converting a fairseq head means dropping its first 4 label-embedding rows, pitfall 14).
+dictionary offset; converting a fairseq head means dropping its first 4 label-embedding rows, docs/pitfalls.md, 3).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 class UnitPredictionHead(nn.Module):
     """HuBERT prediction head: ``final_proj`` + one learned embedding per unit, logits = cos / temperature.
 
-    hidden: (..., D) -> logits (..., num_classes), computed in fp32 (cosine logits are kept out of bf16, pitfall 10).
+    hidden: (..., D) -> logits (..., num_classes), computed in fp32 (cosine logits are kept out of bf16, docs/pitfalls.md, 2).
     """
 
     def __init__(
