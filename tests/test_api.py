@@ -209,7 +209,7 @@ def test_unknown_hugging_face_model_type_is_named(tmp_path):
 
 
 def _hf_to_unilm_key(key: str) -> str:
-    """HF WavLMModel key -> unilm WavLM key, written out from the spec's table (independent of our importer)."""
+    """HF WavLMModel key -> unilm WavLM key, written out from the two codebases' module names (independent of our importer)."""
     import re
 
     rules = [

@@ -50,7 +50,7 @@ def _batch():
 
 
 def _to_unilm_layout(hf_state: dict, large: bool) -> dict:
-    """HF WavLMModel keys -> the unilm release layout (spec §9.1 / §9.3 table), weight_g/weight_v spelling."""
+    """HF WavLMModel keys -> the unilm release layout (unilm's wavlm/WavLM.py names), weight_g/weight_v spelling."""
     out = {}
     for key, value in hf_state.items():
         new = key

@@ -46,7 +46,7 @@ def small_config(**overrides) -> SSLEncoderConfig:
     return SSLEncoderConfig(**values)
 
 
-# ---------------------------------------------------------------- relative position buckets (spec §2.2)
+# ---------------------------------------------------------------- relative position buckets (WavLM §III-A, T5 §2.1 buckets)
 
 BUCKET_VECTORS = {
     0: 0, -1: 1, -79: 79, -80: 80, -81: 80, -100: 87, -160: 104, -200: 111, -400: 135, -799: 159, -5000: 159,
@@ -54,7 +54,7 @@ BUCKET_VECTORS = {
 }  # fmt: skip
 
 
-def test_relative_position_buckets_match_spec_test_vectors():
+def test_relative_position_buckets_match_reference_test_vectors():
     distances = torch.tensor(list(BUCKET_VECTORS))
     buckets = relative_position_buckets(distances, num_buckets=320, max_distance=800)
     assert buckets.tolist() == list(BUCKET_VECTORS.values())
@@ -82,7 +82,7 @@ def test_relative_position_bias_indexes_table_by_key_minus_query():
     assert module(7) is not bias  # fresh tensor each call (the index, not the result, is cached)
 
 
-# ---------------------------------------------------------------- conv feature encoder (spec §1.2)
+# ---------------------------------------------------------------- conv feature encoder (wav2vec 2.0 §2, §4.2)
 
 
 def test_conv_output_lengths_follow_the_conv_formula():
@@ -103,7 +103,7 @@ def test_audio_shorter_than_receptive_field_is_a_clear_error():
         model(torch.randn(1, 399))
 
 
-# ---------------------------------------------------------------- gate and attention (spec §2.3)
+# ---------------------------------------------------------------- gate and attention (docs/pitfalls.md, 5)
 
 
 def test_gate_lies_between_one_and_two_at_init():
@@ -131,7 +131,7 @@ def test_attention_matches_explicit_softmax_with_gated_bias_and_padding():
     bias = table(length)
     got = attention(x, padding, bias)
 
-    # Reference written directly from the spec formula (explicit softmax; fine at this size).
+    # Reference written directly from the released gate formula (explicit softmax; fine at this size).
     hd = dim // heads
 
     def split(t):
@@ -181,7 +181,7 @@ def test_pre_ln_last_hidden_state_is_final_layer_norm_of_last_hidden_state_entry
     torch.testing.assert_close(out.last_hidden_state, model.encoder.layer_norm(out.hidden_states[-1]))
 
 
-# ---------------------------------------------------------------- padding behaviour (spec §10.8)
+# ---------------------------------------------------------------- padding behaviour (docs/pitfalls.md, 1)
 
 
 def _padded_vs_alone(config: SSLEncoderConfig) -> float:
@@ -237,7 +237,7 @@ def test_skip_padding_training_step_gives_the_same_gradients():
 
 
 def test_group_norm_cnn_is_padding_sensitive_as_documented():
-    # GroupNorm in conv block 0 normalises over the padded time axis: padded != alone (spec §10.8).
+    # GroupNorm in conv block 0 normalises over the padded time axis: padded != alone (docs/pitfalls.md, 1).
     assert _padded_vs_alone(small_config(conv_norm="group")) > 1e-2
 
 
@@ -251,7 +251,7 @@ def test_normalize_waveform_uses_valid_samples_only():
     torch.testing.assert_close(out[0, :60], normalize_waveform(audio[:1, :60])[0])
 
 
-# ---------------------------------------------------------------- masking (spec §3.1)
+# ---------------------------------------------------------------- masking (wav2vec 2.0 §3.1)
 
 
 def test_span_mask_is_deterministic_with_a_generator():
@@ -339,7 +339,7 @@ def test_bf16_autocast_is_close_and_same_under_inference_mode_and_no_grad():
 
 
 def test_presets_have_the_reference_parameter_counts():
-    # transformers WavLMModel / HubertModel parameter counts (spec §1.6).
+    # transformers WavLMModel / HubertModel parameter counts (measured on the transformers classes).
     def count(config):
         with torch.device("meta"):
             return sum(p.numel() for p in SSLEncoder(config).parameters())
