@@ -17,6 +17,7 @@
 #   6  neural codec: train, evaluate on held-out LJ Speech at 1 and 4 levels   -> exp/codec/
 #   7  use the stage-2 model: export it (with its round-trip report), transcribe the test split
 #   8  results from the logs and curves as PNG                                 -> exp/results.md, exp/plots/
+# Environment: ANCHOR_CPU_MINUTES (default 12) is the anchor's budget, here and in stage 10.
 # Separate stages (not in the main job; each prints its own wall time):
 #  10  stages 2-4 for seeds 0, 1, 2: mean +- sd of the test PERs               -> exp/seeds/results.md
 #  11  the UniSpeech low-resource table: rows (a)-(d) x sw/tr/cy x 3 seeds     -> exp/unispeech_table/results.md
@@ -77,7 +78,7 @@ fi
 if run 1; then
   log 1 "the anchor (fbank + BiLSTM, plain torch), in the background on one thread"
   mkdir -p "$exp/anchor"
-  OMP_NUM_THREADS=1 python recipes/mini/local/anchor_bilstm.py --cpu-minutes 12 \
+  OMP_NUM_THREADS=1 python recipes/mini/local/anchor_bilstm.py --cpu-minutes "${ANCHOR_CPU_MINUTES:-12}" \
     --output "$exp/anchor/result.json" > "$exp/anchor/train.log" 2>&1 &
   anchor_pid=$!
   anchor_started=$SECONDS
