@@ -124,16 +124,6 @@ def _int_field(meta: dict, key: str, low: int, high: int, path: Path) -> int:
     return number
 
 
-def _int_field(meta: dict, key: str, low: int, high: int, path: Path) -> int:
-    value = meta.get(key)
-    if not isinstance(value, str) or not re.fullmatch(r"\d{1,12}", value):
-        raise TokenFileError(f"{path}: header field {key!r} must be a decimal integer, got {value!r}")
-    number = int(value)
-    if not low <= number <= high:
-        raise TokenFileError(f"{path}: header field {key!r} = {number} is outside [{low}, {high}]")
-    return number
-
-
 def read_token_header(path: str | os.PathLike) -> tuple[TokenInfo, tuple[int, int]]:
     """Validate a token file's header without loading the codes -> (info, codes shape)."""
     path = Path(path)
