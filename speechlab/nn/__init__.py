@@ -1,1 +1,1 @@
-"""Building blocks shared by the models: conv feature encoder, attention, Transformer, masking, quantizers."""
+"""Building blocks shared by the models: conv feature encoder, attention, Transformer, masking, quantizers, k-means."""
