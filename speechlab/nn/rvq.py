@@ -5,6 +5,10 @@ Two codebook flavours per level:
 * ``ema`` (EnCodec, Mimi): codebook is a buffer updated by exponential moving averages of assignment counts and
   assigned-vector sums (decay 0.99, Laplace smoothing 1e-5); k-means initialisation on the first training batch;
   codes whose EMA count falls below ``dead_code_threshold`` are replaced by random vectors of the current batch.
+  With ``dead_code_ratio`` set (Mimi/Moshi's ``threshold_usage_ratio``) the threshold is that fraction of the count a
+  code gets under uniform use (valid frames per batch / codebook size) instead, so it does not depend on the batch
+  size: EnCodec's absolute 2 is 43 % of uniform at its 4800 frames per batch for 1024 codes, but above uniform when a
+  batch has fewer than 2 frames per code, and then every code is "dead" and re-drawn every step.
   One straight-through estimator on the summed output (audiocraft's fix of encodec issue #25).
 * ``factorized`` (DAC, "Improved RVQGAN"): the latent is projected to a small ``codebook_dim``, the nearest code is
   found by cosine similarity (L2-normalised lookup), and the codebook is a parameter trained by the codebook loss;
@@ -80,6 +84,7 @@ class CodebookLevel(nn.Module):
         epsilon: float = 1e-5,
         kmeans_iters: int = 50,
         dead_code_threshold: float = 2.0,
+        dead_code_ratio: float | None = None,
     ) -> None:
         super().__init__()
         self.codebook_size = codebook_size
@@ -88,6 +93,7 @@ class CodebookLevel(nn.Module):
         self.epsilon = epsilon
         self.kmeans_iters = kmeans_iters
         self.dead_code_threshold = dead_code_threshold
+        self.dead_code_ratio = dead_code_ratio
         cdim = codebook_dim if codebook_dim is not None else dim
         if self.factorized:
             self.in_proj = nn.Linear(dim, cdim)
@@ -183,16 +189,29 @@ class CodebookLevel(nn.Module):
             self.embed.copy_(self.embed_avg / smoothed[:, None])
         return self.replace_dead_codes(z, rows)
 
+    def dead_threshold(self) -> tuple[Tensor | float, Tensor | float]:
+        """(EMA count under which a code is dead, EMA count a replaced code starts with).
+
+        Absolute (EnCodec): ``dead_code_threshold`` for both. Relative (Mimi): ``dead_code_ratio`` x the uniform
+        count, and a replaced code starts at the uniform count (Mimi's ``replaced_usage_ratio`` 1) so it is not
+        re-drawn at the next step before it had a chance to be used.
+        """
+        if self.dead_code_ratio is None:
+            return self.dead_code_threshold, self.dead_code_threshold
+        uniform = self.cluster_size.sum() / self.codebook_size
+        return self.dead_code_ratio * uniform, uniform
+
     @torch.no_grad()
     def replace_dead_codes(self, z: Tensor, rows: Tensor | None = None) -> Tensor:
-        """Codes whose EMA usage < threshold get a random vector of this batch (EnCodec's expiry), drawn from the
-        rows of ``z`` where ``rows`` is True (None: all).
+        """Codes whose EMA usage < threshold (:meth:`dead_threshold`) get a random vector of this batch (EnCodec's
+        expiry), drawn from the rows of ``z`` where ``rows`` is True (None: all).
 
         Where host reads are free (CPU) the valid rows are selected and the step ends early when nothing is dead;
         on an accelerator the same draw is a fixed-size one (valid rows sampled by ``multinomial``, nothing
         replaced when no code is dead or no row is valid), so no count is read on the host.
         """
-        dead = self.cluster_size < self.dead_code_threshold
+        threshold, restart = self.dead_threshold()
+        dead = self.cluster_size < threshold
         if rows is not None and host_reads_are_free(z):
             z, rows = z[rows], None
         if rows is None:
@@ -217,9 +236,9 @@ class CodebookLevel(nn.Module):
             self.codebook.data.copy_(torch.where(mask, samples, self.codebook.data))
         else:
             self.embed.copy_(torch.where(mask, samples, self.embed))
-            self.embed_avg.copy_(torch.where(mask, samples * self.dead_code_threshold, self.embed_avg))
+            self.embed_avg.copy_(torch.where(mask, samples * restart, self.embed_avg))
         self.cluster_size.copy_(
-            torch.where(dead, torch.full_like(self.cluster_size, self.dead_code_threshold), self.cluster_size)
+            torch.where(dead, torch.as_tensor(restart).to(self.cluster_size), self.cluster_size)
         )
         return num_dead
 
@@ -240,6 +259,7 @@ class RVQOutput:
 class ResidualVectorQuantizer(nn.Module):
     """``num_quantizers`` levels, each quantizing the residual of the previous ones.
 
+    ``dead_code_ratio``: see the module docstring (None: EnCodec's absolute ``dead_code_threshold``).
     ``quantizer_dropout``: fraction of batch items that get a random budget ``n_q ~ U{1..N}`` in training (DAC
     uses 0.5; the rest use all levels), so any prefix of levels decodes.
     """
@@ -254,6 +274,7 @@ class ResidualVectorQuantizer(nn.Module):
         kmeans_iters: int = 50,
         dead_code_threshold: float = 2.0,
         quantizer_dropout: float = 0.5,
+        dead_code_ratio: float | None = None,
     ) -> None:
         super().__init__()
         self.dim = dim
@@ -268,6 +289,7 @@ class ResidualVectorQuantizer(nn.Module):
                 decay,
                 kmeans_iters=kmeans_iters,
                 dead_code_threshold=dead_code_threshold,
+                dead_code_ratio=dead_code_ratio,
             )
             for _ in range(num_quantizers)
         )

@@ -130,7 +130,8 @@ class CodecTask(SpeechTask):
         discriminator_optim: discriminator optimiser (default: same as ``optim``).
         segment_seconds: random crop length for training (DAC 0.38 s, EnCodec 1 s).
         grad_clip_generator / grad_clip_discriminator: gradient-norm clipping (DAC 1000 / 10).
-        generator_ema: decay of the generator's EMA copy used for validation/export (0 disables).
+        generator_ema: decay of the generator's EMA copy used for validation/export (0 disables), warmed up as
+            ``min(generator_ema, (1 + n) / (10 + n))`` after ``n`` batches.
         adversarial_start_step: batches trained on reconstruction only before the GAN starts.
         teacher: frozen ``teacher(audio (B, S), lengths (B,)) -> hidden states (B, T, D)`` for semantic distillation
             of RVQ level 0 (SpeechTokenizer / Mimi); ``teacher_dim`` = D.
@@ -326,7 +327,11 @@ class CodecTask(SpeechTask):
     def _update_ema(self) -> None:
         if self.codec_ema is None:
             return
-        weight = 1 - self.ema_decay
+        # warm-up (TensorFlow's ExponentialMovingAverage num_updates): decay min(d, (1 + n) / (10 + n)), so the copy
+        # forgets the random init within the first few hundred updates. Without it a 200-batch run exports
+        # 0.99^200 = 13 % random init in every weight; a 400k-batch run is unaffected past its first ~10k batches.
+        decay = min(self.ema_decay, (1 + self.batches_seen) / (10 + self.batches_seen))
+        weight = 1 - decay
         if (
             self.last_step_skipped is not None
         ):  # on-device skip (SpeechTask): a skipped update moves no EMA either
