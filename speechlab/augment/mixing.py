@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from speechlab.host_sync import to_device_async
+from speechlab.nn.masks import valid_mask
 
 
 @dataclass
@@ -255,7 +256,7 @@ class UtteranceMixer(nn.Module):
         segment = segment * in_segment
 
         # --- gains: P_primary over valid samples, P_segment over the added samples ---
-        valid = torch.arange(num_samples, device=device)[None, :] < lengths[:, None]
+        valid = valid_mask(lengths, num_samples)
         power_primary = (audio.double() ** 2 * valid).sum(1) / lengths.clamp(min=1).double()
         power_segment = (segment.double() ** 2).sum(1) / seg_len.clamp(min=1).double()
         target = power_segment * torch.pow(10.0, level_db / 10.0)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections import Counter
-
 from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
+
+from speechlab.nn import masks
 
 __all__ = ["Batch", "TARGET_PAD", "UNIT_PAD", "collate"]
 
@@ -57,7 +58,7 @@ class Batch:
     @property
     def padding_mask(self) -> torch.Tensor:
         """(B, S) bool, True at padded samples."""
-        return torch.arange(self.audio.shape[1], device=self.audio.device)[None, :] >= self.lengths[:, None]
+        return masks.padding_mask(self.lengths, self.audio.shape[1])
 
     def to(self, device: torch.device | str) -> Batch:
         changes = {

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from speechlab.nn.masks import valid_mask
+
 
 def _random_ranks(scores: Tensor) -> Tensor:
     """Rank (0 = smallest) of each entry along the last axis. scores: (B, T) float -> (B, T) int64."""
@@ -85,7 +87,7 @@ def span_mask(
     # frame t is masked iff a span starts in (t - mask_length, t]: a windowed count via cumulative sums.
     counts = starts.long().cumsum(-1)
     shifted = torch.nn.functional.pad(counts, (mask_length, 0))[:, :width]
-    mask = (counts - shifted > 0) & (positions < lengths[:, None])
+    mask = (counts - shifted > 0) & valid_mask(lengths, width)
 
     if equalize:
         # the smallest count over rows with frames (over all rows when none has any), without a host read

@@ -18,6 +18,7 @@ from speechlab.models.ctc import CTCModel, ctc_greedy_decode, encoder_config_fro
 from speechlab.models.presets import ctc_encoder_config
 from speechlab.models.ssl_encoder import SSLEncoderConfig
 from speechlab.nn.masking import span_mask
+from speechlab.nn.masks import valid_mask
 from speechlab.optim import OptimConfig
 from speechlab.tasks.base import SpeechTask
 
@@ -283,7 +284,7 @@ def ctc_feasible(
     frame per target unit plus a blank between each pair of equal consecutive units, so it exists iff
     ``frame_lengths >= target_lengths + repeats``. Tensor ops only (no host sync).
     """
-    valid = torch.arange(targets.shape[1], device=targets.device)[None] < target_lengths[:, None]
+    valid = valid_mask(target_lengths, targets.shape[1])
     repeats = ((targets[:, 1:] == targets[:, :-1]) & valid[:, 1:]).sum(1)
     return frame_lengths.to(target_lengths.device) >= target_lengths + repeats
 

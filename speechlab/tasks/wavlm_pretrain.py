@@ -33,6 +33,7 @@ from speechlab.models.fbank_conformer import FbankConformerConfig
 from speechlab.models.presets import ctc_encoder_config, encoder_config
 from speechlab.models.ssl_encoder import SSLEncoder
 from speechlab.nn.masking import span_mask
+from speechlab.nn.masks import padding_mask
 from speechlab.optim import OptimConfig
 from speechlab.tasks.base import SpeechTask
 
@@ -79,7 +80,7 @@ def align_units(units: Tensor, num_frames: int, frame_lengths: Tensor, stride: i
         aligned = units[:, :num_frames]
     else:
         aligned = F.pad(units, (0, num_frames - length), value=UNIT_PAD)
-    padded = torch.arange(num_frames, device=units.device)[None, :] >= frame_lengths.to(units.device)[:, None]
+    padded = padding_mask(frame_lengths.to(units.device), num_frames)
     return aligned.masked_fill(padded, UNIT_PAD)
 
 
