@@ -430,8 +430,10 @@ class FeatureExtractor:
                 raise ValueError(f"input {i}: waveform contains NaN or inf samples")
         return waves, single
 
-    def _forward(self, audio: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor]:
-        """audio: (B, S) on any device -> ((num_layers, B, T, D) on output_device, (B,) frame lengths)."""
+    def _forward(self, audio: Tensor, lengths: Tensor | None, **window: Any) -> tuple[Tensor, Tensor]:
+        """audio: (B, S) on any device -> ((num_layers, B, T, D) on output_device, (B,) frame lengths).
+
+        ``window``: ``normalize`` / ``block0_statistics`` for the windows of a long input (see ``SSLEncoder``)."""
         audio = audio.to(self.device, torch.float32, non_blocking=True)
         if lengths is not None:
             lengths = lengths.to(self.device)
@@ -439,7 +441,7 @@ class FeatureExtractor:
             torch.inference_mode(),
             torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16),
         ):
-            out = self.encoder(audio, lengths, output_hidden_states=True)
+            out = self.encoder(audio, lengths, output_hidden_states=True, **window)
             states = torch.stack([out.hidden_states[i] for i in self.layers])
         states = states.to(self.output_device, torch.float32)
         return states, out.frame_lengths.to(self.output_device)
@@ -534,40 +536,32 @@ class FeatureExtractor:
             chunk_frames=chunk,
             context_frames=self.context_frames,
         )
-        normalize = self.encoder.config.normalize_waveform
-        if normalize:  # whole-file statistics, like the unchunked model; the windows then skip it
+        if self.encoder.config.normalize_waveform:  # whole-file statistics, like the unchunked model
             wave = normalize_waveform(wave[None])[0]
         # Base models: block 0's GroupNorm normalises over time, so every window gets the whole file's statistics
         # (one extra pass of conv 0 over the file) and the conv features are exact, as for LayerNorm models.
-        group_norm = self.encoder.feature_encoder.conv_layers[0].norm
-        if not isinstance(group_norm, Fp32GroupNorm) or len(windows) == 1:
-            group_norm = None
+        # Both are passed to each forward: the shared model and its config stay untouched.
+        window_args: dict[str, Any] = {"normalize": False}
+        if isinstance(self.encoder.feature_encoder.conv_layers[0].norm, Fp32GroupNorm) and len(windows) > 1:
+            window_args["block0_statistics"] = self.encoder.feature_encoder.block0_statistics(wave)
         budget = max(1, int(self.batch_seconds * SAMPLE_RATE))
         per_batch = max(1, budget // max(w.num_samples for w in windows))
-        try:
-            self.encoder.config.normalize_waveform = False
-            if group_norm is not None:
-                group_norm.fixed_statistics = self.encoder.feature_encoder.block0_statistics(wave)
-            position = 0
-            while position < len(windows):
-                # consecutive windows of equal length share one forward (no padding: exact for GroupNorm too)
-                group = [windows[position]]
-                while (
-                    position + len(group) < len(windows)
-                    and len(group) < per_batch
-                    and windows[position + len(group)].num_samples == group[0].num_samples
-                ):
-                    group.append(windows[position + len(group)])
-                position += len(group)
-                batch = torch.stack([wave[w.sample_start : w.sample_end] for w in group])
-                states, _ = self._forward(batch, None)
-                for row, w in enumerate(group):
-                    lo, hi = w.keep_start - w.frame_start, w.keep_end - w.frame_start
-                    yield w.keep_start, states[:, row, lo:hi]
-        finally:
-            self.encoder.config.normalize_waveform = normalize
-            if group_norm is not None:
-                group_norm.fixed_statistics = None
+        position = 0
+        while position < len(windows):
+            # consecutive windows of equal length share one forward (no padding: exact for GroupNorm too)
+            group = [windows[position]]
+            while (
+                position + len(group) < len(windows)
+                and len(group) < per_batch
+                and windows[position + len(group)].num_samples == group[0].num_samples
+            ):
+                group.append(windows[position + len(group)])
+            position += len(group)
+            batch = torch.stack([wave[w.sample_start : w.sample_end] for w in group])
+            states, _ = self._forward(batch, None, **window_args)
+            for row, w in enumerate(group):
+                lo, hi = w.keep_start - w.frame_start, w.keep_end - w.frame_start
+                yield w.keep_start, states[:, row, lo:hi]
 
     def weighted_sum(
         self, *, learnable: bool = True, weights: Sequence[float] | None = None

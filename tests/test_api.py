@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -468,6 +469,25 @@ def test_readme_snippet_runs_as_written(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "torch.Size([2, 2, 482, 32])" in result.stdout
+
+
+@pytest.mark.parametrize("conv_norm", ["group", "layer"])
+def test_streaming_long_input_leaves_the_shared_model_and_config_untouched(conv_norm):
+    # Another user of the same model (a second extractor, a training step) may run between two windows.
+    model = tiny_encoder(conv_norm=conv_norm, layer_norm_first=conv_norm == "layer", normalize_waveform=True)
+    before = dataclasses.asdict(model.config)
+    norm = model.feature_encoder.conv_layers[0].norm
+    attributes = set(vars(norm)) if norm is not None else None
+    audio = 0.1 * torch.randn(16000 * 4)
+    short = 0.1 * torch.randn(12000)
+    alone = FeatureExtractor(model)(short).hidden_states
+    stream = FeatureExtractor(model, chunk_seconds=1.0, context_seconds=0.25).iter_chunks(audio)
+    next(stream)  # paused between windows
+    assert dataclasses.asdict(model.config) == before
+    if norm is not None:
+        assert set(vars(norm)) == attributes, "no state set on the norm module"
+    assert torch.equal(FeatureExtractor(model)(short).hidden_states, alone)
+    list(stream)
 
 
 @pytest.mark.parametrize("conv_norm", ["group", "layer"])

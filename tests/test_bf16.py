@@ -15,9 +15,7 @@ import torch.nn.functional as F
 
 from speechlab.models.ssl_encoder import SSLEncoder
 from speechlab.models.wavlm import wavlm_tiny
-from speechlab.nn.feature_encoder import ConvFeatureEncoder
 from speechlab.nn.position import ConvPositionalEmbedding, cpu_bf16_grouped_conv_is_unsafe
-from speechlab.nn.transformer import FeedForward
 
 # (channels, groups, kernel): the wavlm_tiny / UniSpeech-tiny positional convs, others of the affected
 # geometry, and the Base / Large ones (48 and 64 channels per group).
@@ -78,41 +76,7 @@ def _grads(module: torch.nn.Module, inputs: torch.Tensor, forward, bf16: bool) -
     return grads
 
 
-def _assert_same_grads(fused: dict, plain: dict, tolerance: float) -> None:
-    assert fused.keys() == plain.keys()
-    for name, g in plain.items():
-        assert fused[name].dtype == torch.float32, name
-        assert (fused[name] - g).norm() <= tolerance * g.norm() + 1e-12, name
-
-
-@pytest.mark.parametrize("bf16", [False, True])
-@pytest.mark.parametrize("norm", ["group", "layer"])
-def test_recomputing_conv_encoder_backward_equals_plain_autograd(norm, bf16):
-    # ConvFeatureEncoder.forward fuses norm + GELU + next conv in a recomputing autograd function; the plain
-    # chain of ConvBlocks is the definition. Under bf16 autocast both run the same bf16 ops.
-    torch.manual_seed(0)
-    module = ConvFeatureEncoder(wavlm_tiny().conv_layers, norm=norm, bias=True)
-    audio = torch.randn(2, 8000) * 0.1
-
-    def plain(x):
-        x = x.unsqueeze(1)
-        for block in module.conv_layers:
-            x = block(x)
-        return x
-
-    fused = _grads(module, audio, module, bf16)
-    reference = _grads(module, audio, plain, bf16)
-    _assert_same_grads(fused, reference, tolerance=2e-2 if bf16 else 1e-5)
-
-
-@pytest.mark.parametrize("bf16", [False, True])
-def test_recomputing_gelu_linear_backward_equals_plain_autograd(bf16):
-    torch.manual_seed(0)
-    ffn = FeedForward(64, 256, dropout=0.0, activation_dropout=0.0)
-    x = torch.randn(2, 50, 64)
-    fused = _grads(ffn, x, ffn, bf16)  # activation_dropout 0 + grad on: the recomputing _GeluLinear path
-    reference = _grads(ffn, x, lambda h: ffn.fc2(F.gelu(ffn.fc1(h))), bf16)
-    _assert_same_grads(fused, reference, tolerance=2e-2 if bf16 else 1e-5)
+# The fused / recomputing kernels against their plain blocks, fp32 and bf16: tests/test_fused.py.
 
 
 @pytest.mark.parametrize("conv_norm", ["group", "layer"])

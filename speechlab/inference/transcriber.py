@@ -233,12 +233,20 @@ class Transcriber:
             return None
         return (self.chunk_frames + 2 * self.context_frames - 1) * self.hop + self.receptive_field
 
-    def _forward(self, waves: list[Tensor]) -> list[Tensor]:
-        """One padded forward: per waveform its (frames, vocab) log-probabilities on the CPU."""
+    def _forward(self, waves: list[Tensor], normalize: bool | None = None) -> list[Tensor]:
+        """One padded forward: per waveform its (frames, vocab) log-probabilities on the CPU.
+
+        ``normalize`` overrides the encoder's ``config.normalize_waveform`` for this call (windows of a long input
+        that was normalised as a whole: False), without touching the shared config."""
         batch = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)
         lengths = torch.tensor([w.numel() for w in waves])
         with torch.inference_mode():
-            logits, frames = self.model(batch.to(self.device), lengths.to(self.device))
+            batch, lengths = batch.to(self.device), lengths.to(self.device)
+            if normalize is None:
+                logits, frames = self.model(batch, lengths)
+            else:  # CTCModel.forward with the override (its dropout is off in eval)
+                out = self.model.encoder(batch, lengths, normalize=normalize)
+                logits, frames = self.model.head(out.last_hidden_state), out.frame_lengths
             log_probs = logits.float().log_softmax(-1).cpu()
         return [log_probs[row, : int(n)] for row, n in enumerate(frames.tolist())]
 
@@ -248,19 +256,15 @@ class Transcriber:
         total = int(encoder.frame_lengths(torch.tensor([wave.numel()]))[0])
         windows = plan_chunks(total, hop=self.hop, receptive_field=self.receptive_field,
                               chunk_frames=self.chunk_frames, context_frames=self.context_frames)  # fmt: skip
-        normalize = encoder.config.normalize_waveform
-        if normalize:  # whole-file statistics, like the unchunked model; the windows then skip it
+        if encoder.config.normalize_waveform:  # whole-file statistics, like the unchunked model
             wave = normalize_waveform(wave[None])[0]
         kept = []
-        try:
-            encoder.config.normalize_waveform = False
-            # one window per forward bounds memory (windows of equal length could share one)
-            for window in windows:
-                log_probs = self._forward([wave[window.sample_start : window.sample_end]])[0]
-                lo, hi = window.keep_start - window.frame_start, window.keep_end - window.frame_start
-                kept.append(log_probs[lo:hi])
-        finally:
-            encoder.config.normalize_waveform = normalize
+        # one window per forward bounds memory (windows of equal length could share one); the windows skip the
+        # per-input normalisation, passed down rather than set on the shared config
+        for window in windows:
+            log_probs = self._forward([wave[window.sample_start : window.sample_end]], normalize=False)[0]
+            lo, hi = window.keep_start - window.frame_start, window.keep_end - window.frame_start
+            kept.append(log_probs[lo:hi])
         return torch.cat(kept)
 
     def log_probs(self, audio: Any, *, sample_rate: int = SAMPLE_RATE) -> list[Tensor]:

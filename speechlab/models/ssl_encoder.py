@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from speechlab.host_sync import host_reads_are_free
+from speechlab.nn import masks
 from speechlab.nn.feature_encoder import ConvFeatureEncoder, Fp32LayerNorm, conv_output_lengths
 from speechlab.nn.transformer import TransformerEncoder
 
@@ -147,7 +148,7 @@ def normalize_waveform(audio: Tensor, lengths: Tensor | None = None, eps: float 
     if lengths is None:
         valid = torch.ones_like(audio, dtype=torch.bool)
     else:
-        valid = torch.arange(audio.shape[1], device=audio.device)[None, :] < lengths.to(audio.device)[:, None]
+        valid = masks.valid_mask(lengths.to(audio.device), audio.shape[1])
     x = audio.float()
     count = valid.sum(-1, keepdim=True).clamp(min=1)
     mean = (x * valid).sum(-1, keepdim=True) / count
@@ -210,13 +211,13 @@ class SSLEncoder(nn.Module):
             frames = max((frames - kernel) // stride + 1, 0)
         return frames
 
-    def _cnn(self, audio: Tensor) -> Tensor:
+    def _cnn(self, audio: Tensor, block0_statistics: tuple[Tensor, Tensor] | None) -> Tensor:
         """(B, S) -> (B, C, T) with feature_grad_mult applied (0 = frozen, run without autograd)."""
         scale = self.config.feature_grad_mult
         if self.training and scale == 0.0:
             with torch.no_grad():
-                return self.feature_encoder(audio)
-        features = self.feature_encoder(audio)
+                return self.feature_encoder(audio, block0_statistics)
+        features = self.feature_encoder(audio, block0_statistics)
         if self.training and scale != 1.0 and features.requires_grad:
             features = _GradMultiply.apply(features, scale)
         return features
@@ -228,10 +229,18 @@ class SSLEncoder(nn.Module):
         *,
         frame_mask: Tensor | None = None,
         output_hidden_states: bool = False,
+        normalize: bool | None = None,
+        block0_statistics: tuple[Tensor, Tensor] | None = None,
     ) -> SSLEncoderOutput:
         """audio: (batch, samples) float32 in [-1, 1], zero-padded; lengths: (batch,) int64 valid samples
         (None = no padding); frame_mask: (batch, T) bool, frames replaced by ``mask_emb`` (e.g. from
-        :func:`speechlab.nn.masking.span_mask`)."""
+        :func:`speechlab.nn.masking.span_mask`).
+
+        For windows of a longer input (chunked extraction), which must compute what the whole input does:
+        ``normalize`` overrides ``config.normalize_waveform`` for this call (False: the caller normalised the whole
+        file already); ``block0_statistics``: the whole file's ``(mean, var)`` for conv block 0's GroupNorm (Base
+        models, see :meth:`ConvFeatureEncoder.block0_statistics`).
+        """
         if audio.dim() != 2:
             raise ValueError(f"audio must be (batch, samples), got shape {tuple(audio.shape)}")
         if self.num_frames(audio.shape[1]) < 1:
@@ -239,9 +248,9 @@ class SSLEncoder(nn.Module):
                 f"audio too short: {audio.shape[1]} samples give 0 frames; the conv receptive field needs at least "
                 f"{self.receptive_field} samples"
             )
-        if self.config.normalize_waveform:
+        if self.config.normalize_waveform if normalize is None else normalize:
             audio = normalize_waveform(audio, lengths)
-        cnn = self._cnn(audio)  # (B, C, T)
+        cnn = self._cnn(audio, block0_statistics)  # (B, C, T)
         batch, _, num_frames = cnn.shape
 
         if lengths is None:
@@ -250,7 +259,7 @@ class SSLEncoder(nn.Module):
             attn_padding = None
         else:
             frame_lengths = self.frame_lengths(lengths.to(audio.device)).clamp(max=num_frames)
-            padding_mask = torch.arange(num_frames, device=audio.device)[None, :] >= frame_lengths[:, None]
+            padding_mask = masks.padding_mask(frame_lengths, num_frames)
             if host_reads_are_free(padding_mask):
                 attn_padding = padding_mask if bool(padding_mask.any()) else None
             else:  # masking no key is a no-op: pass the mask rather than read it on the host

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from speechlab.nn import fused
+
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
 
 
@@ -132,7 +134,8 @@ def _run_gated_flex_attention(q, k, v, gate, distance_bias, padding_mask) -> Ten
 
 
 class MultiHeadSelfAttention(nn.Module):
-    """Self-attention with separate q/k/v projections (HF-compatible weights), fused into one GEMM for inference.
+    """Self-attention with separate q/k/v projections (HF-compatible weights); in inference they run as one GEMM
+    (:func:`speechlab.nn.fused.qkv_heads`) when fused kernels are on.
 
     Args:
         dim: model width D. num_heads: H (head_dim = D / H). dropout: attention-probability dropout.
@@ -183,18 +186,14 @@ class MultiHeadSelfAttention(nn.Module):
         when ``gated_relative_bias``: (heads, T, T) for ``backend="sdpa"``, the per-distance (heads, 2T - 1) table
         for ``"flex"`` (see the module docstring). Returns (batch, T, D)."""
         batch, length, _ = x.shape
-        if torch.is_grad_enabled() and self.q_proj.weight.requires_grad:
-            # Training: three GEMMs sharing the saved input (a concatenated weight would be saved per layer too).
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if fused.for_inference(self.q_proj.weight):
+            q, k, v = fused.qkv_heads(x, *projections, self.num_heads)  # one GEMM
+        else:
             q, k, v = (
                 proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-                for proj in (self.q_proj, self.k_proj, self.v_proj)
-            )
-        else:
-            # Inference: one fused GEMM.
-            weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-            bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
-            qkv = F.linear(x, weight, bias).view(batch, length, 3, self.num_heads, self.head_dim)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, hd) each
+                for proj in projections
+            )  # (B, H, T, hd) each
 
         dropout = self.dropout if self.training else 0.0
         if backend == "flex" and self.gated_relative_bias and position_bias is not None:

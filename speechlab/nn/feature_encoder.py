@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from speechlab.nn import fused
+
 ConvSpec = tuple[int, int, int]  # (out_channels, kernel, stride)
 
 
@@ -40,17 +42,15 @@ def conv_output_lengths(lengths: Tensor, conv_layers: Sequence[ConvSpec]) -> Ten
 class Fp32GroupNorm(nn.GroupNorm):
     """GroupNorm computed in fp32 (also under autocast), output in the input dtype.
 
-    ``fixed_statistics``: ``(mean, var)``, each (channels,), to normalise with instead of the input's own
-    statistics (one group per channel only): chunked extraction sets the whole file's statistics so that every
-    window normalises exactly as the unchunked model does.
+    ``statistics``: ``(mean, var)``, each (channels,), to normalise with instead of the input's own statistics (one
+    group per channel only): chunked extraction passes the whole file's statistics so that every window normalises
+    exactly as the unchunked model does.
     """
 
-    fixed_statistics: tuple[Tensor, Tensor] | None = None
-
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, statistics: tuple[Tensor, Tensor] | None = None) -> Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
-            if self.fixed_statistics is not None:
-                mean, var = (t.to(x.device, torch.float32)[None, :, None] for t in self.fixed_statistics)
+            if statistics is not None:
+                mean, var = (t.to(x.device, torch.float32)[None, :, None] for t in statistics)
                 out = (x.float() - mean) * torch.rsqrt(var + self.eps)
                 out = out * self.weight[None, :, None] + self.bias[None, :, None]
             else:
@@ -65,91 +65,6 @@ class Fp32LayerNorm(nn.LayerNorm):
         with torch.autocast(device_type=x.device.type, enabled=False):
             out = F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps)
         return out.to(x.dtype)
-
-
-def _apply_norm(x: Tensor, kind: str, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
-    """Functional fp32 norm of a conv output x: (batch, channels, time), result in x's dtype."""
-    if kind == "none":
-        return x
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        if kind == "group":
-            out = F.group_norm(x.float(), x.shape[1], weight, bias, eps)
-        else:
-            out = F.layer_norm(x.float().transpose(1, 2), (x.shape[1],), weight, bias, eps).transpose(1, 2)
-    return out.to(x.dtype)
-
-
-class _NormGeluConv1d(torch.autograd.Function):
-    """``conv1d(gelu(norm([first_conv](x))))`` saving only its input ``x`` for backward.
-
-    The optional first conv, the norm and the GELU are recomputed in backward (under the forward's autocast state),
-    so a training step stores one tensor per conv block instead of three, and none for block 0 when ``x`` is the
-    waveform (block 0's output is the largest CNN activation; its conv has one input channel and is cheap to redo).
-    """
-
-    @staticmethod
-    def forward(
-        ctx,
-        x,
-        first_weight,
-        first_bias,
-        norm_weight,
-        norm_bias,
-        weight,
-        bias,
-        kind,
-        eps,
-        first_stride,
-        stride,
-    ):  # noqa: D102
-        ctx.kind, ctx.eps, ctx.first_stride, ctx.stride = kind, eps, first_stride, stride
-        ctx.has_bias = bias is not None
-        ctx.autocast = (
-            torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
-        )
-        activation = _NormGeluConv1d.activation(ctx, x, first_weight, first_bias, norm_weight, norm_bias)
-        ctx.save_for_backward(x, first_weight, first_bias, norm_weight, norm_bias, weight)
-        return F.conv1d(activation, weight, bias, stride)
-
-    @staticmethod
-    def activation(ctx, x, first_weight, first_bias, norm_weight, norm_bias) -> Tensor:
-        if first_weight is not None:
-            x = F.conv1d(x, first_weight, first_bias, ctx.first_stride)
-        return F.gelu(_apply_norm(x, ctx.kind, norm_weight, norm_bias, ctx.eps))
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):  # noqa: D102
-        x, first_weight, first_bias, norm_weight, norm_bias, weight = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        saved = (x, first_weight, first_bias, norm_weight, norm_bias)
-        leaves = [
-            t.detach().requires_grad_(need) if t is not None else None
-            for t, need in zip(saved, needs, strict=False)
-        ]
-        device = x.device.type
-        with (
-            torch.enable_grad(),
-            torch.autocast(device, dtype=ctx.autocast, enabled=ctx.autocast is not None),
-        ):
-            activation = _NormGeluConv1d.activation(ctx, *leaves)
-        dtype = grad_out.dtype
-        grad_act, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-            grad_out,
-            activation.detach().to(dtype),
-            weight.to(dtype),
-            [weight.shape[0]] if ctx.has_bias else None,
-            [ctx.stride],
-            [0],
-            [1],
-            False,
-            [0],
-            1,
-            [any(needs[:5]), needs[5], ctx.has_bias and needs[6]],
-        )
-        wanted = [t for t in leaves if t is not None and t.requires_grad]
-        grads = iter(torch.autograd.grad(activation, wanted, grad_act.to(activation.dtype)) if wanted else ())
-        leaf_grads = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
-        return (*leaf_grads, grad_weight, grad_bias if ctx.has_bias else None, None, None, None, None)
 
 
 class ConvBlock(nn.Module):
@@ -169,16 +84,21 @@ class ConvBlock(nn.Module):
         else:
             raise ValueError(f"ConvBlock norm must be 'group', 'layer' or 'none', got {norm!r}")
 
-    def normalize(self, x: Tensor) -> Tensor:
-        """The block's norm (or identity) on the conv output x: (batch, channels, time)."""
+    def normalize(self, x: Tensor, statistics: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """The block's norm (or identity) on the conv output x: (batch, channels, time); ``statistics`` (GroupNorm
+        only): the per-channel ``(mean, var)`` to use instead of x's own (see :class:`Fp32GroupNorm`)."""
+        if statistics is not None and self.norm_kind != "group":
+            raise ValueError(
+                f"fixed normalisation statistics need a GroupNorm block, this one has {self.norm_kind!r}"
+            )
         if self.norm_kind == "layer":
             return self.norm(x.transpose(1, 2)).transpose(1, 2)
         if self.norm_kind == "group":
-            return self.norm(x)
+            return self.norm(x, statistics)
         return x
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.gelu(self.normalize(self.conv(x)))
+    def forward(self, x: Tensor, statistics: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        return F.gelu(self.normalize(self.conv(x), statistics))
 
 
 class ConvFeatureEncoder(nn.Module):
@@ -233,39 +153,17 @@ class ConvFeatureEncoder(nn.Module):
         mean = total / frames
         return mean.float(), (squares / frames - mean.square()).clamp_min(0.0).float()
 
-    def forward(self, audio: Tensor) -> Tensor:
-        """audio: (batch, samples) float -> features (batch, channels, frames).
+    def forward(self, audio: Tensor, block0_statistics: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """audio: (batch, samples) float -> features (batch, channels, frames): the chain of :class:`ConvBlock` s.
 
-        Same maths as chaining the blocks; with autograd on, each norm + GELU is fused with the following conv so
-        that only the raw outputs of convs 1..6 are stored (about 80 % less CNN activation memory in a training step).
-        In fp32 block 0 (conv, norm, GELU) is recomputed in backward too, so its output, the largest activation, is
-        not stored. Under bf16 autocast block 0 runs as plain autograd instead: recomputing it there (the bf16 conv
-        and the fp32 norm with its casts) cost ~0.25 s of a 2.5 s WavLM Base training step on a native-bf16 CPU
-        (benchmarks/wavlm.py), and its stored activations are half the fp32 size.
+        ``block0_statistics``: ``(mean, var)`` (channels,) for block 0's GroupNorm instead of the batch's own (Base
+        models; :meth:`block0_statistics` of a whole file, for chunked extraction). In a training step with
+        :func:`speechlab.nn.fused.enabled` the same maths runs as :func:`speechlab.nn.fused.conv_feature_encoder`
+        (norm + GELU recomputed in backward: less memory).
         """
-        first = self.conv_layers[0].conv
-        training = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        if not training:
-            x = first(audio.unsqueeze(1))
-            for previous, block in zip(self.conv_layers[:-1], self.conv_layers[1:], strict=True):
-                x = block.conv(F.gelu(previous.normalize(x)))
-            return F.gelu(self.conv_layers[-1].normalize(x))
-        bf16 = torch.is_autocast_enabled(audio.device.type) and (
-            torch.get_autocast_dtype(audio.device.type) == torch.bfloat16
-        )
-        start = 0
-        if bf16:  # block 0 stored, not recomputed; the fused chain starts at block 1's conv
-            x = self.conv_layers[1].conv(self.conv_layers[0](audio.unsqueeze(1)))
-            start = 1
-        else:
-            x = audio.unsqueeze(1)
-        for index in range(start, len(self.conv_layers) - 1):
-            previous, conv = self.conv_layers[index], self.conv_layers[index + 1].conv
-            norm = previous.norm
-            norm_weight, norm_bias = (norm.weight, norm.bias) if norm is not None else (None, None)
-            fused_first = (first.weight, first.bias, first.stride[0]) if index == 0 else (None, None, 1)
-            x = _NormGeluConv1d.apply(
-                x, fused_first[0], fused_first[1], norm_weight, norm_bias, conv.weight, conv.bias,
-                previous.norm_kind, norm.eps if norm is not None else 0.0, fused_first[2], conv.stride[0],
-            )  # fmt: skip
-        return F.gelu(self.conv_layers[-1].normalize(x))
+        if block0_statistics is None and fused.for_training(*self.parameters()):
+            return fused.conv_feature_encoder(self.conv_layers, audio)
+        x = self.conv_layers[0](audio.unsqueeze(1), block0_statistics)
+        for block in self.conv_layers[1:]:
+            x = block(x)
+        return x

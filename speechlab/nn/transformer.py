@@ -22,34 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speechlab.host_sync import host_reads_are_free
+from speechlab.nn import fused
 from speechlab.nn.attention import MultiHeadSelfAttention, resolve_attention_backend
 from speechlab.nn.position import ConvPositionalEmbedding, RelativePositionBias
-
-
-class _GeluLinear(torch.autograd.Function):
-    """``linear(gelu(pre))`` that saves only ``pre`` (the GELU is recomputed in backward): one (B, T, F) tensor
-    per layer less in a training step."""
-
-    @staticmethod
-    def forward(ctx, pre: Tensor, weight: Tensor, bias: Tensor) -> Tensor:  # noqa: D102
-        ctx.save_for_backward(pre, weight)
-        return F.linear(F.gelu(pre), weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):  # noqa: D102
-        pre, weight = ctx.saved_tensors
-        dtype = grad_out.dtype
-        activation = F.gelu(pre).to(dtype).flatten(0, -2)
-        grad_flat = grad_out.flatten(0, -2)
-        grad_pre = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_act = (grad_flat @ weight.to(dtype)).view(pre.shape)
-            grad_pre = torch.ops.aten.gelu_backward(grad_act.to(pre.dtype), pre)
-        if ctx.needs_input_grad[1]:
-            grad_weight = grad_flat.t() @ activation
-        if ctx.needs_input_grad[2]:
-            grad_bias = grad_flat.sum(0)
-        return grad_pre, grad_weight, grad_bias
 
 
 class FeedForward(nn.Module):
@@ -66,9 +41,11 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
+        """x: (batch, T, D) -> (batch, T, D). Training without activation dropout runs the same maths as
+        :func:`speechlab.nn.fused.gelu_linear` when fused kernels are on (the GELU output is not stored)."""
         pre = self.fc1(x)
-        if self.activation_dropout.p == 0.0 and torch.is_grad_enabled() and self.fc2.weight.requires_grad:
-            return self.dropout(_GeluLinear.apply(pre, self.fc2.weight, self.fc2.bias))
+        if self.activation_dropout.p == 0.0 and fused.for_training(self.fc2.weight):
+            return self.dropout(fused.gelu_linear(pre, self.fc2))
         return self.dropout(self.fc2(self.activation_dropout(F.gelu(pre))))
 
 
