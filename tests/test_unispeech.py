@@ -10,6 +10,7 @@ from speechlab.models.unispeech import (
     UniSpeech,
     UniSpeechConfig,
     unispeech_base,
+    unispeech_fbank_tiny,
     unispeech_large,
     unispeech_tiny,
 )
@@ -219,3 +220,98 @@ def test_weight_norm_old_spelling_is_mapped(tmp_path):
     converted = convert_state_dict(state, config_from_hf(_hf_config(True).to_dict()))
     assert torch.equal(converted["encoder.encoder.pos_conv.conv.parametrizations.weight.original0"], g)
     assert torch.equal(converted["encoder.encoder.pos_conv.conv.parametrizations.weight.original1"], v)
+
+
+# ------------------------------------------------------------------------------ the fbank + Conformer backbone
+
+
+def _fbank(**overrides) -> UniSpeech:
+    torch.manual_seed(0)
+    config = unispeech_fbank_tiny(num_ctc_classes=12)
+    config.encoder.dropout = config.encoder.feature_dropout = 0.0
+    config.quantizer_dropout = config.final_dropout = 0.0
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return UniSpeech(config)
+
+
+def test_fbank_variant_quantizes_the_unmasked_subsampled_features_and_gives_25_hz_outputs():
+    model = _fbank(swap_prob=0.5).train()
+    audio, lengths = torch.randn(2, 16000), torch.tensor([16000, 11000])
+    frames = model.encoder.frame_lengths(lengths)
+    assert frames.tolist() == [25, 17]  # 98 / 67 fbank frames -> two stride-2 convolutions
+    frame_mask = torch.zeros(2, 25, dtype=torch.bool)
+    frame_mask[:, 3:8] = True
+    out = model(audio, lengths, frame_mask=frame_mask, generator=torch.Generator().manual_seed(0))
+    hidden = model.config.encoder.hidden_size
+    assert out.last_hidden_state.shape == (2, 25, hidden) and out.targets.shape == (2, 25, hidden)
+    assert out.ctc_logits.shape == (2, 25, 12) and out.codevector_indices.shape == (2, 25, 2)
+    assert out.frame_lengths.tolist() == [25, 17] and out.padding_mask[1, 17:].all()
+    assert not out.swap_mask[out.padding_mask].any() and out.swap_mask.any()
+    # the quantizer's input is the encoder's unmasked features: masking changes the context, not the targets
+    model.eval()
+    masked = model(audio, lengths, frame_mask=frame_mask)
+    unmasked = model(audio, lengths)
+    torch.testing.assert_close(masked.targets, unmasked.targets, rtol=0, atol=0)
+    assert not torch.allclose(masked.last_hidden_state[:, 3:8], unmasked.last_hidden_state[:, 3:8])
+
+
+def test_fbank_variant_swap_probability_zero_equals_plain_multitask():
+    model = _fbank(swap_prob=0.0).train()
+    out = model(torch.randn(2, 16000), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out.ctc_logits, model.ctc_proj(out.last_hidden_state), rtol=0, atol=0)
+    assert not out.swap_mask.any()
+    model.zero_grad()
+    out.ctc_logits.logsumexp(-1).sum().backward()
+    assert model.quantizer.codevectors.grad is None or model.quantizer.codevectors.grad.abs().sum() == 0
+    assert model.encoder.feature_projection.weight.grad.abs().sum() > 0
+
+
+def test_fbank_variant_swap_one_trains_the_codebook_through_ctc():
+    model = _fbank(swap_prob=1.0).train()
+    out = model(torch.randn(2, 16000), generator=torch.Generator().manual_seed(0))
+    assert out.swap_mask.all()
+    out.ctc_logits.logsumexp(-1).sum().backward()
+    assert model.quantizer.codevectors.grad.abs().sum() > 0
+    assert model.quantizer.weight_proj.weight.grad.abs().sum() > 0
+
+
+def test_fbank_variant_padding_does_not_change_targets_of_real_frames():
+    """Promised by the fbank front end (each utterance's fbank alone, padded frames zeroed after each subsampling
+    convolution): the quantizer's input, hence targets and code indices, are padding-invariant. The context is
+    not promised: the Conformer's depthwise convolutions read padded frames (4 layers x kernel 15 span the whole
+    utterance here), see speechlab/models/fbank_conformer.py."""
+    model = _fbank().eval()
+    audio = torch.randn(1, 16000)
+    alone = model(audio)
+    longer = torch.randn(1, 24000)  # a batch as the collate pads it: to its longest utterance
+    padded = model(
+        torch.cat([torch.cat([audio, torch.zeros(1, 8000)], dim=1), longer]), torch.tensor([16000, 24000])
+    )
+    padded = type(padded)(
+        **{k: v[:1] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in padded.__dict__.items()}
+    )
+    t = alone.targets.shape[1]
+    assert int(padded.frame_lengths[0]) == t
+    torch.testing.assert_close(padded.targets[:, :t], alone.targets, atol=1e-5, rtol=1e-5)
+    assert torch.equal(padded.codevector_indices[:, :t], alone.codevector_indices)
+
+
+def test_fbank_variant_round_trips_through_a_pretrained_directory(tmp_path):
+    from speechlab.api import load
+    from speechlab.checkpoints.pretrained_dir import save_pretrained
+    from speechlab.models.fbank_conformer import FbankConformerEncoder
+
+    model = _fbank().eval()
+    save_pretrained(model, tmp_path / "us", family="unispeech")
+    again = load(tmp_path / "us").eval()
+    assert isinstance(again, UniSpeech) and isinstance(again.encoder, FbankConformerEncoder)
+    audio = torch.randn(1, 12000)
+    torch.testing.assert_close(again(audio).ctc_logits, model(audio).ctc_logits)
+
+
+def test_hf_unispeech_weights_cannot_initialise_the_fbank_backbone_and_say_so():
+    from speechlab.checkpoints.safe_load import CheckpointError
+
+    with pytest.raises(CheckpointError, match="wav2vec 2.0 backbone.*unispeech_fbank_tiny"):
+        convert_state_dict({}, unispeech_fbank_tiny())

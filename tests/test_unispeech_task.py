@@ -176,3 +176,66 @@ def test_validation_per_decodes_the_unmasked_input(batch_and_tokenizer, monkeypa
     torch.testing.assert_close(decoded[0], unmasked[labeled])
     assert not torch.allclose(decoded[0], masked[labeled], atol=1e-3)
     assert task._error_counts[1] > 0  # phones were counted for val/per
+
+
+def _fbank_task(tokenizer, **kwargs) -> UniSpeechTask:
+    torch.manual_seed(0)
+    return UniSpeechTask(
+        model="unispeech_fbank_tiny",
+        model_overrides={"quantizer_dropout": 0.0, "final_dropout": 0.0},
+        encoder_overrides={"dropout": 0.0, "feature_dropout": 0.0},
+        num_ctc_classes=tokenizer.vocab_size,
+        num_negatives=20,
+        labeled_languages=["en"],
+        **kwargs,
+    )
+
+
+def test_fbank_variant_decreases_total_and_ctc_losses_on_a_real_batch(batch_and_tokenizer):
+    batch, tokenizer = batch_and_tokenizer
+    task = _fbank_task(tokenizer, ctc_weight=0.5).train()
+    assert task.config.swap_prob == 0.5 and task.config.span_mask_args() == (0.5, 5)
+    # as for unispeech_tiny, CTC dominates the first steps on this 4-utterance batch (contrastive stays near chance)
+    _assert_decreases(_train(task, batch, steps=30, lr=2e-3), ("loss", "ctc"))
+
+
+def test_fbank_variant_validation_per_decodes_the_unmasked_input(batch_and_tokenizer, monkeypatch):
+    batch, tokenizer = batch_and_tokenizer
+    task = _fbank_task(tokenizer, ctc_weight=0.5)
+    task.tokenizer = tokenizer
+    task.eval()
+    frame_masks = []
+    forward = task.model.forward
+
+    def recording_forward(*args, **kwargs):
+        frame_masks.append(kwargs.get("frame_mask"))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(task.model, "forward", recording_forward)
+    task.on_validation_epoch_start()
+    with torch.no_grad():
+        task.validation_step(batch, 0)
+    assert len(frame_masks) == 2 and bool(frame_masks[0].any()) and frame_masks[1] is None
+    assert task._error_counts[1] > 0
+
+
+def test_per_term_normalisation_divides_ctc_by_phones_and_contrastive_by_masked_frames(batch_and_tokenizer):
+    batch, tokenizer = batch_and_tokenizer
+    task = _fbank_task(tokenizer, ctc_weight=0.5, diversity_weight=0.1, loss_normalization="per_term").eval()
+    parts = task.compute_losses(batch, generator=torch.Generator().manual_seed(0))
+    expected = 0.5 * parts["ctc"] + 0.5 * (parts["contrastive"] + 0.1 * parts["diversity"])
+    torch.testing.assert_close(parts["loss"], expected)
+    with pytest.raises(ValueError, match="loss_normalization"):
+        _fbank_task(tokenizer, loss_normalization="per_frame")
+
+
+def test_fbank_variant_refuses_hugging_face_init_in_one_line(batch_and_tokenizer, tmp_path):
+    from speechlab.checkpoints.safe_load import CheckpointError
+
+    batch, tokenizer = batch_and_tokenizer
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "unispeech"}))
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="cannot initialise the fbank Conformer"):
+        _fbank_task(tokenizer, init_from=str(tmp_path))

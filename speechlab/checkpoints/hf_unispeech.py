@@ -71,6 +71,11 @@ def config_from_hf(hf: Mapping[str, Any]) -> UniSpeechConfig:
 
 def encoder_state_from_hf(hf_state: Mapping[str, Tensor], config: UniSpeechConfig) -> dict[str, Tensor]:
     """Backbone weights only, as an ``SSLEncoder`` state dict (``unispeech.`` prefix optional; heads ignored)."""
+    if config.is_fbank:
+        raise CheckpointError(
+            "a Hugging Face / fairseq UniSpeech checkpoint has a wav2vec 2.0 backbone and cannot initialise the fbank "
+            "Conformer one (unispeech_fbank_tiny); use unispeech_tiny / unispeech_base / unispeech_large"
+        )
     out = ssl_state_dict_from_hf(dict(hf_state), config.encoder)
     if not out:
         raise CheckpointError(

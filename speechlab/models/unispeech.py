@@ -11,6 +11,14 @@ projected to the model width like the contrastive targets; CTC gradients flow th
 (straight-through), which is what makes the codebook phonetic. ``swap_prob = 0`` is exactly plain multitask
 learning (CTC on ``c``). In eval mode nothing is swapped (the released code swaps at eval too: spec §10.17).
 
+The backbone is the paper's wav2vec 2.0 encoder (``SSLEncoder``; presets ``unispeech_base`` / ``unispeech_large`` /
+``unispeech_tiny``) or, for small CPU experiments, the fbank + Conformer encoder of
+:mod:`speechlab.models.fbank_conformer` (preset ``unispeech_fbank_tiny``): then the quantizer reads its unmasked
+subsampled fbank features, the context is the Conformer output, and the rest is unchanged. The raw-waveform CNN +
+small Transformer stays on the all-blank CTC plateau on the bundled espeak corpus for the whole pretraining budget,
+so its swap would carry nothing; the fbank Conformer leaves it within a few hundred steps (recipes/mini/README.md).
+Only the wav2vec 2.0 backbone maps onto Hugging Face / fairseq UniSpeech checkpoints.
+
 ``final_proj`` maps the quantized targets *up* to the model width (fairseq ``--transpose``; HF ``project_hid`` is
 Linear(proj_codevector_dim → hidden_size), the opposite direction of ``Wav2Vec2ForPreTraining.project_hid``).
 The model holds no loss: :mod:`speechlab.tasks.unispeech` does.
@@ -24,15 +32,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from speechlab.models.fbank_conformer import FbankConformerConfig, FbankConformerEncoder
 from speechlab.models.ssl_encoder import SSLEncoder, SSLEncoderConfig
 from speechlab.nn.gumbel_quantizer import GumbelProductQuantizer, GumbelQuantizerConfig
+
+FBANK_SPAN_MASK = (0.5, 5)
 
 
 @dataclass
 class UniSpeechConfig:
     """UniSpeech hyper-parameters; defaults are the released Large recipe (spec §7.1-7.6).
 
-    encoder: the backbone (``unispeech_large()`` etc. fill it).
+    encoder: the backbone (``unispeech_large()`` etc. fill it): an ``SSLEncoderConfig`` (wav2vec 2.0, the paper's),
+      or a ``FbankConformerConfig`` (fbank + Conformer, ``unispeech_fbank_tiny()``).
     num_codevector_groups / num_codevectors_per_group: G = 2, V = 320.
     codevector_dim: quantizer output size (fairseq ``vq_dim`` = final_dim = 768 for Large, HF default 256).
     proj_codevector_dim: ``project_q`` output size (fairseq final_dim).
@@ -44,7 +56,7 @@ class UniSpeechConfig:
       (training only).
     """
 
-    encoder: SSLEncoderConfig = field(default_factory=SSLEncoderConfig)
+    encoder: SSLEncoderConfig | FbankConformerConfig = field(default_factory=SSLEncoderConfig)
     num_codevector_groups: int = 2
     num_codevectors_per_group: int = 320
     codevector_dim: int = 768
@@ -56,8 +68,10 @@ class UniSpeechConfig:
     swap_prob: float = 0.5
 
     def __post_init__(self) -> None:
-        if isinstance(self.encoder, dict):
-            self.encoder = SSLEncoderConfig(**self.encoder)
+        if isinstance(self.encoder, dict):  # read back from config.json / a checkpoint's hyper-parameters
+            from speechlab.models.ctc import encoder_config_from_dict
+
+            self.encoder = encoder_config_from_dict(self.encoder)
         self.temperature = tuple(float(t) for t in self.temperature)
         if len(self.temperature) != 3:
             raise ValueError(f"UniSpeechConfig.temperature must be (max, min, decay), got {self.temperature}")
@@ -68,10 +82,28 @@ class UniSpeechConfig:
                 f"UniSpeechConfig.num_ctc_classes must be >= 2 (blank + phones), got {self.num_ctc_classes}"
             )
 
+    @property
+    def is_fbank(self) -> bool:
+        """True when the backbone is the fbank + Conformer encoder (no Hugging Face / fairseq counterpart)."""
+        return isinstance(self.encoder, FbankConformerConfig)
+
+    @property
+    def feature_dim(self) -> int:
+        """Size of the encoder's ``features`` (the quantizer's input): the last CNN layer's channels, or the
+        Conformer width for the fbank encoder (its subsampling convolutions output ``hidden_size`` channels)."""
+        return self.encoder.hidden_size if self.is_fbank else self.encoder.conv_layers[-1][0]
+
+    def span_mask_args(self) -> tuple[float, int]:
+        """(mask_prob, mask_length) of pretraining's span masking: the SSL encoder config's, or for the fbank
+        encoder (whose config has none) 0.5 / 5 frames, UniSpeech's 0.5 / 10 at 50 Hz as the same 200 ms at 25 Hz."""
+        if self.is_fbank:
+            return FBANK_SPAN_MASK
+        return self.encoder.mask_prob, self.encoder.mask_length
+
     def quantizer_config(self) -> GumbelQuantizerConfig:
         maximum, minimum, decay = self.temperature
         return GumbelQuantizerConfig(
-            input_dim=self.encoder.conv_layers[-1][0],
+            input_dim=self.feature_dim,
             num_groups=self.num_codevector_groups,
             num_entries=self.num_codevectors_per_group,
             codevector_dim=self.codevector_dim,
@@ -155,6 +187,21 @@ def unispeech_tiny(num_ctc_classes: int = 80) -> UniSpeechConfig:
     )
 
 
+def unispeech_fbank_tiny(num_ctc_classes: int = 80) -> UniSpeechConfig:
+    """UniSpeech on ``fbank_conformer_tiny`` (80-bin fbank, 4x subsampling to 25 Hz, 4 x 144 Conformer): a backbone
+    whose English CTC leaves the all-blank plateau within the mini recipe's budget. G=2 x V=64 codebook of 128-d
+    vectors on the 144-d subsampled features; other heads and the swap as in :func:`unispeech_tiny`. CPU experiments
+    only: no Hugging Face / fairseq checkpoint has this backbone."""
+    return UniSpeechConfig(
+        encoder=FbankConformerConfig(),
+        num_codevectors_per_group=64,
+        codevector_dim=128,
+        proj_codevector_dim=128,
+        temperature=(2.0, 0.5, 0.998),
+        num_ctc_classes=num_ctc_classes,
+    )
+
+
 @dataclass
 class UniSpeechOutput:
     """Everything the task needs for one step.
@@ -188,7 +235,10 @@ class UniSpeech(nn.Module):
     def __init__(self, config: UniSpeechConfig):
         super().__init__()
         self.config = config
-        self.encoder = SSLEncoder(config.encoder)
+        if config.is_fbank:
+            self.encoder: SSLEncoder | FbankConformerEncoder = FbankConformerEncoder(config.encoder)
+        else:
+            self.encoder = SSLEncoder(config.encoder)
         self.quantizer_dropout = nn.Dropout(config.quantizer_dropout)
         self.quantizer = GumbelProductQuantizer(config.quantizer_config())
         self.project_q = nn.Linear(config.codevector_dim, config.proj_codevector_dim)

@@ -30,6 +30,7 @@ from speechlab.models.unispeech import (
     UniSpeech,
     UniSpeechConfig,
     unispeech_base,
+    unispeech_fbank_tiny,
     unispeech_large,
     unispeech_tiny,
 )
@@ -45,6 +46,7 @@ PRESETS = {
     "unispeech_tiny": unispeech_tiny,
     "unispeech_base": unispeech_base,
     "unispeech_large": unispeech_large,
+    "unispeech_fbank_tiny": unispeech_fbank_tiny,
 }
 
 
@@ -70,22 +72,33 @@ def build_config(
     return dataclasses.replace(config, **{**(overrides or {}), "encoder": encoder})
 
 
+LOSS_NORMALIZATIONS = ("masked_frames", "per_term")
+
+
 class UniSpeechTask(SpeechTask):
     """UniSpeech pretraining on a mixed labeled / unlabeled batch.
 
     Args:
-        model: preset name (``unispeech_tiny`` | ``unispeech_base`` | ``unispeech_large``).
+        model: preset name (``unispeech_tiny`` | ``unispeech_base`` | ``unispeech_large`` | ``unispeech_fbank_tiny``,
+            the last on the fbank + Conformer encoder, for CPU experiments).
         model_overrides: ``UniSpeechConfig`` fields to change (e.g. ``{swap_prob: 0.0}``).
-        encoder_overrides: ``SSLEncoderConfig`` fields to change (e.g. ``{num_layers: 4}``).
+        encoder_overrides: fields of the backbone's config to change (``SSLEncoderConfig`` or
+            ``FbankConformerConfig``, e.g. ``{num_layers: 4}``).
         num_ctc_classes: phone inventory size incl. blank; None = the data module tokenizer's ``vocab_size``.
         ctc_weight: α; 0 = contrastive-only (wav2vec 2.0), 1 = CTC only.
         diversity_weight: β (0.1).
         feature_penalty_weight: γ (0 for UniSpeech, 10 for wav2vec 2.0 Base).
         num_negatives: K distractors per masked frame (100), from the same utterance.
         logit_temperature: κ of the cosine logits (0.1).
-        mask_prob / mask_length: span masking; None = the encoder config's values (0.5 / 10 for UniSpeech).
+        mask_prob / mask_length: span masking; None = the model config's (the SSL encoder's: 0.5 / 10 for UniSpeech;
+            0.5 / 5 frames for the 25 Hz fbank encoder).
         labeled_languages: languages whose utterances get CTC; None = every utterance with targets.
-        init_from: a Hugging Face UniSpeech directory to start from (heads that are absent stay freshly initialised).
+        loss_normalization: ``masked_frames`` (the reference: both summed terms divided by the batch's masked
+            frames M) or ``per_term`` (CTC per labeled target phone, InfoNCE per masked frame:
+            ``α · CTC/N + (1 − α) · (InfoNCE/M + β · L_div + γ · penalty)``), which keeps the CTC gradient's scale
+            independent of how many labeled utterances a length-bucketed mixed batch happens to hold.
+        init_from: a Hugging Face UniSpeech directory to start from (heads that are absent stay freshly initialised;
+            wav2vec 2.0 backbones only).
     """
 
     checkpoint_monitor = ("val/loss", "min")
@@ -104,6 +117,7 @@ class UniSpeechTask(SpeechTask):
         mask_prob: float | None = None,
         mask_length: int | None = None,
         labeled_languages: list[str] | None = None,
+        loss_normalization: str = "masked_frames",
         init_from: str | None = None,
         optim: OptimConfig | None = None,
         max_nonfinite_steps: int = 20,
@@ -111,6 +125,10 @@ class UniSpeechTask(SpeechTask):
         super().__init__(optim=optim, max_nonfinite_steps=max_nonfinite_steps)
         if not 0.0 <= ctc_weight <= 1.0:
             raise ValueError(f"ctc_weight (alpha) must be in [0, 1], got {ctc_weight}")
+        if loss_normalization not in LOSS_NORMALIZATIONS:
+            raise ValueError(
+                f"loss_normalization must be one of {LOSS_NORMALIZATIONS}, got {loss_normalization!r}"
+            )
         if num_negatives < 1:
             raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
         self.save_hyperparameters(ignore=["optim"])
@@ -196,11 +214,12 @@ class UniSpeechTask(SpeechTask):
         validation contrastive loss is meaningful; validation PER decodes an unmasked pass instead). ``generator``
         seeds masks, distractors, Gumbel noise and swap.
         """
-        h, encoder_config = self.hparams, self.config.encoder
+        h = self.hparams
         frame_lengths = self.model.encoder.frame_lengths(batch.lengths)
+        default_prob, default_length = self.config.span_mask_args()
         mask_args = (
-            encoder_config.mask_prob if h.mask_prob is None else h.mask_prob,
-            encoder_config.mask_length if h.mask_length is None else h.mask_length,
+            default_prob if h.mask_prob is None else h.mask_prob,
+            default_length if h.mask_length is None else h.mask_length,
         )
         if generator is None and not host_reads_are_free(frame_lengths):
             # training on an accelerator: drawn there, as wide as the encoder output, no lengths on the host
@@ -270,7 +289,10 @@ class UniSpeechTask(SpeechTask):
             num_tokens = (batch.target_lengths * feasible)[labeled].sum().float()
 
         alpha = h.ctc_weight
-        loss = (alpha * ctc_sum + (1.0 - alpha) * self_supervised) / num_masked
+        if h.get("loss_normalization", "masked_frames") == "per_term":
+            loss = alpha * ctc_sum / num_tokens.clamp(min=1.0) + (1.0 - alpha) * self_supervised / num_masked
+        else:
+            loss = (alpha * ctc_sum + (1.0 - alpha) * self_supervised) / num_masked
         return {
             "loss": loss,
             "ctc": ctc_sum / num_tokens.clamp(min=1.0),  # per target phone, for reading
