@@ -1,8 +1,9 @@
 """Codec evaluation harness: one table for any set of codecs on the same manifest (``speechlab codec-eval``).
 
 Per codec and codebook count: bitrate, multi-scale mel distance, multi-resolution STFT distance, SI-SDR, STOI
-(``pystoi``) and wide-band PESQ (``pesq``) when those packages are installed, codebook usage (fraction of each
-level's codes used, averaged over levels; level-0 perplexity) and real-time factor of encode + decode.
+(``pystoi``) and wide-band PESQ (``pesq``; both are dependencies, a column is left out only where the package is
+missing), codebook usage (fraction of each level's codes used on the whole manifest, averaged over levels, and the
+least-used level's; level-0 perplexity) and real-time factor of encode + decode.
 
 Every codec sees the same reference clips at ``--sample-rate`` (default 16 kHz); a codec at another rate gets them
 resampled and its output is resampled back, so all metrics are computed at one rate.
@@ -104,6 +105,7 @@ def evaluate_codec(codec, clips: list[Tensor], sample_rate: int, n_q: int | None
         n_q=n_q,
         kbps=n_q * math.log2(codec.codebook_size) * codec.frame_rate / 1000,
         codebook_usage=float((counts > 0).float().mean()),
+        usage_min=float((counts > 0).float().mean(dim=1).min()),
         perplexity_l0=float(torch.exp(-(probs * probs.clamp_min(1e-12).log()).sum())),
         rtf=elapsed / max(seconds, 1e-9),
     )
@@ -120,6 +122,7 @@ COLUMNS = [
     ("stoi", "{:.3f}"),
     ("pesq", "{:.2f}"),
     ("codebook_usage", "{:.3f}"),
+    ("usage_min", "{:.3f}"),
     ("perplexity_l0", "{:.1f}"),
     ("rtf", "{:.4f}"),
 ]

@@ -65,6 +65,8 @@ def test_identity_reconstruction_scores_perfect_pesq_and_stoi_and_noise_scores_l
         "si_sdr",
         "stoi",
         "pesq",
+        "codebook_usage",
+        "usage_min",
         "perplexity_l0",
     ):
         assert column in header

@@ -157,3 +157,30 @@ def test_batch_statistics_report_usage_perplexity_and_replacements():
     assert out.usage.shape == (2,) and out.perplexity.shape == (2,) and out.replaced.shape == (2,)
     assert out.usage[0] == 1.0
     assert abs(float(out.perplexity[0]) - 4.0) < 0.05
+
+
+def test_relative_dead_code_threshold_does_not_redraw_a_uniformly_used_codebook_of_a_small_batch():
+    """Fewer frames per batch than 2 per code: EnCodec's absolute threshold 2 calls a uniformly used codebook dead
+    and re-draws codes every step; Mimi's relative one (0.1 x the uniform count) leaves it alone."""
+    centres = torch.randn(32, 4, generator=torch.Generator().manual_seed(0)) * 3
+    replaced = {}
+    for ratio in (None, 0.1):
+        torch.manual_seed(0)
+        rvq = ResidualVectorQuantizer(
+            4,
+            num_quantizers=1,
+            codebook_size=32,
+            kmeans_iters=10,
+            quantizer_dropout=0.0,
+            dead_code_ratio=ratio,
+        ).train()
+        total = 0.0
+        for step in range(40):
+            x = clustered(centres, 1, noise=0.05, seed=step)  # 32 frames, one per cluster: uniform count 1
+            out = rvq(x.T[None])
+            total += float(out.replaced[0]) if step >= 20 else 0.0
+        replaced[ratio] = total
+        codes = rvq.eval().encode(clustered(centres, 1, noise=0.05, seed=99).T[None])
+        if ratio is not None:
+            assert codes.unique().numel() >= 28  # the k-means codebook survives
+    assert replaced[None] > 100 and replaced[0.1] == 0
