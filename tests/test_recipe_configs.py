@@ -64,9 +64,15 @@ TINY_WIDTH: dict[str, dict[str, Any]] = {
         "discriminator": {"stft_filters": 4, "period_channels": [4, 8, 16, 16, 16]},
     },
 }
-# Encoders that are not SSL encoders take their own width override (CTCTask's ``encoder`` selects it).
+# Encoders that are not SSL encoders take their own width override (CTCTask's ``encoder`` selects it, or
+# UniSpeechTask's ``model`` preset); the UniSpeech fbank one matches fbank_conformer_tiny's, so its fine-tuning
+# configs load the rehearsed pretraining checkpoint.
 TINY_WIDTH_BY_ENCODER: dict[str, dict[str, Any]] = {
     "fbank_conformer_tiny": {"encoder_overrides": {"hidden_size": 32, "ffn_size": 64, "num_heads": 2}},
+    "unispeech_fbank_tiny": {
+        "encoder_overrides": {"hidden_size": 32, "ffn_size": 64, "num_heads": 2},
+        "model_overrides": {"codevector_dim": 16, "proj_codevector_dim": 16, "num_codevectors_per_group": 16},
+    },
 }
 MAX_BATCH_SECONDS = 6.5  # two of the rehearsal's 2-3.2 s utterances
 
@@ -158,7 +164,8 @@ def rehearsal_config(path: Path, work: Path, init_from: Path | None = None) -> t
         log_every_n_steps=1,
     )
     init_args = model["init_args"]
-    width = TINY_WIDTH_BY_ENCODER.get(init_args.get("encoder"), TINY_WIDTH[model["class_path"]])
+    encoder = init_args.get("encoder") or init_args.get("model")
+    width = TINY_WIDTH_BY_ENCODER.get(encoder, TINY_WIDTH[model["class_path"]])
     model["init_args"] = init_args = _merge(init_args, width)
     if "init_from" in init_args:
         assert init_from is not None, f"{path}: init_from needs its producer's run"

@@ -93,6 +93,10 @@ class UniSpeechTask(SpeechTask):
         mask_prob / mask_length: span masking; None = the model config's (the SSL encoder's: 0.5 / 10 for UniSpeech;
             0.5 / 5 frames for the 25 Hz fbank encoder).
         labeled_languages: languages whose utterances get CTC; None = every utterance with targets.
+        labeled_mask_prob: span-mask probability for the labeled utterances (None = ``mask_prob``, the reference:
+            one mask for all). CTC reads the masked pass, and with half of its frames replaced by ``mask_emb`` a
+            small model's CTC stays on the all-blank plateau much longer; a light mask here (SpecAugment-like,
+            e.g. 0.05) keeps the contrastive task on the unlabeled utterances as it is.
         loss_normalization: ``masked_frames`` (the reference: both summed terms divided by the batch's masked
             frames M) or ``per_term`` (CTC per labeled target phone, InfoNCE per masked frame:
             ``α · CTC/N + (1 − α) · (InfoNCE/M + β · L_div + γ · penalty)``), which keeps the CTC gradient's scale
@@ -117,6 +121,7 @@ class UniSpeechTask(SpeechTask):
         mask_prob: float | None = None,
         mask_length: int | None = None,
         labeled_languages: list[str] | None = None,
+        labeled_mask_prob: float | None = None,
         loss_normalization: str = "masked_frames",
         init_from: str | None = None,
         optim: OptimConfig | None = None,
@@ -125,6 +130,8 @@ class UniSpeechTask(SpeechTask):
         super().__init__(optim=optim, max_nonfinite_steps=max_nonfinite_steps)
         if not 0.0 <= ctc_weight <= 1.0:
             raise ValueError(f"ctc_weight (alpha) must be in [0, 1], got {ctc_weight}")
+        if labeled_mask_prob is not None and not 0.0 <= labeled_mask_prob < 1.0:
+            raise ValueError(f"labeled_mask_prob must be in [0, 1) or null, got {labeled_mask_prob}")
         if loss_normalization not in LOSS_NORMALIZATIONS:
             raise ValueError(
                 f"loss_normalization must be one of {LOSS_NORMALIZATIONS}, got {loss_normalization!r}"
@@ -221,14 +228,14 @@ class UniSpeechTask(SpeechTask):
             default_prob if h.mask_prob is None else h.mask_prob,
             default_length if h.mask_length is None else h.mask_length,
         )
-        if generator is None and not host_reads_are_free(frame_lengths):
-            # training on an accelerator: drawn there, as wide as the encoder output, no lengths on the host
-            num_frames = self.model.encoder.num_frames(batch.audio.shape[1])
-            frame_mask = span_mask(frame_lengths, *mask_args, min_masks=2, num_frames=num_frames)
-        else:
-            frame_mask = span_mask(frame_lengths.cpu(), *mask_args, min_masks=2, generator=generator).to(
-                batch.audio.device
+        frame_mask = self._span_mask(frame_lengths, batch, *mask_args, min_masks=2, generator=generator)
+        labeled = self.labeled_mask(batch)
+        if h.get("labeled_mask_prob") is not None:
+            # labeled utterances get their own (lighter) mask: the CTC input is the masked pass
+            light = self._span_mask(
+                frame_lengths, batch, h.labeled_mask_prob, mask_args[1], min_masks=0, generator=generator
             )
+            frame_mask = torch.where(labeled[:, None], light, frame_mask)
         out = self.model(batch.audio, batch.lengths, frame_mask=frame_mask, generator=generator)
         frame_mask = frame_mask[:, : out.last_hidden_state.shape[1]] & ~out.padding_mask
 
@@ -249,7 +256,6 @@ class UniSpeechTask(SpeechTask):
             + h.feature_penalty_weight * out.feature_penalty * num_masked
         )
 
-        labeled = self.labeled_mask(batch)
         ctc_sum = out.ctc_logits.new_zeros(())
         num_tokens = torch.zeros((), device=batch.audio.device)
         infeasible = torch.zeros((), dtype=torch.long, device=batch.audio.device)
@@ -310,6 +316,26 @@ class UniSpeechTask(SpeechTask):
             / (~out.padding_mask).sum().float(),
             "_labeled": labeled,
         }
+
+    def _span_mask(
+        self,
+        frame_lengths: Tensor,
+        batch: Any,
+        mask_prob: float,
+        mask_length: int,
+        min_masks: int,
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        """(B, T) bool span mask over the encoder frames of ``batch``."""
+        if generator is None and not host_reads_are_free(frame_lengths):
+            # training on an accelerator: drawn there, as wide as the encoder output, no lengths on the host
+            num_frames = self.model.encoder.num_frames(batch.audio.shape[1])
+            return span_mask(
+                frame_lengths, mask_prob, mask_length, min_masks=min_masks, num_frames=num_frames
+            )
+        return span_mask(
+            frame_lengths.cpu(), mask_prob, mask_length, min_masks=min_masks, generator=generator
+        ).to(batch.audio.device)
 
     # -- steps --------------------------------------------------------------------------------------------------
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
