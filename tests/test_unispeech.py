@@ -315,3 +315,12 @@ def test_hf_unispeech_weights_cannot_initialise_the_fbank_backbone_and_say_so():
 
     with pytest.raises(CheckpointError, match="wav2vec 2.0 backbone.*unispeech_fbank_tiny"):
         convert_state_dict({}, unispeech_fbank_tiny())
+
+
+def test_target_grad_mult_zero_keeps_quantizer_gradients_out_of_the_features():
+    model = _fbank(swap_prob=0.0, target_grad_mult=0.0).train()
+    out = model(torch.randn(2, 16000), generator=torch.Generator().manual_seed(0))
+    out.targets.sum().backward()
+    assert model.quantizer.weight_proj.weight.grad.abs().sum() > 0
+    grad = model.encoder.feature_encoder[0].weight.grad
+    assert grad is None or grad.abs().sum() == 0

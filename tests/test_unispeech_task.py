@@ -239,3 +239,22 @@ def test_fbank_variant_refuses_hugging_face_init_in_one_line(batch_and_tokenizer
     save_file({"x": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match="cannot initialise the fbank Conformer"):
         _fbank_task(tokenizer, init_from=str(tmp_path))
+
+
+def test_labeled_mask_prob_masks_labeled_utterances_apart(batch_and_tokenizer, monkeypatch):
+    batch, tokenizer = batch_and_tokenizer
+    task = _task(tokenizer, mask_prob=0.65, labeled_mask_prob=0.0).train()
+    frame_masks = []
+    forward = task.model.forward
+
+    def recording_forward(*args, **kwargs):
+        frame_masks.append(kwargs.get("frame_mask"))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(task.model, "forward", recording_forward)
+    task.compute_losses(batch, generator=torch.Generator().manual_seed(0))
+    labeled = task.labeled_mask(batch)
+    assert not frame_masks[0][labeled].any()  # the CTC input of labeled utterances is unmasked here
+    assert frame_masks[0][~labeled].float().mean() > 0.3  # the unlabeled ones keep the contrastive mask
+    with pytest.raises(ValueError, match="labeled_mask_prob"):
+        _task(tokenizer, labeled_mask_prob=1.5)

@@ -54,6 +54,8 @@ class UniSpeechConfig:
     final_dropout: dropout before ``ctc_proj``.
     swap_prob: probability that a frame's Transformer output is replaced by its quantized vector before the CTC layer
       (training only).
+    target_grad_mult: scale of the gradient from the quantizer (contrastive targets, diversity, swapped CTC frames)
+      into the encoder's features; 1 = the reference (0 = the targets do not shape the front end).
     """
 
     encoder: SSLEncoderConfig | FbankConformerConfig = field(default_factory=SSLEncoderConfig)
@@ -66,6 +68,7 @@ class UniSpeechConfig:
     num_ctc_classes: int = 80
     final_dropout: float = 0.1
     swap_prob: float = 0.5
+    target_grad_mult: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.encoder, dict):  # read back from config.json / a checkpoint's hyper-parameters
@@ -271,7 +274,11 @@ class UniSpeech(nn.Module):
             audio, lengths, frame_mask=frame_mask, output_hidden_states=output_hidden_states
         )
         valid = ~encoded.padding_mask
-        features = self.quantizer_dropout(encoded.features)
+        features = encoded.features
+        if self.config.target_grad_mult != 1.0:
+            m = self.config.target_grad_mult
+            features = features * m + features.detach() * (1.0 - m)
+        features = self.quantizer_dropout(features)
         quantized = self.quantizer(features, valid, generator=generator)
         targets = self.project_codevectors(quantized.codevectors)
 
