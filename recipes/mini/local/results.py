@@ -194,42 +194,57 @@ def unispeech_section(exp: Path) -> list[str]:
     return lines
 
 
+def codebook_size(pretrained: Path) -> int | None:
+    """``codebook_size`` of a codec's exported ``config.json`` (wherever it is nested), if there is one."""
+    path = pretrained / "config.json"
+    if not path.is_file():
+        return None
+    stack = [json.loads(path.read_text())]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if "codebook_size" in item:
+                return int(item["codebook_size"])
+            stack += item.values()
+    return None
+
+
 def codec_section(exp: Path) -> list[str]:
     path = exp / "codec" / "eval.md"
     lines = ["## Codec on held-out LJ Speech (untrained preset vs trained)", ""]
     if not path.is_file():
         return lines + ["missing (stage 6 did not run)"]
     text = path.read_text(encoding="utf-8").strip()
-    lines.append(text)
-    rows = [row for row in markdown_table(text) if "untrained" not in row.get("codec", "")]
-    by_nq = {row.get("n_q"): row for row in rows}
-    if "1" in by_nq and "4" in by_nq:
-        mel1, mel4 = float(by_nq["1"]["mel distance"]), float(by_nq["4"]["mel distance"])
-        gain = 1 - mel4 / mel1
-        lines += [
-            "",
+    lines += [
+        text,
+        "",
+        "(`codebook_usage`: mean over the levels used; `usage_min`: the least-used level)",
+        "",
+    ]
+    trained = {row["n_q"]: row for row in markdown_table(text) if not row["codec"].startswith("preset:")}
+    if "1" not in trained or "4" not in trained:
+        return lines + ["the table has no n_q 1 and 4 rows of the trained codec"]
+    mel1, mel4 = float(trained["1"]["mel_distance"]), float(trained["4"]["mel_distance"])
+    gain = 1 - mel4 / mel1
+    usage = float(trained["4"]["usage_min"])
+    lines.append(
+        check(usage >= MIN_USAGE, f"every level uses >= 80 % of its codes: least-used level {usage:.2f}")
+    )
+    size = codebook_size(exp / "codec" / "pretrained")
+    if size:
+        perplexity = float(trained["1"]["perplexity_l0"])
+        lines.append(
             check(
-                gain >= MIN_MEL_GAIN,
-                f"n_q 4 vs 1: mel distance {mel4:.3f} vs {mel1:.3f}, {gain:.0%} lower (>= 10 %)",
-            ),
-        ]
-        row = by_nq["4"]
-        usage_key = next((k for k in row if k.startswith("min usage")), "codebook usage")
-        if usage_key in row:
-            usage = float(row[usage_key])
-            lines.append(
-                check(usage >= MIN_USAGE, f"{usage_key} {usage:.2f} (>= {MIN_USAGE:.0%} of the entries)")
+                perplexity >= MIN_PERPLEXITY_FRACTION * size,
+                f"level-0 perplexity {perplexity:.1f} of {size} codes (>= half)",
             )
-        perplexity_key = next((k for k in row if k.startswith("perplexity l0")), None)
-        size_key = next((k for k in row if k.startswith("codebook size")), None)
-        if perplexity_key and size_key:
-            perplexity, size = float(row[perplexity_key]), float(row[size_key])
-            lines.append(
-                check(
-                    perplexity >= MIN_PERPLEXITY_FRACTION * size,
-                    f"level-0 perplexity {perplexity:.1f} of {size:.0f} codes (>= half)",
-                )
-            )
+        )
+    lines.append(
+        check(
+            gain >= MIN_MEL_GAIN,
+            f"n_q 4 vs 1: mel distance {mel4:.3f} vs {mel1:.3f}, {gain:.1%} lower (>= 10 %)",
+        )
+    )
     return lines
 
 
