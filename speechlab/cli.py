@@ -3,7 +3,7 @@
 ``speechlab fit|validate|test --config conf.yaml`` train and evaluate any task through LightningCLI (one Trainer
 setup for every task, see :mod:`speechlab.train` and :mod:`speechlab.lightning_cli`); the other subcommands are
 tools (feature extraction, k-means units, codec tokenization, checkpoint conversion and export, transcription),
-one module each in :mod:`speechlab.commands` (``codec-eval``: :mod:`speechlab.codec_eval`, for now).
+one module each in :mod:`speechlab.commands`.
 
 Start-up stays fast: this module imports neither torch nor Lightning. ``speechlab --help`` and ``--version`` are
 answered from the table below, a tool command imports only its own module, and Lightning is imported only for
@@ -32,7 +32,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "kmeans": ("speechlab.commands.kmeans", "k-means unit targets (HuBERT/WavLM pseudo-labels) for manifests"),
     "encode": ("speechlab.commands.encode", "audio (manifest or folder) -> codec token files + a manifest"),
     "decode": ("speechlab.commands.decode", "codec token files -> wav files"),
-    "codec-eval": ("speechlab.codec_eval", "compare codecs on one manifest (mel/STFT distance, SI-SDR, STOI, PESQ, usage, RTF)"),
+    "codec-eval": ("speechlab.commands.codec_eval", "compare codecs on one manifest (mel/STFT distance, SI-SDR, STOI, PESQ, usage, RTF)"),
     "check-manifest": ("speechlab.commands.check_manifest", "validate manifests: schema, files, headers, durations (and optionally decode every file)"),
 }  # fmt: skip
 

@@ -183,7 +183,7 @@ def test_discriminators_return_logits_and_features_and_losses_have_expected_sign
 
 
 def test_codec_eval_reports_one_row_per_codec_and_n_q():
-    from speechlab.codec_eval import evaluate_codec, format_table
+    from speechlab.inference.codec_metrics import evaluate_codec, format_table
 
     codec = trained_tiny()
     torch.manual_seed(3)

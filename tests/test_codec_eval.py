@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from speechlab.audio import load_audio
-from speechlab.codec_eval import evaluate_codec, format_table
 from speechlab.data.manifest import read_manifest
+from speechlab.inference.codec_metrics import evaluate_codec, format_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
