@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from speechlab.nn.rvq import CodebookLevel, ResidualVectorQuantizer, kmeans
+from speechlab.nn.kmeans import lloyd_kmeans
+from speechlab.nn.rvq import CodebookLevel, ResidualVectorQuantizer
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +32,7 @@ def nearest_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def test_kmeans_recovers_cluster_centres():
     torch.manual_seed(0)
     centres = torch.randn(4, 3) * 5
-    found = kmeans(clustered(centres, 50), 4, 20, generator=torch.Generator().manual_seed(1))
+    found = lloyd_kmeans(clustered(centres, 50), 4, 20, generator=torch.Generator().manual_seed(1))
     assert nearest_distance(centres, found).max() < 0.05
 
 

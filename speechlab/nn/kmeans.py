@@ -26,7 +26,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-__all__ = ["KMeans", "KMeansConfig", "assign", "check_finite", "kmeans_plus_plus", "squared_distances"]
+__all__ = [
+    "KMeans",
+    "KMeansConfig",
+    "assign",
+    "check_finite",
+    "kmeans_plus_plus",
+    "lloyd_kmeans",
+    "squared_distances",
+]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +89,34 @@ def kmeans_plus_plus(x: Tensor, k: int, generator: torch.Generator) -> Tensor:
         centroids[i] = x[pick]
         closest = torch.minimum(closest, squared_distances(x, centroids[i : i + 1])[:, 0])
     return centroids
+
+
+def lloyd_kmeans(
+    samples: Tensor, num_clusters: int, num_iters: int, generator: torch.Generator | None = None
+) -> Tensor:
+    """k-means++ seeding + ``num_iters`` Lloyd iterations on a small in-memory set (codebook initialisation of
+    :mod:`speechlab.nn.rvq`). ``samples: (N, D)`` -> centres ``(num_clusters, D)``.
+
+    At most 65536 rows are used (a random subset: plenty for the statistics, bounded cost on a huge first batch);
+    empty clusters keep their centre; with fewer samples than clusters, the samples are repeated. ``generator``
+    (default: one seeded from the global RNG, so ``seed_everything`` fixes the result) must be on the CPU.
+    """
+    if generator is None:
+        generator = torch.Generator().manual_seed(int(torch.randint(2**62, (1,))))
+    if samples.shape[0] > 65536:
+        samples = samples[torch.randperm(samples.shape[0], generator=generator)[:65536].to(samples.device)]
+    n = samples.shape[0]
+    if n <= num_clusters:
+        idx = torch.randint(0, n, (num_clusters,), generator=generator).to(samples.device)
+        idx[:n] = torch.arange(n, device=samples.device)
+        return samples[idx].clone()
+    centres = kmeans_plus_plus(samples.cpu(), num_clusters, generator).to(samples.device)
+    for _ in range(num_iters):
+        labels, _ = assign(samples, centres)
+        counts = torch.bincount(labels, minlength=num_clusters).to(samples.dtype)
+        sums = torch.zeros_like(centres).index_add_(0, labels, samples)
+        centres = torch.where((counts > 0)[:, None], sums / counts.clamp_min(1)[:, None], centres)
+    return centres
 
 
 def check_finite(values: Tensor, what: str) -> None:

@@ -28,48 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speechlab.host_sync import host_reads_are_free
+from speechlab.nn.kmeans import lloyd_kmeans
 
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def kmeans(
-    samples: Tensor, num_clusters: int, num_iters: int, generator: torch.Generator | None = None
-) -> Tensor:
-    """Lloyd's k-means with k-means++ seeding. ``samples: (N, D)`` -> centres ``(num_clusters, D)``.
-
-    Empty clusters keep their centre; with fewer samples than clusters, samples are repeated.
-    """
-    if samples.shape[0] > 65536:  # plenty for the statistics, bounded cost on huge first batches
-        samples = samples[torch.randperm(samples.shape[0], generator=generator)[:65536].to(samples.device)]
-    n = samples.shape[0]
-    if n <= num_clusters:
-        idx = torch.randint(0, n, (num_clusters,), generator=generator).to(samples.device)
-        idx[:n] = torch.arange(n, device=samples.device)
-        return samples[idx].clone()
-    # k-means++ seeding: each new centre is drawn with probability proportional to its squared distance
-    first = torch.randint(0, n, (1,), generator=generator).item()
-    centres = [samples[first]]
-    closest = (samples - samples[first]).pow(2).sum(1)
-    for _ in range(1, num_clusters):
-        weights = closest.float().cpu()
-        pick = (
-            torch.multinomial(weights / weights.sum(), 1, generator=generator).item()
-            if weights.sum() > 0
-            else 0
-        )
-        centres.append(samples[pick])
-        closest = torch.minimum(closest, (samples - samples[pick]).pow(2).sum(1))
-    centres = torch.stack(centres)
-    for _ in range(num_iters):
-        dist2 = samples.pow(2).sum(1, keepdim=True) - 2 * samples @ centres.T + centres.pow(2).sum(1)[None]
-        assign = dist2.argmin(dim=1)
-        counts = torch.bincount(assign, minlength=num_clusters).to(samples.dtype)
-        sums = torch.zeros_like(centres).index_add_(0, assign, samples)
-        filled = counts > 0
-        centres = torch.where(filled[:, None], sums / counts.clamp_min(1)[:, None], centres)
-    return centres
 
 
 class CodebookLevel(nn.Module):
@@ -147,7 +110,9 @@ class CodebookLevel(nn.Module):
         z = z.float()
         if self.factorized:
             z = F.normalize(z, dim=-1)
-        centres = kmeans(z, self.codebook_size, self.kmeans_iters) if z.shape[0] > 0 else self.table().float()
+        centres = (
+            lloyd_kmeans(z, self.codebook_size, self.kmeans_iters) if z.shape[0] > 0 else self.table().float()
+        )
         if _distributed():
             dist.broadcast(centres, src=0)
         dist2 = z.pow(2).sum(1, keepdim=True) - 2 * z @ centres.T + centres.pow(2).sum(1)[None]
