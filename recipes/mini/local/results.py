@@ -299,6 +299,12 @@ def seeds_table(exp: Path, wall_seconds: int | None) -> str:
     }
     if len(means) == 3:
         tuned = means["wavlm_ctc_phoneme_fbank"]
+        pairs = [
+            a - b
+            for a, b in zip(rows["ctc_phoneme_fbank"], rows["wavlm_ctc_phoneme_fbank"], strict=True)
+            if a is not None and b is not None
+        ]
+        spread = statistics.stdev(pairs) if len(pairs) > 1 else float("nan")
         lines += [
             "",
             check(
@@ -306,11 +312,34 @@ def seeds_table(exp: Path, wall_seconds: int | None) -> str:
                 f"mean pretrained + fine-tuned {tuned:.3f} < from scratch {means['ctc_phoneme_fbank']:.3f}",
             ),
             check(
+                statistics.mean(pairs) > spread,
+                f"beyond the seed spread: per-seed gain over scratch {mean_sd(pairs)} (mean > sd)",
+            ),
+            check(
                 tuned < means["anchor"],
                 f"mean pretrained + fine-tuned {tuned:.3f} < anchor {means['anchor']:.3f}",
             ),
         ]
+    lines += ["", *learning_speed(exp, out)]
     return "\n".join(lines)
+
+
+def learning_speed(exp: Path, out: Path, steps: tuple[int, ...] = (199, 399, 799, 1499)) -> list[str]:
+    """Val PER of scratch and fine-tuned runs at the same steps, mean ± sd over the seeds (what pretraining buys
+    along the way, not only at the end)."""
+    lines = ["Val PER (`en_val`) at equal steps, mean ± sd over the seeds:", ""]
+    lines += ["| model | " + " | ".join(f"step {s + 1}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+    for run, what in CTC_RUNS:
+        cells = []
+        for step in steps:
+            values = []
+            for seed in (0, 1, 2):
+                logged = dict(logged_values((exp if seed == 0 else out / f"seed{seed}") / run, "val/per"))
+                if step in logged:
+                    values.append(logged[step])
+            cells.append(mean_sd(values))
+        lines.append(f"| {what} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main() -> None:
