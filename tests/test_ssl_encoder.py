@@ -85,6 +85,17 @@ def test_relative_position_bias_indexes_table_by_key_minus_query():
 # ---------------------------------------------------------------- conv feature encoder (wav2vec 2.0 §2, §4.2)
 
 
+def test_position_bias_cached_during_inference_mode_still_trains():
+    """Lightning validates under torch.inference_mode: the (T, T) index cached then must not be an inference
+    tensor, or the next training step of the same length fails to save it for backward."""
+    bias = RelativePositionBias(num_heads=2, num_buckets=32, max_distance=20)
+    with torch.inference_mode():
+        bias(7)
+        bias.distance_bias(7)
+    (bias(7).sum() + bias.distance_bias(7).sum()).backward()
+    assert bias.embedding.weight.grad is not None
+
+
 def test_conv_output_lengths_follow_the_conv_formula():
     lengths = torch.tensor([399, 400, 16000, 32000, 48000])
     assert conv_output_lengths(lengths, BASE_CONV).tolist() == [0, 1, 49, 99, 149]

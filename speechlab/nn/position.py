@@ -65,10 +65,13 @@ class RelativePositionBias(nn.Module):
         key = (length, str(device))
         cached = self._index_cache.get(key)
         if cached is None:
-            positions = torch.arange(length, device=device)
-            distances = torch.arange(-(length - 1), length, device=device)
-            buckets = relative_position_buckets(distances, self.num_buckets, self.max_distance)
-            cached = buckets[positions[None, :] - positions[:, None] + (length - 1)]
+            # never an inference tensor (a validation step under inference_mode would otherwise leave one that
+            # a later training step cannot save for backward)
+            with torch.inference_mode(False):
+                positions = torch.arange(length, device=device)
+                distances = torch.arange(-(length - 1), length, device=device)
+                buckets = relative_position_buckets(distances, self.num_buckets, self.max_distance)
+                cached = buckets[positions[None, :] - positions[:, None] + (length - 1)]
             if len(self._index_cache) > 8:  # bounded: bucketed batches reuse a handful of lengths
                 self._index_cache.clear()
             self._index_cache[key] = cached
@@ -86,8 +89,9 @@ class RelativePositionBias(nn.Module):
         key = (-length, str(device))  # negative: a separate entry from the (T, T) index of the same length
         buckets = self._index_cache.get(key)
         if buckets is None:
-            distances = torch.arange(-(length - 1), length, device=device)
-            buckets = relative_position_buckets(distances, self.num_buckets, self.max_distance)
+            with torch.inference_mode(False):  # as in _distance_index
+                distances = torch.arange(-(length - 1), length, device=device)
+                buckets = relative_position_buckets(distances, self.num_buckets, self.max_distance)
             if len(self._index_cache) > 8:
                 self._index_cache.clear()
             self._index_cache[key] = buckets
