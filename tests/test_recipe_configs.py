@@ -74,6 +74,14 @@ TINY_WIDTH_BY_ENCODER: dict[str, dict[str, Any]] = {
         "model_overrides": {"codevector_dim": 16, "proj_codevector_dim": 16, "num_codevectors_per_group": 16},
     },
 }
+
+
+def tiny_width(model: dict) -> dict[str, Any]:
+    """The width override of a config's ``model`` section: by its encoder / model preset, else by its task."""
+    preset = model["init_args"].get("encoder") or model["init_args"].get("model")
+    return TINY_WIDTH_BY_ENCODER.get(preset, TINY_WIDTH[model["class_path"]])
+
+
 MAX_BATCH_SECONDS = 6.5  # two of the rehearsal's 2-3.2 s utterances
 
 
@@ -163,10 +171,7 @@ def rehearsal_config(path: Path, work: Path, init_from: Path | None = None) -> t
         enable_model_summary=False,
         log_every_n_steps=1,
     )
-    init_args = model["init_args"]
-    encoder = init_args.get("encoder") or init_args.get("model")
-    width = TINY_WIDTH_BY_ENCODER.get(encoder, TINY_WIDTH[model["class_path"]])
-    model["init_args"] = init_args = _merge(init_args, width)
+    model["init_args"] = init_args = _merge(model["init_args"], tiny_width(model))
     if "init_from" in init_args:
         assert init_from is not None, f"{path}: init_from needs its producer's run"
         init_args["init_from"] = str(init_from)

@@ -1,0 +1,78 @@
+"""The README's main job, ``bash recipes/mini/run.sh``, runs end to end — every stage, the background anchor, the
+timings and the results table — on the shipped mini configs shrunk in width and steps only (the same shrinking
+as the shipped-config rehearsal, :mod:`tests.test_recipe_configs`)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from test_recipe_configs import MAX_BATCH_SECONDS, _merge, tiny_width
+
+REPO = Path(__file__).resolve().parents[1]
+MINI = REPO / "recipes" / "mini"
+
+
+def _shrunk(config: dict) -> dict:
+    """The shipped config with the rehearsal's tiny width, 4 steps validated every 2, small batches."""
+    config["model"]["init_args"] = init_args = _merge(
+        config["model"]["init_args"], tiny_width(config["model"])
+    )
+    if "adversarial_start_step" in init_args:
+        init_args["adversarial_start_step"] = 2  # the codec: 2 reconstruction batches, then the GAN
+    config["trainer"].update(
+        max_steps=6, val_check_interval=2, log_every_n_steps=1, enable_progress_bar=False
+    )
+    data = config["data"]["init_args"]
+    data["max_batch_seconds"] = min(
+        float(data.get("max_batch_seconds", MAX_BATCH_SECONDS)), MAX_BATCH_SECONDS
+    )
+    return config
+
+
+@pytest.mark.slow
+def test_the_main_job_runs_every_stage_and_writes_the_results_table(tmp_path):
+    root = tmp_path / "repo"  # a tree shaped like the checkout: run.sh works from the repository root
+    (root / "recipes" / "mini" / "conf").mkdir(parents=True)
+    (root / "data").symlink_to(REPO / "data")
+    shutil.copy(MINI / "run.sh", root / "recipes" / "mini")
+    shutil.copy(MINI / "prepare.py", root / "recipes" / "mini")
+    shutil.copytree(MINI / "local", root / "recipes" / "mini" / "local")
+    for path in (MINI / "conf").glob("*.yaml"):
+        config = _shrunk(yaml.safe_load(path.read_text()))
+        (root / "recipes" / "mini" / "conf" / path.name).write_text(yaml.safe_dump(config, sort_keys=False))
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # speechlab of this venv
+        "ANCHOR_CPU_MINUTES": "0.01",
+        "PYTHONWARNINGS": "ignore",
+    }
+    done = subprocess.run(
+        ["bash", str(root / "recipes" / "mini" / "run.sh")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-5000:])
+    exp = root / "recipes" / "mini" / "exp"
+    for stage in range(9):
+        assert f"=== stage {stage}:" in done.stdout, stage
+    stages = [line.split("\t")[0] for line in (exp / "timings.tsv").read_text().splitlines()]
+    assert set(stages) == {*map(str, range(9)), "total"}, stages
+    results = (exp / "results.md").read_text()
+    assert results == done.stdout[done.stdout.index("# Mini recipe results") :].strip() + "\n"
+    for section in ("Phoneme CTC on espeak English", "UniSpeech", "Codec on held-out LJ Speech"):
+        assert section in results, section
+    assert "missing" not in results, results
+    assert "anchor: fbank + BiLSTM" in results and "| total | the whole job |" in results
+    assert results.count("met: ") + results.count("**not met**: ") >= 6, results  # every claim is a check
+    for run in ("ctc_phoneme_fbank", "wavlm_fbank", "wavlm_ctc_phoneme_fbank", "codec"):
+        assert (exp / "plots" / f"{run}.png").stat().st_size > 1000, run
+    assert (exp / "ctc_phoneme_fbank" / "test_transcripts.jsonl").read_text().count("\n") == 12
