@@ -22,7 +22,16 @@ def test_anchor_trains_one_epoch_and_reports_test_per(tmp_path):
     prepare = [sys.executable, "recipes/mini/prepare.py", "--out", str(data)]
     subprocess.run(prepare, cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
     done = subprocess.run(
-        [sys.executable, "recipes/mini/local/anchor_bilstm.py", "--cpu-minutes", "0.01", "--data", str(data), "--output", str(tmp_path / "a" / "anchor.json")],
+        [
+            sys.executable,
+            "recipes/mini/local/anchor_bilstm.py",
+            "--cpu-minutes",
+            "0.01",
+            "--data",
+            str(data),
+            "--output",
+            str(tmp_path / "a" / "anchor.json"),
+        ],
         cwd=REPO,
         env=env,
         capture_output=True,
