@@ -80,8 +80,7 @@ def header() -> str:
         pass
     return (
         f"Measured {datetime.date.today().isoformat()} on {cpu} (torch CPU capability "
-        f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads available, torch "
-        f"{torch.__version__}); seed 0; test PERs of the checkpoint with the best val PER, on `en_test` "
+        f"{torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}); seed 0; test PERs of the checkpoint with the best val PER, on `en_test` "
         "(12 utterances), decoded once per model."
     )
 

@@ -21,7 +21,7 @@ anchor() {
     [[ $seed == 0 && -f $exp/anchor/result.json ]] && continue
     [[ -f $dir/result.json ]] && continue
     mkdir -p "$dir"
-    python recipes/mini/local/anchor_bilstm.py --cpu-minutes 12 --seed "$seed" --output "$dir/result.json" \
+    python recipes/mini/local/anchor_bilstm.py --cpu-minutes "${ANCHOR_CPU_MINUTES:-12}" --seed "$seed" --output "$dir/result.json" \
       > "$dir/train.log" 2>&1
   done
 }
