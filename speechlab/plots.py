@@ -17,6 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torchaudio  # noqa: E402
 
+from speechlab.atomic import atomic_write  # noqa: E402
+
 
 def read_metrics(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     """``{metric: [(step, value), ...]}`` from every ``logs/version_*/metrics.csv`` of a run, in step order."""
@@ -57,7 +59,8 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None, metrics: lis
         ax.axis("off")
     fig.tight_layout()
     out = Path(out) if out else Path(run_dir) / "curves.png"
-    fig.savefig(out, dpi=100)
+    with atomic_write(out) as tmp:  # creates the folder; a killed run leaves no half-written PNG
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return out
 
@@ -75,6 +78,7 @@ def plot_spectrograms(
         ax.set_ylabel("mel bin")
     axes[-1, 0].set_xlabel(f"frame (hop 256 at {sample_rate} Hz)")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    with atomic_write(out) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return Path(out)

@@ -25,6 +25,8 @@ def test_resumed_run_logs_are_joined_in_step_order_and_plotted(tmp_path):
     assert series["val/per"] == [(19, 0.9)]
     png = plot_curves(tmp_path)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    elsewhere = plot_curves(tmp_path, tmp_path / "plots" / "run.png")  # a folder that does not exist yet
+    assert elsewhere.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_missing_logs_name_the_folder(tmp_path):
