@@ -255,7 +255,7 @@ def main_job(exp: Path) -> str:
     if export.is_file():
         count = sum(1 for line in export.open() if line.strip())
         lines.append(
-            f"Stage 7: exported the stage-2 model and transcribed `en_test` ({count} lines in `{export}`)."
+            f"Stage 7: exported the stage-2 model and transcribed `en_test` ({count} lines in `exp/{export.relative_to(exp)}`)."
         )
     lines.append("Curves: `exp/plots/*.png` (every logged metric against the step).")
     return "\n".join(lines)
