@@ -39,6 +39,25 @@ def _real_batch(num_items=4, seconds=1.5, num_clusters=12):
     return collate([dataset[i] for i in range(len(items))])
 
 
+def _assert_loss_falls(task: WavLMPretrainTask, batch, lr: float, steps: int) -> None:
+    """Train ``task`` on ``batch`` (mixed anew each step, two fixed masks in turn); the loss must fall by 0.1."""
+    task.setup("fit")
+    task.train()
+    optimizer = torch.optim.AdamW(task.parameters(), lr=lr)
+    losses = []
+    for step in range(steps):
+        audio, lengths = task.mixer(batch.audio, batch.lengths)
+        results = task.compute_loss(
+            audio, lengths, batch.units, generator=torch.Generator().manual_seed(step % 2)
+        )
+        optimizer.zero_grad()
+        results["loss"].backward()
+        optimizer.step()
+        losses.append(results["loss"].item())
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
+
+
 def test_prediction_metrics_count_masked_and_unmasked_frames_separately():
     # 1 x 6 frames, 3 classes; targets with one padded frame
     targets = torch.tensor([[0, 1, 2, 0, 1, UNIT_PAD]])
@@ -89,21 +108,7 @@ def test_fbank_conformer_pretraining_targets_every_second_unit_and_learns_on_a_r
     expected = align_units(batch.units[:, ::2], task.encoder.num_frames(batch.audio.shape[1]), frames)
     got = align_units(batch.units, task.encoder.num_frames(batch.audio.shape[1]), frames, task.units_stride)
     assert torch.equal(got, expected) and (got != UNIT_PAD).sum() == frames.sum()
-    task.setup("fit")
-    task.train()
-    optimizer = torch.optim.AdamW(task.parameters(), lr=3e-3)
-    losses = []
-    for step in range(15):
-        audio, lengths = task.mixer(batch.audio, batch.lengths)
-        results = task.compute_loss(
-            audio, lengths, batch.units, generator=torch.Generator().manual_seed(step % 2)
-        )
-        optimizer.zero_grad()
-        results["loss"].backward()
-        optimizer.step()
-        losses.append(results["loss"].item())
-    assert all(math.isfinite(v) for v in losses)
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
+    _assert_loss_falls(task, batch, lr=3e-3, steps=15)
 
 
 def test_units_at_a_rate_the_encoder_hop_is_no_multiple_of_are_a_clear_error():
@@ -178,21 +183,7 @@ def test_loss_decreases_over_a_few_steps_on_a_real_batch():
         feature_penalty_weight=0.0,
         mixing=MixingConfig(mix_prob=0.5, noise_manifest=str(DATA / "noise_opensfx" / "manifest.jsonl")),
     )
-    task.setup("fit")
-    task.train()
-    optimizer = torch.optim.AdamW(task.parameters(), lr=2e-3)
-    losses = []
-    for step in range(12):
-        audio, lengths = task.mixer(batch.audio, batch.lengths)
-        results = task.compute_loss(
-            audio, lengths, batch.units, generator=torch.Generator().manual_seed(step % 2)
-        )
-        optimizer.zero_grad()
-        results["loss"].backward()
-        optimizer.step()
-        losses.append(results["loss"].item())
-    assert all(math.isfinite(v) for v in losses)
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
+    _assert_loss_falls(task, batch, lr=2e-3, steps=12)
 
 
 def test_units_beyond_num_classes_are_a_clear_error():
