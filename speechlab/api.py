@@ -34,11 +34,9 @@ the output instead). With waveform normalisation (Large models) the whole file i
 from __future__ import annotations
 
 import os
-import re
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,9 +45,9 @@ from torch import Tensor, nn
 
 from speechlab.audio import as_waveform, load_audio
 from speechlab.checkpoints import registry
+from speechlab.checkpoints.encoder_weights import find_encoder
 from speechlab.checkpoints.hf_dir import HF_MODEL_TYPES, read_hf_directory
-from speechlab.checkpoints.safe_load import CheckpointError
-from speechlab.models.ssl_encoder import SSLEncoder, normalize_waveform
+from speechlab.models.ssl_encoder import normalize_waveform
 from speechlab.nn.feature_encoder import Fp32GroupNorm
 
 __all__ = [
@@ -66,7 +64,6 @@ __all__ = [
 ]
 
 SAMPLE_RATE = 16000
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
 # =================================================================================================== load
@@ -100,35 +97,7 @@ def load(
     WavLM / HuBERT / wav2vec2 give an :class:`~speechlab.models.ssl_encoder.SSLEncoder`; UniSpeech gives
     :class:`~speechlab.models.unispeech.UniSpeech` (its backbone is ``model.encoder``).
     """
-    path = Path(source)
-    if not path.exists():
-        path = _snapshot(str(source), revision=revision, cache_dir=cache_dir)
-    return registry.read(path).to(device).eval()
-
-
-def _snapshot(repo_id: str, *, revision: str | None, cache_dir: str | os.PathLike | None) -> Path:
-    """Download (or find in the cache) a hub model; weights only as safetensors / .bin / .pt, never code."""
-    if not _HUB_ID.match(repo_id) or repo_id.count("/") > 1:
-        raise CheckpointError(
-            f"{repo_id}: no such file or directory, and not a valid Hugging Face hub id (expected 'org/name')."
-        )
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as err:  # pragma: no cover - huggingface_hub comes with transformers
-        raise CheckpointError(f"{repo_id}: not a local path, and huggingface_hub is not installed.") from err
-    patterns = ["*.json", "*.safetensors", "*.md", "*.txt", "*.model", "pytorch_model*.bin"]
-    kwargs = dict(revision=revision, cache_dir=cache_dir, allow_patterns=patterns)
-    errors = []
-    for local_only in (False, True):
-        try:
-            return Path(snapshot_download(repo_id, local_files_only=local_only, **kwargs))
-        except Exception as err:  # network errors, offline mode, missing repo: try the cache, then explain
-            errors.append(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
-    raise CheckpointError(
-        f"{repo_id}: not a local path, could not be downloaded from the Hugging Face hub and is not in the local "
-        f"cache ({errors[-1]}). Check the id and your connection, or download it once with network access "
-        "(or pass a local directory)."
-    )
+    return registry.load(source, revision=revision, cache_dir=cache_dir).to(device).eval()
 
 
 # =================================================================================================== geometry
@@ -204,23 +173,6 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         pass
     return True
-
-
-def find_encoder(model: nn.Module) -> SSLEncoder:
-    """The :class:`SSLEncoder` inside ``model`` (the model itself, ``model.encoder``, or the first submodule)."""
-    if isinstance(model, SSLEncoder):
-        return model
-    for name in ("encoder", "backbone"):
-        candidate = getattr(model, name, None)
-        if isinstance(candidate, SSLEncoder):
-            return candidate
-    for module in model.modules():
-        if isinstance(module, SSLEncoder):
-            return module
-    raise TypeError(
-        f"FeatureExtractor needs a model with an SSLEncoder backbone (WavLM / HuBERT / wav2vec2 / UniSpeech); "
-        f"got {type(model).__name__}."
-    )
 
 
 # =================================================================================================== features

@@ -13,6 +13,8 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from speechlab.checkpoints.run_dir import run_checkpoint
+from speechlab.checkpoints.safe_load import CheckpointError
 from speechlab.train import (
     BASE_TRAINER_ARGS,
     AtomicCheckpointIO,
@@ -105,8 +107,6 @@ class SpeechLabCLI(LightningCLI):
         callback = self.trainer.checkpoint_callback
         if callback is not None and getattr(callback, "best_model_path", ""):
             return
-        from speechlab.checkpoints.run_dir import run_checkpoint
-
         section["ckpt_path"] = str(run_checkpoint(self.trainer.default_root_dir, "best"))
 
     def before_validate(self) -> None:
@@ -130,8 +130,6 @@ def run(argv: list[str]) -> int:
     A checkpoint that cannot be used (``--ckpt_path best`` of a run that never validated, a refused or corrupt
     file) ends with one line on stderr and exit status 2, like the tool commands.
     """
-    from speechlab.checkpoints.safe_load import CheckpointError
-
     try:
         SpeechLabCLI(args=argv)
     except CheckpointError as error:

@@ -30,6 +30,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
 
 from speechlab.atomic import atomic_write
+from speechlab.checkpoints.safe_load import load_torch_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
     ) -> dict:
         """Resume only from checkpoints that load without unpickling code (``torch.load(weights_only=True)``)."""
-        from speechlab.checkpoints.safe_load import load_torch_checkpoint
-
         return load_torch_checkpoint(path)
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from speechlab.audio import load_audio
+from speechlab.data.manifest import read_manifest
 from speechlab.host_sync import to_device_async
 from speechlab.nn.masks import valid_mask
 
@@ -67,9 +69,6 @@ def load_noise_bank(manifest: str | Path, sample_rate: int = 16000) -> list[Tens
 
     Silent or empty clips are dropped (they could not reach any SNR); raises ``ValueError`` if none is left.
     """
-    from speechlab.audio import load_audio
-    from speechlab.data.manifest import read_manifest
-
     items = read_manifest(manifest)
     clips = []
     for item in items:

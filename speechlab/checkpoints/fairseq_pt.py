@@ -13,6 +13,8 @@ from typing import Any
 
 from torch import nn
 
+from speechlab.checkpoints import lightning_ckpt, unilm
+from speechlab.checkpoints.hf_dir import build_checked_encoder
 from speechlab.checkpoints.pretrained_dir import config_to_dict
 from speechlab.checkpoints.safe_load import (
     DEFAULT_CONFIG_LIMITS,
@@ -34,8 +36,6 @@ def detect(path: Path) -> bool:
 
 def read(path: Path) -> nn.Module:
     checkpoint = load_torch_checkpoint(path)
-    from speechlab.checkpoints import lightning_ckpt
-
     if lightning_ckpt.is_lightning_checkpoint(checkpoint):
         return lightning_ckpt.read_checkpoint(checkpoint, str(path))
     return read_fairseq_checkpoint(checkpoint, path)
@@ -43,9 +43,6 @@ def read(path: Path) -> nn.Module:
 
 def read_fairseq_checkpoint(checkpoint: Any, path: Path) -> nn.Module:
     """unilm WavLM / fairseq HuBERT / wav2vec2 checkpoint dict -> SSLEncoder, validated before it is built."""
-    from speechlab.checkpoints import unilm
-    from speechlab.checkpoints.hf_dir import build_checked_encoder
-
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "cfg" not in checkpoint:
         found = (
             sorted(map(str, checkpoint))[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__

@@ -21,7 +21,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from speechlab.checkpoints.hf_ssl import config_to_hf, state_dict_to_hf
 from speechlab.checkpoints.safe_load import CheckpointError
+from speechlab.data.text import BLANK, WORD_DELIMITER
 
 __all__ = ["ARCHITECTURES", "export_hf_ctc", "hf_tokenizer"]
 
@@ -37,8 +39,6 @@ def hf_tokenizer(tokenizer: Any, directory: Path) -> Any:
     a space, so the exported model would transcribe ``▁the▁cat`` where speechlab gives ``the cat``.
     """
     from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2PhonemeCTCTokenizer
-
-    from speechlab.data.text import BLANK, WORD_DELIMITER
 
     kind = getattr(tokenizer, "kind", "")
     if kind not in ("char", "phoneme"):
@@ -75,8 +75,6 @@ def export_hf_ctc(model: Any, directory: str | Path, *, weight_norm_keys: str = 
     """Write ``model`` (a CTCModel with ``.tokenizer``) as a transformers ``*ForCTC`` directory; returns it."""
     from safetensors.torch import save_file
     from transformers import Wav2Vec2FeatureExtractor
-
-    from speechlab.checkpoints.hf_ssl import config_to_hf, state_dict_to_hf
 
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from speechlab.checkpoints import hf_ssl, hf_unispeech
+from speechlab.checkpoints.hf_codec import HFCodec
 from speechlab.checkpoints.pretrained_dir import config_to_dict
 from speechlab.checkpoints.safe_load import (
     CheckpointError,
@@ -35,6 +37,8 @@ from speechlab.checkpoints.safe_load import (
     read_safetensors_header,
     tensor_infos,
 )
+from speechlab.data.text import BLANK, WORD_DELIMITER, CharTokenizer, PhonemeTokenizer
+from speechlab.models.ctc import CTCConfig, CTCModel
 from speechlab.models.ssl_encoder import SSLEncoder
 
 __all__ = ["HF_MODEL_TYPES", "HF_CODEC_TYPES", "detect", "read", "read_hf_directory", "build_checked_encoder"]
@@ -128,8 +132,6 @@ def build_checked_encoder(config: Any, state: dict[str, Any], source: str) -> SS
 def _read_ssl(directory: Path, hf_config: dict) -> nn.Module:
     """HF WavLM / HuBERT / wav2vec2 directory -> SSLEncoder (or CTCModel for ``*ForCTC``), shapes checked from
     the safetensors header before any tensor data is read."""
-    from speechlab.checkpoints import hf_ssl
-
     source = str(directory / "config.json")
     normalize = None
     preprocessor = directory / "preprocessor_config.json"
@@ -156,8 +158,6 @@ def _read_ssl(directory: Path, hf_config: dict) -> nn.Module:
 
 
 def _read_unispeech(directory: Path, hf_config: dict) -> nn.Module:
-    from speechlab.checkpoints import hf_unispeech
-
     _, hf_state = read_hf_directory(directory)
     if CTC_HEAD[0] not in hf_state:
         return hf_unispeech.load_hf_unispeech(directory)
@@ -175,8 +175,6 @@ def _ctc_model(
     directory: Path, hf_config: dict, encoder: SSLEncoder, hf_state: dict[str, Tensor]
 ) -> nn.Module:
     """A ``*ForCTC`` directory: our CTCModel with the HF ``lm_head`` and a tokenizer from ``vocab.json``."""
-    from speechlab.models.ctc import CTCConfig, CTCModel
-
     weight, bias = (hf_state.get(k) for k in CTC_HEAD)
     if bias is None or weight.dim() != 2 or weight.shape[1] != encoder.config.hidden_size:
         raise CheckpointError(
@@ -199,8 +197,6 @@ def _ctc_model(
 def hf_ctc_tokenizer(directory: Path, *, vocab_size: int) -> Any:
     """A speechlab tokenizer equivalent to the directory's ``Wav2Vec2CTCTokenizer`` (characters) or
     ``Wav2Vec2PhonemeCTCTokenizer`` (phonemes): same ids, the pad token as the CTC blank (id 0)."""
-    from speechlab.data.text import BLANK, WORD_DELIMITER, CharTokenizer, PhonemeTokenizer
-
     vocab_path = directory / "vocab.json"
     if not vocab_path.is_file():
         raise CheckpointError(
@@ -257,8 +253,6 @@ def _token_string(token: Any) -> str | None:
 def _read_codec(directory: Path) -> nn.Module:
     """transformers EnCodec / DAC directory -> HFCodec; safetensors header validated first, missing or
     mismatched weights refused (transformers would otherwise initialise them randomly)."""
-    from speechlab.checkpoints.hf_codec import HFCodec
-
     single = directory / "model.safetensors"
     if single.is_file():
         read_safetensors_header(

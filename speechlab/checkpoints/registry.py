@@ -18,20 +18,27 @@ The built-in readers, in the order they are asked:
 =================  ===================================================================================
 
 A new format is one module with ``detect`` and ``read`` plus one :func:`register_reader` call.
+
+:func:`load` is the whole reading path behind ``speechlab.load`` (a Hugging Face hub id is first fetched into the
+local cache, see :func:`resolve`), so code below the API (fine-tuning initialisation) reads any source the same way.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
+from speechlab.checkpoints.hf_dir import HF_MODEL_TYPES
 from speechlab.checkpoints.safe_load import CheckpointError, read_json
 
-__all__ = ["Reader", "register_reader", "readers", "find_reader", "read"]
+__all__ = ["Reader", "register_reader", "readers", "find_reader", "read", "resolve", "load"]
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,48 @@ def read(path: str | os.PathLike) -> nn.Module:
     return find_reader(path).read(path)
 
 
+def load(
+    source: str | os.PathLike, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None
+) -> nn.Module:
+    """Read ``source``: a local path (any registered format) or a Hugging Face hub id (see :func:`resolve`)."""
+    return read(resolve(source, revision=revision, cache_dir=cache_dir))
+
+
+def resolve(
+    source: str | os.PathLike, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None
+) -> Path:
+    """``source`` as a local path: an existing path as is, else a hub id downloaded (or found in the cache)."""
+    path = Path(source)
+    if path.exists():
+        return path
+    return _snapshot(str(source), revision=revision, cache_dir=cache_dir)
+
+
+def _snapshot(repo_id: str, *, revision: str | None, cache_dir: str | os.PathLike | None) -> Path:
+    """Download (or find in the cache) a hub model; weights only as safetensors / .bin / .pt, never code."""
+    if not _HUB_ID.match(repo_id) or repo_id.count("/") > 1:
+        raise CheckpointError(
+            f"{repo_id}: no such file or directory, and not a valid Hugging Face hub id (expected 'org/name')."
+        )
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as err:  # pragma: no cover - huggingface_hub comes with transformers
+        raise CheckpointError(f"{repo_id}: not a local path, and huggingface_hub is not installed.") from err
+    patterns = ["*.json", "*.safetensors", "*.md", "*.txt", "*.model", "pytorch_model*.bin"]
+    kwargs = dict(revision=revision, cache_dir=cache_dir, allow_patterns=patterns)
+    errors = []
+    for local_only in (False, True):
+        try:
+            return Path(snapshot_download(repo_id, local_files_only=local_only, **kwargs))
+        except Exception as err:  # network errors, offline mode, missing repo: try the cache, then explain
+            errors.append(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+    raise CheckpointError(
+        f"{repo_id}: not a local path, could not be downloaded from the Hugging Face hub and is not in the local "
+        f"cache ({errors[-1]}). Check the id and your connection, or download it once with network access "
+        "(or pass a local directory)."
+    )
+
+
 def _unrecognised(path: Path) -> str:
     formats = "; ".join(f"{r.description} ({r.name})" for r in _READERS)
     if path.is_dir():
@@ -112,8 +161,6 @@ def _unrecognised(path: Path) -> str:
                 f"{config_path}: neither a speechlab config (no 'family') nor a Hugging Face config (no "
                 "'model_type')."
             )
-        from speechlab.checkpoints.hf_dir import HF_MODEL_TYPES
-
         return (
             f"{config_path}: unsupported model_type {model_type!r}; speechlab.load reads "
             f"{', '.join(HF_MODEL_TYPES)} Hugging Face checkpoints."

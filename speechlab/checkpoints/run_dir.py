@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from speechlab.checkpoints import lightning_ckpt
 from speechlab.checkpoints.safe_load import CheckpointError, load_torch_checkpoint
 
 __all__ = ["CHECKPOINT_DIR", "LAST", "detect", "read", "run_checkpoint", "best_checkpoint", "is_run_dir"]
@@ -38,8 +39,6 @@ detect = is_run_dir
 
 
 def read(path: Path) -> nn.Module:
-    from speechlab.checkpoints import lightning_ckpt
-
     return lightning_ckpt.read(run_checkpoint(path, "auto"))
 
 

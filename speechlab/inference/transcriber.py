@@ -41,6 +41,7 @@ from speechlab.api import conv_geometry, plan_chunks
 from speechlab.audio import as_waveform, list_audio_files
 from speechlab.data.manifest import read_manifest
 from speechlab.data.text import BLANK, WORD_DELIMITER
+from speechlab.metrics import error_rates
 from speechlab.models.ctc import CTCModel
 from speechlab.models.ssl_encoder import normalize_waveform
 
@@ -371,15 +372,3 @@ def collect_inputs(inputs: Sequence[str], field_name: str) -> list[_Item]:
     if not items:
         raise ValueError("no inputs to transcribe")
     return items
-
-
-def error_rates(refs: list[str], hyps: list[str], phonemes: bool) -> dict[str, float]:
-    """WER + CER (text) or PER (phonemes) over the corpus, via jiwer (the task's own counting)."""
-    # local: tasks.ctc imports Lightning, which `speechlab.Transcriber` and `speechlab transcribe` need only here
-    from speechlab.tasks.ctc import error_counts
-
-    counts = error_counts(refs, hyps)
-    word = float(counts[0] / counts[1].clamp_min(1))
-    if phonemes:
-        return {"per": word}
-    return {"wer": word, "cer": float(counts[2] / counts[3].clamp_min(1))}
