@@ -20,69 +20,25 @@ exports write HF's default 0.05 so that ``masked_spec_embed`` exists in the HF m
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from speechlab.checkpoints.ssl_keys import (
+    HF,
+    HF_CONFIG_FIELDS,
+    HF_WAVLM_CONFIG_FIELDS,
+    OURS,
+    check_pos_conv_magnitude,
+    read_config_fields,
+    rename_state_dict,
+)
 from speechlab.models.ssl_encoder import SSLEncoder, SSLEncoderConfig
 
 MODEL_PREFIXES = ("wavlm.", "hubert.", "wav2vec2.", "unispeech_sat.", "unispeech.")
 BACKBONE_ROOTS = ("feature_extractor.", "feature_projection.", "encoder.", "masked_spec_embed")
 SUPPORTED_MODEL_TYPES = ("wavlm", "hubert", "wav2vec2", "unispeech", "unispeech-sat")
-
-# (HF pattern, ours) applied after the model prefix is stripped; {i} = layer index.
-_HF_TO_OURS = [
-    (r"feature_extractor\.conv_layers\.(\d+)\.conv\.(weight|bias)", r"feature_encoder.conv_layers.\1.conv.\2"),
-    (r"feature_extractor\.conv_layers\.(\d+)\.layer_norm\.(weight|bias)", r"feature_encoder.conv_layers.\1.norm.\2"),
-    (r"feature_projection\.layer_norm\.(weight|bias)", r"feature_norm.\1"),
-    (r"feature_projection\.projection\.(weight|bias)", r"feature_projection.\1"),
-    (r"masked_spec_embed", r"mask_emb"),
-    (r"encoder\.pos_conv_embed\.conv\.bias", r"encoder.pos_conv.conv.bias"),
-    (r"encoder\.pos_conv_embed\.conv\.(?:weight_g|parametrizations\.weight\.original0)",
-     r"encoder.pos_conv.conv.parametrizations.weight.original0"),
-    (r"encoder\.pos_conv_embed\.conv\.(?:weight_v|parametrizations\.weight\.original1)",
-     r"encoder.pos_conv.conv.parametrizations.weight.original1"),
-    (r"encoder\.layer_norm\.(weight|bias)", r"encoder.layer_norm.\1"),
-    (r"encoder\.layers\.0\.attention\.rel_attn_embed\.weight", r"encoder.relative_position_bias.embedding.weight"),
-    (r"encoder\.layers\.(\d+)\.attention\.(q_proj|k_proj|v_proj|out_proj)\.(weight|bias)",
-     r"encoder.layers.\1.attention.\2.\3"),
-    (r"encoder\.layers\.(\d+)\.attention\.gru_rel_pos_linear\.(weight|bias)", r"encoder.layers.\1.attention.gate_proj.\2"),
-    (r"encoder\.layers\.(\d+)\.attention\.gru_rel_pos_const", r"encoder.layers.\1.attention.gate_const"),
-    (r"encoder\.layers\.(\d+)\.layer_norm\.(weight|bias)", r"encoder.layers.\1.attention_norm.\2"),
-    (r"encoder\.layers\.(\d+)\.feed_forward\.intermediate_dense\.(weight|bias)", r"encoder.layers.\1.feed_forward.fc1.\2"),
-    (r"encoder\.layers\.(\d+)\.feed_forward\.output_dense\.(weight|bias)", r"encoder.layers.\1.feed_forward.fc2.\2"),
-    (r"encoder\.layers\.(\d+)\.final_layer_norm\.(weight|bias)", r"encoder.layers.\1.ffn_norm.\2"),
-]  # fmt: skip
-
-_OURS_TO_HF = [
-    (r"feature_encoder\.conv_layers\.(\d+)\.conv\.(weight|bias)", r"feature_extractor.conv_layers.\1.conv.\2"),
-    (r"feature_encoder\.conv_layers\.(\d+)\.norm\.(weight|bias)", r"feature_extractor.conv_layers.\1.layer_norm.\2"),
-    (r"feature_norm\.(weight|bias)", r"feature_projection.layer_norm.\1"),
-    (r"feature_projection\.(weight|bias)", r"feature_projection.projection.\1"),
-    (r"mask_emb", r"masked_spec_embed"),
-    (r"encoder\.pos_conv\.conv\.bias", r"encoder.pos_conv_embed.conv.bias"),
-    (r"encoder\.pos_conv\.conv\.parametrizations\.weight\.original0", r"encoder.pos_conv_embed.conv.{g}"),
-    (r"encoder\.pos_conv\.conv\.parametrizations\.weight\.original1", r"encoder.pos_conv_embed.conv.{v}"),
-    (r"encoder\.layer_norm\.(weight|bias)", r"encoder.layer_norm.\1"),
-    (r"encoder\.relative_position_bias\.embedding\.weight", r"encoder.layers.0.attention.rel_attn_embed.weight"),
-    (r"encoder\.layers\.(\d+)\.attention\.(q_proj|k_proj|v_proj|out_proj)\.(weight|bias)",
-     r"encoder.layers.\1.attention.\2.\3"),
-    (r"encoder\.layers\.(\d+)\.attention\.gate_proj\.(weight|bias)", r"encoder.layers.\1.attention.gru_rel_pos_linear.\2"),
-    (r"encoder\.layers\.(\d+)\.attention\.gate_const", r"encoder.layers.\1.attention.gru_rel_pos_const"),
-    (r"encoder\.layers\.(\d+)\.attention_norm\.(weight|bias)", r"encoder.layers.\1.layer_norm.\2"),
-    (r"encoder\.layers\.(\d+)\.feed_forward\.fc1\.(weight|bias)", r"encoder.layers.\1.feed_forward.intermediate_dense.\2"),
-    (r"encoder\.layers\.(\d+)\.feed_forward\.fc2\.(weight|bias)", r"encoder.layers.\1.feed_forward.output_dense.\2"),
-    (r"encoder\.layers\.(\d+)\.ffn_norm\.(weight|bias)", r"encoder.layers.\1.final_layer_norm.\2"),
-]  # fmt: skip
-
-
-def _rename(key: str, table: list[tuple[str, str]]) -> str | None:
-    for pattern, replacement in table:
-        if re.fullmatch(pattern, key):
-            return re.sub(pattern, replacement, key)
-    return None
 
 
 def config_from_hf(hf_config: dict, *, normalize_waveform: bool | None = None) -> SSLEncoderConfig:
@@ -119,25 +75,9 @@ def config_from_hf(hf_config: dict, *, normalize_waveform: bool | None = None) -
         conv_layers=[
             (int(c), int(k), int(s)) for c, k, s in zip(conv_dim, conv_kernel, conv_stride, strict=True)
         ],
-        conv_norm=hf_config.get("feat_extract_norm", "group"),
-        conv_bias=bool(hf_config.get("conv_bias", False)),
-        hidden_size=int(hf_config.get("hidden_size", 768)),
-        num_layers=int(hf_config.get("num_hidden_layers", 12)),
-        num_heads=int(hf_config.get("num_attention_heads", 12)),
-        ffn_size=int(hf_config.get("intermediate_size", 3072)),
-        layer_norm_first=bool(hf_config.get("do_stable_layer_norm", False)),
-        pos_conv_kernel=int(hf_config.get("num_conv_pos_embeddings", 128)),
-        pos_conv_groups=int(hf_config.get("num_conv_pos_embedding_groups", 16)),
         relative_position_bias=model_type == "wavlm",
-        num_buckets=int(hf_config.get("num_buckets", 320)),
-        max_distance=int(hf_config.get("max_bucket_distance", 800)),  # HF class default 800 (= every release)
-        dropout=float(hf_config.get("hidden_dropout", 0.1)),
-        attention_dropout=float(hf_config.get("attention_dropout", 0.1)),
-        activation_dropout=float(hf_config.get("activation_dropout", 0.0)),
-        feature_dropout=float(hf_config.get("feat_proj_dropout", 0.0)),
-        layerdrop=float(hf_config.get("layerdrop", 0.1)),
         normalize_waveform=normalize_waveform,
-        layer_norm_eps=float(hf_config.get("layer_norm_eps", 1e-5)),
+        **read_config_fields(hf_config, HF_CONFIG_FIELDS + HF_WAVLM_CONFIG_FIELDS),
     )
 
 
@@ -158,30 +98,15 @@ def config_to_hf(config: SSLEncoderConfig, model_type: str = "wavlm") -> dict:
         "conv_kernel": [k for _, k, _ in config.conv_layers],
         "conv_stride": [s for _, _, s in config.conv_layers],
         "num_feat_extract_layers": len(config.conv_layers),
-        "conv_bias": config.conv_bias,
-        "feat_extract_norm": config.conv_norm,
         "feat_extract_activation": "gelu",
         "hidden_act": "gelu",
-        "hidden_size": config.hidden_size,
-        "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_heads,
-        "intermediate_size": config.ffn_size,
-        "do_stable_layer_norm": config.layer_norm_first,
-        "num_conv_pos_embeddings": config.pos_conv_kernel,
-        "num_conv_pos_embedding_groups": config.pos_conv_groups,
-        "hidden_dropout": config.dropout,
-        "attention_dropout": config.attention_dropout,
-        "activation_dropout": config.activation_dropout,
-        "feat_proj_dropout": config.feature_dropout,
-        "layerdrop": config.layerdrop,
-        "layer_norm_eps": config.layer_norm_eps,
+        **{theirs: getattr(config, ours) for ours, theirs, _ in HF_CONFIG_FIELDS},
         "mask_time_prob": 0.05,  # HF fine-tuning SpecAugment default; keeps masked_spec_embed in the HF model
         "mask_time_length": config.mask_length,
         "do_normalize": config.normalize_waveform,  # informational; HF reads it from preprocessor_config.json
     }
     if model_type == "wavlm":
-        out["num_buckets"] = config.num_buckets
-        out["max_bucket_distance"] = config.max_distance
+        out.update({theirs: getattr(config, ours) for ours, theirs, _ in HF_WAVLM_CONFIG_FIELDS})
     if model_type == "hubert":
         out["feat_proj_layer_norm"] = True
     return out
@@ -200,24 +125,18 @@ def state_dict_from_hf(state_dict: dict[str, Tensor], config: SSLEncoderConfig) 
     Head parameters (``lm_head``, ``projector``, quantizer, ...) are ignored; an unrecognised *backbone* key is an
     error. Missing keys are reported by ``SSLEncoder.load_state_dict(strict=True)``.
     """
-    out: dict[str, Tensor] = {}
+    backbone = {}
     for key, value in state_dict.items():
         key = _split_hf_prefix(key)
-        if not key.startswith(BACKBONE_ROOTS):
-            continue
-        ours = _rename(key, _HF_TO_OURS)
-        if ours is None:
-            raise KeyError(
-                f"unexpected backbone key {key!r} in the Hugging Face state dict (not a known parameter)"
-            )
-        out[ours] = value
-    g_key = "encoder.pos_conv.conv.parametrizations.weight.original0"
-    if g_key in out and tuple(out[g_key].shape) != (1, 1, config.pos_conv_kernel):
-        raise ValueError(
-            f"positional conv weight-norm magnitude has shape {tuple(out[g_key].shape)}, expected "
-            f"(1, 1, {config.pos_conv_kernel}) (weight norm over dim=2)"
-        )
+        if key.startswith(BACKBONE_ROOTS):
+            backbone[key] = value
+    out = rename_state_dict(backbone, HF, OURS, unknown=_unknown_hf_key)
+    check_pos_conv_magnitude(out, config.pos_conv_kernel, "positional conv")
     return out
+
+
+def _unknown_hf_key(key: str) -> KeyError:
+    return KeyError(f"unexpected backbone key {key!r} in the Hugging Face state dict (not a known parameter)")
 
 
 def state_dict_to_hf(
@@ -232,18 +151,13 @@ def state_dict_to_hf(
         raise ValueError(
             f"weight_norm_keys must be 'weight_g' or 'parametrizations', got {weight_norm_keys!r}"
         )
-    g, v = (
-        ("weight_g", "weight_v")
-        if weight_norm_keys == "weight_g"
-        else ("parametrizations.weight.original0", "parametrizations.weight.original1")
+    return rename_state_dict(
+        state_dict,
+        OURS,
+        HF,
+        unknown=lambda key: KeyError(f"speechlab key {key!r} has no Hugging Face equivalent"),
+        weight_norm_keys=weight_norm_keys,
     )
-    out: dict[str, Tensor] = {}
-    for key, value in state_dict.items():
-        hf = _rename(key, _OURS_TO_HF)
-        if hf is None:
-            raise KeyError(f"speechlab key {key!r} has no Hugging Face equivalent")
-        out[hf.format(g=g, v=v)] = value
-    return out
 
 
 def _read_hf_weights(directory: Path) -> dict[str, Tensor]:

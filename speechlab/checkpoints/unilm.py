@@ -16,39 +16,22 @@ from __future__ import annotations
 
 import ast
 import operator
-import re
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from speechlab.checkpoints.ssl_keys import (
+    OURS,
+    UNILM,
+    UNILM_CONFIG_FIELDS,
+    check_pos_conv_magnitude,
+    read_config_fields,
+    rename_state_dict,
+)
 from speechlab.models.ssl_encoder import SSLEncoder, SSLEncoderConfig
 
 HEAD_PREFIXES = ("final_proj.", "label_embs_concat", "label_embs", "quantizer.", "project_q.", "target_glu.")
-
-_UNILM_TO_OURS = [
-    (r"feature_extractor\.conv_layers\.(\d+)\.0\.(weight|bias)", r"feature_encoder.conv_layers.\1.conv.\2"),
-    (r"feature_extractor\.conv_layers\.(\d+)\.2\.(weight|bias)", r"feature_encoder.conv_layers.\1.norm.\2"),  # GN
-    (r"feature_extractor\.conv_layers\.(\d+)\.2\.1\.(weight|bias)", r"feature_encoder.conv_layers.\1.norm.\2"),  # LN
-    (r"layer_norm\.(weight|bias)", r"feature_norm.\1"),
-    (r"post_extract_proj\.(weight|bias)", r"feature_projection.\1"),
-    (r"mask_emb", r"mask_emb"),
-    (r"encoder\.pos_conv\.0\.bias", r"encoder.pos_conv.conv.bias"),
-    (r"encoder\.pos_conv\.0\.(?:weight_g|parametrizations\.weight\.original0)",
-     r"encoder.pos_conv.conv.parametrizations.weight.original0"),
-    (r"encoder\.pos_conv\.0\.(?:weight_v|parametrizations\.weight\.original1)",
-     r"encoder.pos_conv.conv.parametrizations.weight.original1"),
-    (r"encoder\.layer_norm\.(weight|bias)", r"encoder.layer_norm.\1"),
-    (r"encoder\.layers\.0\.self_attn\.relative_attention_bias\.weight", r"encoder.relative_position_bias.embedding.weight"),
-    (r"encoder\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|out_proj)\.(weight|bias)",
-     r"encoder.layers.\1.attention.\2.\3"),
-    (r"encoder\.layers\.(\d+)\.self_attn\.grep_linear\.(weight|bias)", r"encoder.layers.\1.attention.gate_proj.\2"),
-    (r"encoder\.layers\.(\d+)\.self_attn\.grep_a", r"encoder.layers.\1.attention.gate_const"),
-    (r"encoder\.layers\.(\d+)\.self_attn_layer_norm\.(weight|bias)", r"encoder.layers.\1.attention_norm.\2"),
-    (r"encoder\.layers\.(\d+)\.fc1\.(weight|bias)", r"encoder.layers.\1.feed_forward.fc1.\2"),
-    (r"encoder\.layers\.(\d+)\.fc2\.(weight|bias)", r"encoder.layers.\1.feed_forward.fc2.\2"),
-    (r"encoder\.layers\.(\d+)\.final_layer_norm\.(weight|bias)", r"encoder.layers.\1.ffn_norm.\2"),
-]  # fmt: skip
 
 _BINARY_OPS = {ast.Add: operator.add, ast.Mult: operator.mul}
 
@@ -170,51 +153,28 @@ def config_from_unilm(cfg: dict) -> SSLEncoderConfig:
     return SSLEncoderConfig(
         conv_layers=conv_layers,
         conv_norm=conv_norm,
-        conv_bias=bool(cfg.get("conv_bias", False)),
-        hidden_size=int(cfg.get("encoder_embed_dim", 768)),
-        num_layers=int(cfg.get("encoder_layers", 12)),
-        num_heads=int(cfg.get("encoder_attention_heads", 12)),
-        ffn_size=int(cfg.get("encoder_ffn_embed_dim", 3072)),
-        layer_norm_first=bool(cfg.get("layer_norm_first", False)),
-        pos_conv_kernel=int(cfg.get("conv_pos", 128)),
-        pos_conv_groups=int(cfg.get("conv_pos_groups", 16)),
         relative_position_bias=relative,
         num_buckets=num_buckets,
         max_distance=max_distance,
-        dropout=float(cfg.get("dropout", 0.1)),
-        attention_dropout=float(cfg.get("attention_dropout", 0.1)),
-        activation_dropout=float(cfg.get("activation_dropout", 0.0)),
-        feature_dropout=float(cfg.get("dropout_input", 0.0)),
-        layerdrop=float(cfg.get("encoder_layerdrop", 0.0)),
-        mask_prob=float(cfg.get("mask_prob", 0.65)),
-        mask_length=int(cfg.get("mask_length", 10)),
-        normalize_waveform=bool(cfg.get("normalize", False)),
-        feature_grad_mult=float(cfg.get("feature_grad_mult", 1.0)),
+        **read_config_fields(cfg, UNILM_CONFIG_FIELDS),
     )
 
 
 def state_dict_from_unilm(state_dict: dict[str, Tensor], config: SSLEncoderConfig) -> dict[str, Tensor]:
     """unilm / fairseq backbone keys -> ours. Pretraining heads (``final_proj``, label embeddings, quantizer) are
     dropped; the fine-tuned prefix ``w2v_encoder.w2v_model.`` is stripped; anything else unknown is an error."""
-    out: dict[str, Tensor] = {}
+    backbone = {}
     for key, value in state_dict.items():
         key = key.removeprefix("w2v_encoder.w2v_model.")
-        if key.startswith(HEAD_PREFIXES) or key.startswith("w2v_encoder.proj"):
-            continue
-        ours = None
-        for pattern, replacement in _UNILM_TO_OURS:
-            if re.fullmatch(pattern, key):
-                ours = re.sub(pattern, replacement, key)
-                break
-        if ours is None:
-            raise KeyError(f"unexpected key {key!r} in the unilm/fairseq checkpoint")
-        out[ours] = value
-    g_key = "encoder.pos_conv.conv.parametrizations.weight.original0"
-    if g_key in out and tuple(out[g_key].shape) != (1, 1, config.pos_conv_kernel):
-        raise ValueError(
-            f"encoder.pos_conv.0 weight-norm magnitude has shape {tuple(out[g_key].shape)}, expected "
-            f"(1, 1, {config.pos_conv_kernel}) (weight norm over dim=2)"
-        )
+        if not (key.startswith(HEAD_PREFIXES) or key.startswith("w2v_encoder.proj")):
+            backbone[key] = value
+    out = rename_state_dict(
+        backbone,
+        UNILM,
+        OURS,
+        unknown=lambda key: KeyError(f"unexpected key {key!r} in the unilm/fairseq checkpoint"),
+    )
+    check_pos_conv_magnitude(out, config.pos_conv_kernel, "encoder.pos_conv.0")
     return out
 
 
