@@ -27,11 +27,10 @@ from torch import Tensor
 
 from speechlab.checkpoints.ssl_keys import (
     HF,
-    HF_CONFIG_FIELDS,
-    HF_WAVLM_CONFIG_FIELDS,
     OURS,
     check_pos_conv_magnitude,
-    read_config_fields,
+    config_entries,
+    config_fields,
     rename_state_dict,
 )
 from speechlab.models.ssl_encoder import SSLEncoder, SSLEncoderConfig
@@ -77,7 +76,7 @@ def config_from_hf(hf_config: dict, *, normalize_waveform: bool | None = None) -
         ],
         relative_position_bias=model_type == "wavlm",
         normalize_waveform=normalize_waveform,
-        **read_config_fields(hf_config, HF_CONFIG_FIELDS + HF_WAVLM_CONFIG_FIELDS),
+        **config_fields(hf_config, HF),
     )
 
 
@@ -100,13 +99,11 @@ def config_to_hf(config: SSLEncoderConfig, model_type: str = "wavlm") -> dict:
         "num_feat_extract_layers": len(config.conv_layers),
         "feat_extract_activation": "gelu",
         "hidden_act": "gelu",
-        **{theirs: getattr(config, ours) for ours, theirs, _ in HF_CONFIG_FIELDS},
+        **config_entries(config, HF, wavlm=model_type == "wavlm"),
         "mask_time_prob": 0.05,  # HF fine-tuning SpecAugment default; keeps masked_spec_embed in the HF model
         "mask_time_length": config.mask_length,
         "do_normalize": config.normalize_waveform,  # informational; HF reads it from preprocessor_config.json
     }
-    if model_type == "wavlm":
-        out.update({theirs: getattr(config, ours) for ours, theirs, _ in HF_WAVLM_CONFIG_FIELDS})
     if model_type == "hubert":
         out["feat_proj_layer_norm"] = True
     return out

@@ -22,13 +22,12 @@ __all__ = [
     "HF",
     "UNILM",
     "KEY_TABLE",
-    "HF_CONFIG_FIELDS",
-    "HF_WAVLM_CONFIG_FIELDS",
-    "UNILM_CONFIG_FIELDS",
+    "CONFIG_TABLE",
     "rename",
     "rename_state_dict",
     "check_pos_conv_magnitude",
-    "read_config_fields",
+    "config_fields",
+    "config_entries",
 ]
 
 OURS, HF, UNILM = 0, 1, 2
@@ -67,56 +66,57 @@ KEY_TABLE: list[tuple[str, str | None, str | None]] = [
      "encoder.layers.{i}.final_layer_norm.{p}"),
 ]  # fmt: skip
 
-# Config fields: (SSLEncoderConfig field, the format's config key, the format's default when the key is absent).
-HF_CONFIG_FIELDS: list[tuple[str, str, Any]] = [
-    ("conv_norm", "feat_extract_norm", "group"),
-    ("conv_bias", "conv_bias", False),
-    ("hidden_size", "hidden_size", 768),
-    ("num_layers", "num_hidden_layers", 12),
-    ("num_heads", "num_attention_heads", 12),
-    ("ffn_size", "intermediate_size", 3072),
-    ("layer_norm_first", "do_stable_layer_norm", False),
-    ("pos_conv_kernel", "num_conv_pos_embeddings", 128),
-    ("pos_conv_groups", "num_conv_pos_embedding_groups", 16),
-    ("dropout", "hidden_dropout", 0.1),
-    ("attention_dropout", "attention_dropout", 0.1),
-    ("activation_dropout", "activation_dropout", 0.0),
-    ("feature_dropout", "feat_proj_dropout", 0.0),
-    ("layerdrop", "layerdrop", 0.1),
-    ("layer_norm_eps", "layer_norm_eps", 1e-5),
+# Config fields: (SSLEncoderConfig field, Hugging Face config.json key, unilm / fairseq cfg key, the default when
+# the key is absent); None: the format does not store the field (unilm's conv_norm, relative bias and conv layers
+# are read by unilm.config_from_unilm itself).
+CONFIG_TABLE: list[tuple[str, str | None, str | None, Any]] = [
+    ("conv_norm", "feat_extract_norm", None, "group"),
+    ("conv_bias", "conv_bias", "conv_bias", False),
+    ("hidden_size", "hidden_size", "encoder_embed_dim", 768),
+    ("num_layers", "num_hidden_layers", "encoder_layers", 12),
+    ("num_heads", "num_attention_heads", "encoder_attention_heads", 12),
+    ("ffn_size", "intermediate_size", "encoder_ffn_embed_dim", 3072),
+    ("layer_norm_first", "do_stable_layer_norm", "layer_norm_first", False),
+    ("pos_conv_kernel", "num_conv_pos_embeddings", "conv_pos", 128),
+    ("pos_conv_groups", "num_conv_pos_embedding_groups", "conv_pos_groups", 16),
+    ("dropout", "hidden_dropout", "dropout", 0.1),
+    ("attention_dropout", "attention_dropout", "attention_dropout", 0.1),
+    ("activation_dropout", "activation_dropout", "activation_dropout", 0.0),
+    ("feature_dropout", "feat_proj_dropout", "dropout_input", 0.0),
+    ("layerdrop", "layerdrop", "encoder_layerdrop", 0.1),
+    ("layer_norm_eps", "layer_norm_eps", None, 1e-5),
+    ("num_buckets", "num_buckets", None, 320),
+    ("max_distance", "max_bucket_distance", None, 800),  # HF class default 800 (= every release)
+    ("mask_prob", None, "mask_prob", 0.65),
+    ("mask_length", None, "mask_length", 10),
+    ("normalize_waveform", None, "normalize", False),
+    ("feature_grad_mult", None, "feature_grad_mult", 1.0),
 ]
-HF_WAVLM_CONFIG_FIELDS: list[tuple[str, str, Any]] = [
-    ("num_buckets", "num_buckets", 320),
-    ("max_distance", "max_bucket_distance", 800),  # HF class default 800 (= every release)
-]
-UNILM_CONFIG_FIELDS: list[tuple[str, str, Any]] = [
-    ("conv_bias", "conv_bias", False),
-    ("hidden_size", "encoder_embed_dim", 768),
-    ("num_layers", "encoder_layers", 12),
-    ("num_heads", "encoder_attention_heads", 12),
-    ("ffn_size", "encoder_ffn_embed_dim", 3072),
-    ("layer_norm_first", "layer_norm_first", False),
-    ("pos_conv_kernel", "conv_pos", 128),
-    ("pos_conv_groups", "conv_pos_groups", 16),
-    ("dropout", "dropout", 0.1),
-    ("attention_dropout", "attention_dropout", 0.1),
-    ("activation_dropout", "activation_dropout", 0.0),
-    ("feature_dropout", "dropout_input", 0.0),
-    ("layerdrop", "encoder_layerdrop", 0.0),
-    ("mask_prob", "mask_prob", 0.65),
-    ("mask_length", "mask_length", 10),
-    ("normalize_waveform", "normalize", False),
-    ("feature_grad_mult", "feature_grad_mult", 1.0),
-]
+_DEFAULT_OVERRIDES = {UNILM: {"layerdrop": 0.0}}  # fairseq's encoder_layerdrop default
+WAVLM_ONLY = ("num_buckets", "max_distance")  # HF writes the bucket geometry for WavLM only
 
 
-def read_config_fields(config: Mapping[str, Any], fields: list[tuple[str, str, Any]]) -> dict[str, Any]:
-    """``SSLEncoderConfig`` keyword arguments from a format's config dict, each cast to its default's type."""
+def config_fields(config: Mapping[str, Any], source: int) -> dict[str, Any]:
+    """``SSLEncoderConfig`` keyword arguments from a ``source`` (``HF`` / ``UNILM``) config dict, each value cast
+    to its default's type."""
     out = {}
-    for ours, theirs, default in fields:
+    for row in CONFIG_TABLE:
+        ours, theirs, default = row[OURS], row[source], row[-1]
+        if theirs is None:
+            continue
+        default = _DEFAULT_OVERRIDES.get(source, {}).get(ours, default)
         value = config.get(theirs, default)
         out[ours] = value if isinstance(default, str) else type(default)(value)
     return out
+
+
+def config_entries(config: Any, target: int, *, wavlm: bool) -> dict[str, Any]:
+    """The ``target`` config keys of ``config`` (an ``SSLEncoderConfig``) that :data:`CONFIG_TABLE` maps."""
+    return {
+        row[target]: getattr(config, row[OURS])
+        for row in CONFIG_TABLE
+        if row[target] is not None and (wavlm or row[OURS] not in WAVLM_ONLY)
+    }
 
 
 WEIGHT_NORM_SPELLINGS = {

@@ -24,9 +24,8 @@ from torch import Tensor
 from speechlab.checkpoints.ssl_keys import (
     OURS,
     UNILM,
-    UNILM_CONFIG_FIELDS,
     check_pos_conv_magnitude,
-    read_config_fields,
+    config_fields,
     rename_state_dict,
 )
 from speechlab.models.ssl_encoder import SSLEncoder, SSLEncoderConfig
@@ -156,7 +155,7 @@ def config_from_unilm(cfg: dict) -> SSLEncoderConfig:
         relative_position_bias=relative,
         num_buckets=num_buckets,
         max_distance=max_distance,
-        **read_config_fields(cfg, UNILM_CONFIG_FIELDS),
+        **config_fields(cfg, UNILM),
     )
 
 
