@@ -35,9 +35,9 @@ def _shrunk(config: dict) -> dict:
     return config
 
 
-@pytest.mark.slow
-def test_the_main_job_runs_every_stage_and_writes_the_results_table(tmp_path):
-    root = tmp_path / "repo"  # a tree shaped like the checkout: run.sh works from the repository root
+def _shrunk_tree(tmp_path: Path) -> Path:
+    """A tree shaped like the checkout (run.sh works from the repository root) with the shrunk mini configs."""
+    root = tmp_path / "repo"
     (root / "recipes" / "mini" / "conf").mkdir(parents=True)
     (root / "data").symlink_to(REPO / "data")
     shutil.copy(MINI / "run.sh", root / "recipes" / "mini")
@@ -46,12 +46,22 @@ def test_the_main_job_runs_every_stage_and_writes_the_results_table(tmp_path):
     for path in (MINI / "conf").glob("*.yaml"):
         config = _shrunk(yaml.safe_load(path.read_text()))
         (root / "recipes" / "mini" / "conf" / path.name).write_text(yaml.safe_dump(config, sort_keys=False))
-    env = {
+    return root
+
+
+def _env() -> dict[str, str]:
+    return {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # speechlab of this venv
         "ANCHOR_CPU_MINUTES": "0.01",
         "PYTHONWARNINGS": "ignore",
     }
+
+
+@pytest.mark.slow
+def test_the_main_job_runs_every_stage_and_writes_the_results_table(tmp_path):
+    root = _shrunk_tree(tmp_path)
+    env = _env()
     done = subprocess.run(
         ["bash", str(root / "recipes" / "mini" / "run.sh")],
         cwd=tmp_path,
@@ -76,3 +86,44 @@ def test_the_main_job_runs_every_stage_and_writes_the_results_table(tmp_path):
     for run in ("ctc_phoneme_fbank", "wavlm_fbank", "wavlm_ctc_phoneme_fbank", "codec"):
         assert (exp / "plots" / f"{run}.png").stat().st_size > 1000, run
     assert (exp / "ctc_phoneme_fbank" / "test_transcripts.jsonl").read_text().count("\n") == 12
+
+
+# The fit() of the README's diagnosis block, as printed there; the test swaps in one that also shrinks the run.
+README_FIT = (
+    "fit() { OMP_NUM_THREADS=1 speechlab fit --config recipes/mini/conf/$1.yaml "
+    '--trainer.default_root_dir /tmp/$2 "${@:3}"; }'
+)
+
+
+def _diagnosis_block() -> str:
+    """The bash block under the mini README's "Why `wavlm_tiny` sits on the blank plateau" table."""
+    readme = (MINI / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("**Why `wavlm_tiny` sits on the blank plateau**") :]
+    start = section.index("```bash\n") + len("```bash\n")
+    return section[start : section.index("\n```", start)]
+
+
+@pytest.mark.slow
+def test_the_readme_diagnosis_commands_run(tmp_path):
+    """Every run D0-D7 of the README's table is a command of its block that trains and validates (2 steps each,
+    the README's own overrides kept: they come before the shrinking ones)."""
+    block = _diagnosis_block()
+    assert block.startswith(README_FIT + "\n"), block.splitlines()[0]
+    runs = tmp_path / "runs"
+    shrink = "--trainer.max_steps 2 --trainer.val_check_interval 1 --trainer.limit_val_batches 1"
+    fit = (
+        f"fit() {{ OMP_NUM_THREADS=1 speechlab fit --config recipes/mini/conf/$1.yaml "
+        f'--trainer.default_root_dir {runs}/$2 "${{@:3}}" {shrink}; }}'
+    )
+    root = _shrunk_tree(tmp_path)
+    script = "set -euo pipefail\nbash recipes/mini/run.sh --stage 0 --stop-stage 0\n" + block.replace(
+        README_FIT, fit
+    )
+    done = subprocess.run(
+        ["bash", "-c", script], cwd=root, env=_env(), capture_output=True, text=True, timeout=1200
+    )
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-5000:])
+    names = sorted(line.split()[2] for line in block.splitlines()[1:] if line.startswith("fit "))
+    assert names == [f"d{i}" for i in range(8)], names
+    for name in names:
+        assert list((runs / name / "checkpoints").glob("*.ckpt")), name
