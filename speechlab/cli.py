@@ -17,24 +17,11 @@ import importlib
 import sys
 from typing import Any
 
+from speechlab.commands import TOOLS
 from speechlab.tool_errors import add_debug_argument, run_tool
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
-# Tool commands: command -> (module whose ``add_parser(subparsers)`` registers it, one-line summary). The summaries
-# let ``speechlab --help`` list every command without importing the modules (a test checks they match).
-TOOLS: dict[str, tuple[str, str]] = {
-    "extract": ("speechlab.commands.extract", "extract layer-wise SSL features for a manifest or a folder"),
-    "convert": ("speechlab.commands.convert", "convert checkpoints between speechlab and Hugging Face formats (import fairseq/unilm .pt); = export with positional paths"),
-    "export": ("speechlab.commands.export", "export a run / checkpoint as a speechlab or Hugging Face model directory (with a round-trip check)"),
-    "transcribe": ("speechlab.commands.transcribe", "transcribe audio files / folders / manifests with a CTC model (greedy or beam search + n-gram LM)"),
-    "plot": ("speechlab.commands.plot", "plot a run's training curves to PNG"),
-    "kmeans": ("speechlab.commands.kmeans", "k-means unit targets (HuBERT/WavLM pseudo-labels) for manifests"),
-    "encode": ("speechlab.commands.encode", "audio (manifest or folder) -> codec token files + a manifest"),
-    "decode": ("speechlab.commands.decode", "codec token files -> wav files"),
-    "codec-eval": ("speechlab.commands.codec_eval", "compare codecs on one manifest (mel/STFT distance, SI-SDR, STOI, PESQ, usage, RTF)"),
-    "check-manifest": ("speechlab.commands.check_manifest", "validate manifests: schema, files, headers, durations (and optionally decode every file)"),
-}  # fmt: skip
 
 # Modules that register tool subcommands through ``add_parser(subparsers)``.
 TOOL_MODULES = tuple(dict.fromkeys(module for module, _ in TOOLS.values()))

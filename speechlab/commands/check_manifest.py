@@ -8,6 +8,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from speechlab.audio import AudioError, audio_info, load_audio
+from speechlab.commands.common import add_command
 from speechlab.data.manifest import (
     DEFAULT_DURATION_TOLERANCE,
     ManifestError,
@@ -20,9 +21,10 @@ from speechlab.data.text import load_tokenizer
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``speechlab check-manifest``: validate manifests before a run (and optionally write clean copies)."""
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "check-manifest",
-        help="validate manifests: schema, files, headers, durations (and optionally decode every file)",
+        run,
         description="Validate JSON Lines manifests the way training reads them, report every bad line "
         "(counted per reason) and exit with status 1 if any was found.",
     )
@@ -70,7 +72,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="write the good lines of each manifest next to it as <stem><SUFFIX>: with .clean.jsonl, "
         "manifest.jsonl -> manifest.clean.jsonl",
     )
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

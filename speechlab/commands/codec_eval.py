@@ -12,18 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
 from tqdm import tqdm
 
 from speechlab.atomic import write_text
 from speechlab.audio import load_audio
+from speechlab.commands.common import add_command, add_device_arguments, select_device
 from speechlab.data.manifest import read_manifest
 from speechlab.inference.codec_metrics import build_codec, evaluate_codec, format_table
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = select_device(args)
     items = read_manifest(args.manifest)[: args.max_items or None]
     clips = []
     for item in tqdm(items, desc="load", unit="utt"):
@@ -35,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     n_qs = [int(v) for v in args.n_q.split(",")] if args.n_q else [None]
     rows = []
     for spec in tqdm(args.codec, desc="codecs", unit="codec"):
-        codec = build_codec(spec, args.device)
+        codec = build_codec(spec, device)
         allowed = (
             codec.allowed_n_q() if hasattr(codec, "allowed_n_q") else list(range(1, codec.num_quantizers + 1))
         )
@@ -55,12 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``speechlab codec-eval``."""
-    parser = subparsers.add_parser(
-        "codec-eval",
-        help="compare codecs on one manifest (mel/STFT distance, SI-SDR, STOI, PESQ, usage, RTF)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = add_command(subparsers, "codec-eval", run, doc=__doc__)
     parser.add_argument("--manifest", required=True, help="JSON Lines manifest of reference audio")
     parser.add_argument(
         "--codec",
@@ -75,7 +69,5 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--sample-rate", type=int, default=16000, help="rate the metrics are computed at")
     parser.add_argument("--max-items", type=int, default=None, help="evaluate only the first N utterances")
     parser.add_argument("--max-seconds", type=float, default=None, help="crop each utterance to N seconds")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (RTF depends on it)")
+    add_device_arguments(parser, threads="torch CPU threads (RTF depends on it)")
     parser.add_argument("--output", default=None, help="also write the table (.md) or the rows (.json) here")
-    parser.set_defaults(func=run)

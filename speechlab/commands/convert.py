@@ -13,22 +13,13 @@ from __future__ import annotations
 import argparse
 
 from speechlab.commands import export
+from speechlab.commands.common import add_command
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``speechlab convert``."""
-    parser = subparsers.add_parser(
-        "convert",
-        help="convert checkpoints between speechlab and Hugging Face formats (import fairseq/unilm .pt); "
-        "= export with positional paths",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "source",
-        help="checkpoint to read: speechlab pretrained dir, Hugging Face dir or hub id (wavlm, hubert, wav2vec2, "
-        "unispeech), a fairseq/unilm .pt file (import only), or a Lightning .ckpt",
-    )
+    parser = add_command(subparsers, "convert", run, doc=__doc__)
+    export.add_source_argument(parser)
     parser.add_argument("output", help="directory to write (export's --out)")
     parser.add_argument(
         "--to",
@@ -37,7 +28,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="output format (export's --format): speechlab pretrained dir (default) or Hugging Face",
     )
     export.add_common_arguments(parser)
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,38 +7,40 @@ import json
 from pathlib import Path
 
 import soundfile as sf
-import torch
 from tqdm import tqdm
 
 from speechlab.checkpoints.codec_tokens import TokenFileError, load_tokens
 from speechlab.checkpoints.hf_codec import load_codec
+from speechlab.commands.common import add_command, add_device_arguments, add_input_choice, select_device
 from speechlab.data.manifest import output_names
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``speechlab decode``."""
-    dec = subparsers.add_parser(
+    dec = add_command(
+        subparsers,
         "decode",
-        help="codec token files -> wav files",
+        run,
         description="Decode token files back to audio with the codec that made them (the header's codebook hash, "
         "sample rate and frame rate are checked against the model).",
     )
-    src = dec.add_mutually_exclusive_group(required=True)
-    src.add_argument("--manifest", help="manifest written by 'speechlab encode' (its 'tokens' field)")
-    src.add_argument("--tokens-dir", help="folder searched recursively for *.tokens.safetensors")
+    add_input_choice(
+        dec,
+        manifest_help="manifest written by 'speechlab encode' (its 'tokens' field)",
+        folder="--tokens-dir",
+        folder_help="folder searched recursively for *.tokens.safetensors",
+    )
     dec.add_argument("--model", required=True, help="the codec directory that encoded the tokens")
     dec.add_argument("--output-dir", required=True, help="where <id>.wav files are written")
     dec.add_argument(
         "--force", action="store_true", help="decode even if the token header names another codec"
     )
-    dec.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    dec.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    dec.set_defaults(func=run)
+    add_device_arguments(dec, threads="torch CPU threads (default: torch's choice)")
 
 
 def run(args: argparse.Namespace) -> int:
-    torch.set_num_threads(args.threads) if args.threads else None
-    codec = load_codec(args.model, args.device)
+    device = select_device(args)
+    codec = load_codec(args.model, device)
     if args.manifest:
         with open(args.manifest, encoding="utf-8") as f:
             records = [json.loads(line) for line in f if line.strip()]
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         codes, info = load_tokens(path)
         if not args.force:
             info.check_compatible(codec, str(path))
-        audio = codec.decode(codes[None].to(args.device))[0].cpu()
+        audio = codec.decode(codes[None].to(device))[0].cpu()
         if info.num_samples is not None:
             audio = audio[: info.num_samples]
         wav = out_dir / f"{name}.wav"

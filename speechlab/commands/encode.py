@@ -14,22 +14,24 @@ from tqdm import tqdm
 from speechlab.audio import list_audio_files, load_audio
 from speechlab.checkpoints.codec_tokens import TokenInfo, save_tokens
 from speechlab.checkpoints.hf_codec import load_codec
+from speechlab.commands.common import add_command, add_device_arguments, add_input_choice, select_device
 from speechlab.data.manifest import output_names, read_manifest, write_manifest
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``speechlab encode``."""
-    enc = subparsers.add_parser(
+    enc = add_command(
+        subparsers,
         "encode",
-        help="audio (manifest or folder) -> codec token files + a manifest",
+        run,
         description="Encode every utterance of a manifest or folder into <id>.tokens.safetensors files (codes "
         "(n_q, frames) + a header naming the codec), and write <output-dir>/manifest.jsonl with a 'tokens' field.",
     )
-    src = enc.add_mutually_exclusive_group(required=True)
-    src.add_argument("--manifest", help="JSON Lines manifest of the audio to encode")
-    src.add_argument(
-        "--input-dir",
-        help="folder searched recursively for audio files (.flac, .wav, .ogg, .mp3, .opus, .aiff)",
+    add_input_choice(
+        enc,
+        manifest_help="JSON Lines manifest of the audio to encode",
+        folder="--input-dir",
+        folder_help="folder searched recursively for audio files (.flac, .wav, .ogg, .mp3, .opus, .aiff)",
     )
     enc.add_argument(
         "--model", required=True, help="speechlab codec directory or transformers EnCodec/DAC dir"
@@ -49,14 +51,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="also write level-0 codes as a space-separated "
         "'units' field (frame-level targets for SSL training)",
     )
-    enc.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    enc.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    enc.set_defaults(func=run)
+    add_device_arguments(enc, threads="torch CPU threads (default: torch's choice)")
 
 
 def run(args: argparse.Namespace) -> int:
-    torch.set_num_threads(args.threads) if args.threads else None
-    codec = load_codec(args.model, args.device)
+    device = select_device(args)
+    codec = load_codec(args.model, device)
     n_q = args.n_q or codec.num_quantizers
     if args.manifest:
         items = read_manifest(args.manifest, on_error="raise")
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
             for row, clip in enumerate(clips):
                 audio[row, : clip.shape[0]] = clip
             try:
-                codes, frame_lengths = codec.encode(audio.to(args.device), lengths.to(args.device), n_q=n_q)
+                codes, frame_lengths = codec.encode(audio.to(device), lengths.to(device), n_q=n_q)
             except ValueError as err:  # e.g. a non-finite latent: name the items, write nothing for them
                 ids = [str(items[i]["id"]) for i in idx]
                 raise ValueError(f"{args.model}: encoding ids {ids}: {err}") from err

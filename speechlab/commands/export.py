@@ -27,22 +27,14 @@ from pathlib import Path
 from speechlab.api import load
 from speechlab.checkpoints.export import export, source_family
 from speechlab.checkpoints.run_dir import resolve_source
+from speechlab.commands.common import add_ckpt_argument, add_command
 from speechlab.inference.round_trip import round_trip_report
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``speechlab export``."""
-    parser = subparsers.add_parser(
-        "export",
-        help="export a run / checkpoint as a speechlab or Hugging Face model directory (with a round-trip check)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "source",
-        help="a run folder (trainer.default_root_dir), a Lightning .ckpt, or any source speechlab.load reads "
-        "(speechlab pretrained dir, Hugging Face dir or hub id, fairseq/unilm .pt)",
-    )
+    parser = add_command(subparsers, "export", run, doc=__doc__)
+    add_source_argument(parser)
     parser.add_argument("--out", required=True, help="directory to write")
     parser.add_argument(
         "--format",
@@ -51,15 +43,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="speechlab pretrained directory (default) or Hugging Face (CTC: WavLMForCTC / HubertForCTC + "
         "tokenizer + feature extractor; encoders: WavLMModel / HubertModel)",
     )
-    parser.add_argument(
-        "--ckpt",
-        choices=("best", "last"),
-        default=None,
-        help="for a run folder: its best checkpoint (by the task's monitored metric) or last.ckpt "
+    add_ckpt_argument(
+        parser,
+        "for a run folder: its best checkpoint (by the task's monitored metric) or last.ckpt "
         "(default: best if the run has one, else last)",
     )
     add_common_arguments(parser)
-    parser.set_defaults(func=run)
+
+
+def add_source_argument(parser: argparse.ArgumentParser) -> None:
+    """The checkpoint to read (``speechlab convert`` reads the same sources)."""
+    parser.add_argument(
+        "source",
+        help="a run folder (trainer.default_root_dir), a Lightning .ckpt, or any source speechlab.load reads "
+        "(speechlab pretrained dir, Hugging Face dir or hub id, fairseq/unilm .pt)",
+    )
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,9 +13,15 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from speechlab.api import FeatureExtractor, find_encoder, load
+from speechlab.commands.common import (
+    add_command,
+    add_device_arguments,
+    add_input_choice,
+    add_progress_argument,
+    add_window_arguments,
+    select_device,
+)
 from speechlab.data.manifest import output_names
 from speechlab.inference.feature_files import (
     extract_items,
@@ -28,21 +34,19 @@ from speechlab.tool_errors import ToolError, one_line
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``speechlab extract``."""
-    parser = subparsers.add_parser(
-        "extract",
-        help="extract layer-wise SSL features for a manifest or a folder",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = add_command(subparsers, "extract", run, doc=__doc__)
     src = parser.add_argument_group("input")
     src.add_argument(
         "--model",
         required=True,
         help="speechlab pretrained dir, Hugging Face dir or hub id, or a fairseq/unilm .pt file",
     )
-    src.add_argument("--manifest", help="JSON Lines manifest (id, audio, optional offset/duration)")
-    src.add_argument(
-        "--input-dir", help="folder of audio files (recursive); ids are relative paths without extension"
+    add_input_choice(
+        src,
+        manifest_help="JSON Lines manifest (id, audio, optional offset/duration)",
+        folder="--input-dir",
+        folder_help="folder of audio files (recursive); ids are relative paths without extension",
+        required=False,
     )
     out = parser.add_argument_group("output")
     out.add_argument("--output-dir", required=True, help="where features go (created; resumable)")
@@ -68,13 +72,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     out.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored precision")
     out.add_argument("--overwrite", action="store_true", help="re-extract outputs that already exist")
     cmp = parser.add_argument_group("compute")
-    cmp.add_argument(
-        "--device", default="auto", help="'auto' (GPU when present), 'cpu', 'cuda', 'cuda:1', ..."
-    )
+    add_device_arguments(cmp, default="auto")
     cmp.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster; features move slightly)")
-    cmp.add_argument(
-        "--batch-seconds", type=float, default=80.0, help="audio seconds per forward batch (bounds memory)"
-    )
     cmp.add_argument(
         "--padded-batches",
         action="store_true",
@@ -82,26 +81,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "encoder) an utterance's features then depend on the others in its batch; by default each length runs "
         "unpadded so every file gets its single-utterance features",
     )
-    cmp.add_argument(
-        "--chunk-seconds",
-        type=float,
-        default=30.0,
-        help="long files are extracted in windows of this many kept seconds (0 = never chunk)",
-    )
-    cmp.add_argument(
-        "--context-seconds",
-        type=float,
-        default=5.0,
-        help="context added on each side of every window (its frames are discarded)",
-    )
+    add_window_arguments(cmp, batch_seconds=80.0)
     cmp.add_argument(
         "--on-error",
         choices=("raise", "skip"),
         default="raise",
         help="unreadable audio or bad manifest lines: stop with an error (default) or skip and count",
     )
-    cmp.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.set_defaults(func=run)
+    add_progress_argument(cmp)
 
 
 def _parse_layers(text: str, num_layers: int) -> list[int] | None:
@@ -121,9 +108,7 @@ def run(args: argparse.Namespace) -> int:
     if bool(args.manifest) == bool(args.input_dir):
         print("speechlab extract: give exactly one of --manifest or --input-dir", file=sys.stderr)
         return 2
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = select_device(args)
     # A ManifestError / FileNotFoundError names the file and the fix; the tool error boundary prints it.
     items = (
         items_from_manifest(args.manifest, args.on_error)

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from speechlab.api import find_encoder, load
+from speechlab.commands.common import add_command, add_device_arguments, select_device
 from speechlab.data.manifest import read_manifest, write_manifest
 from speechlab.nn.kmeans import KMeans, KMeansConfig, check_finite
 from speechlab.tasks.units import SAMPLE_RATE, hidden_layer_features, iterate_features, mfcc_frame_features
@@ -24,9 +25,7 @@ def _output_name(manifest: Path) -> str:
 def run(args: argparse.Namespace) -> int:
     """``speechlab kmeans``: fit (or load) centroids, write one manifest with ``units`` per input manifest."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    device = torch.device(
-        args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    device = torch.device(select_device(args))
     out_dir = Path(args.output_dir)
     manifests = [Path(m) for m in args.manifest]
     names = [_output_name(m) for m in manifests]
@@ -140,9 +139,10 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``speechlab kmeans``."""
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "kmeans",
-        help="k-means unit targets (HuBERT/WavLM pseudo-labels) for manifests",
+        run,
         description=(
             "Compute 50 Hz frame features (39-d MFCC, or a hidden layer of a trained SSL encoder given by "
             "--checkpoint), fit mini-batch k-means (torch, GPU if present) on a sample, and write for every input manifest a copy "
@@ -207,9 +207,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="stop when a pass lowers the mean inertia by less than this fraction",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for sampling and k-means")
-    parser.add_argument(
-        "--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ..."
-    )
+    add_device_arguments(parser, default="auto")
     parser.add_argument(
         "--merge",
         default=None,
@@ -224,4 +222,3 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "NAME_train.jsonl (instead of NAME.jsonl)",
     )
     parser.add_argument("--num-workers", type=int, default=0, help="audio decoding worker processes")
-    parser.set_defaults(func=run)

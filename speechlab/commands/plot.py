@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 
+from speechlab.commands.common import add_command
 from speechlab.plots import plot_curves
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``speechlab plot``."""
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "plot",
-        help="plot a run's training curves to PNG",
+        run,
         description="Plot every metric logged by a speechlab run (its logs/version_*/metrics.csv) against the step.",
     )
     parser.add_argument(
@@ -19,7 +21,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", help="PNG to write (default: RUN_DIR/curves.png)")
     parser.add_argument("--metrics", nargs="+", help="only these metrics (default: all but learning rates)")
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

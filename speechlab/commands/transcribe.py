@@ -18,26 +18,26 @@ from tqdm import tqdm
 from speechlab.api import load
 from speechlab.audio import load_audio
 from speechlab.checkpoints.run_dir import resolve_source
+from speechlab.commands.common import (
+    add_ckpt_argument,
+    add_command,
+    add_device_arguments,
+    add_progress_argument,
+    add_window_arguments,
+)
 from speechlab.inference.transcriber import SAMPLE_RATE, Transcriber, collect_inputs, error_rates
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``speechlab transcribe``."""
-    parser = subparsers.add_parser(
-        "transcribe",
-        help="transcribe audio files / folders / manifests with a CTC model (greedy or beam search + n-gram LM)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = add_command(subparsers, "transcribe", run, doc=__doc__)
     parser.add_argument(
         "--model",
         required=True,
         help="a CTC model: run folder, Lightning .ckpt, speechlab 'ctc' directory or Hugging Face *ForCTC directory",
     )
     parser.add_argument("inputs", nargs="+", help="audio files, folders (recursive) and .jsonl manifests")
-    parser.add_argument(
-        "--ckpt", choices=("best", "last"), default=None, help="for a run folder: which checkpoint"
-    )
+    add_ckpt_argument(parser)
     parser.add_argument("--output", help="write here instead of stdout")
     parser.add_argument(
         "--format", choices=("text", "jsonl"), default="text", help="id<TAB>text lines or JSONL"
@@ -48,18 +48,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lexicon", help="lexicon: one 'word unit unit ...' line per word (beam search)")
     parser.add_argument("--lm-weight", type=float, default=2.0)
     parser.add_argument("--word-score", type=float, default=0.0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch-seconds", type=float, default=120.0, help="padded audio seconds per forward")
-    parser.add_argument(
-        "--chunk-seconds",
-        type=float,
-        default=30.0,
-        help="longer inputs run in windows of this many kept seconds (0: never)",
-    )
-    parser.add_argument("--context-seconds", type=float, default=5.0, help="context each side of a window")
+    add_device_arguments(parser)
+    add_window_arguments(parser, batch_seconds=120.0)
     parser.add_argument("--files-per-batch", type=int, default=32, help="files read into memory at a time")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run)
+    add_progress_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
