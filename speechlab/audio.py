@@ -15,9 +15,11 @@ to 16 kHz needs ~5 GB with torchaudio) is resampled by a polyphase filter of bou
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -101,18 +103,26 @@ def _check_file(path: Path) -> None:
         raise AudioError(path, "file is empty (0 bytes)", "re-create or re-download the file, or drop it")
 
 
-def _open_info(path: Path) -> sf._SoundFileInfo:
-    _check_file(path)
+@contextlib.contextmanager
+def _decoding(path: Path, problem: str, remedy: str) -> Iterator[None]:
+    """soundfile's errors while decoding ``path`` as one :class:`AudioError`: ``problem`` (formatted with the
+    error as ``{err}``) and ``remedy``; a permission error says so."""
     try:
-        return sf.info(str(path))
+        yield
     except PermissionError as err:
         raise AudioError(path, f"permission denied ({err})", "fix the file permissions (chmod a+r)") from err
     except (sf.SoundFileError, RuntimeError, OSError) as err:
-        raise AudioError(
-            path,
-            f"cannot decode audio header ({err})",
-            "the file is corrupt or not audio; convert it to FLAC/WAV (e.g. with ffmpeg) or remove it",
-        ) from err
+        raise AudioError(path, problem.format(err=err), remedy) from err
+
+
+def _open_info(path: Path) -> sf._SoundFileInfo:
+    _check_file(path)
+    with _decoding(
+        path,
+        "cannot decode audio header ({err})",
+        "the file is corrupt or not audio; convert it to FLAC/WAV (e.g. with ffmpeg) or remove it",
+    ):
+        return sf.info(str(path))
 
 
 def _wav_declared_frames(path: Path, channels: int, subtype: str) -> int | None:
@@ -291,16 +301,12 @@ def load_audio(
         raise AudioError(
             path, f"segment at {offset:.3f} s with duration {duration} s has no samples", "fix it"
         )
-    try:
+    with _decoding(
+        path,
+        "cannot decode audio data ({err}); the file is probably truncated or corrupt",
+        "re-create or re-download the file, or remove it from the manifest",
+    ):
         data = _read_frames(path, start, (num_frames - start) if frames < 0 else frames)
-    except PermissionError as err:
-        raise AudioError(path, f"permission denied ({err})", "fix the file permissions (chmod a+r)") from err
-    except (sf.SoundFileError, RuntimeError, OSError) as err:
-        raise AudioError(
-            path,
-            f"cannot decode audio data ({err}); the file is probably truncated or corrupt",
-            "re-create or re-download the file, or remove it from the manifest",
-        ) from err
     expected = (num_frames - start) if frames < 0 else frames
     if data.shape[0] < expected:
         raise AudioError(
