@@ -5,7 +5,7 @@ A run folder holds ``checkpoints/last.ckpt`` and the best-k checkpoints ranked b
 monitored ``ModelCheckpoint`` in ``last.ckpt`` (its ``best_model_path``, looked up in the run's own
 ``checkpoints/`` folder when the run was moved), ``last`` is ``last.ckpt``; ``auto`` (what ``speechlab.load``
 uses) is ``best`` when the run has one, else ``last``. The checkpoint is then read by
-:mod:`speechlab.checkpoints.lightning_ckpt`.
+:mod:`speechlab.checkpoints.lightning_ckpt` (through the registry).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from speechlab.checkpoints import lightning_ckpt
+from speechlab.checkpoints import registry
 from speechlab.checkpoints.safe_load import CheckpointError, load_torch_checkpoint
 
 __all__ = ["CHECKPOINT_DIR", "LAST", "detect", "read", "run_checkpoint", "best_checkpoint", "is_run_dir"]
@@ -39,7 +39,9 @@ detect = is_run_dir
 
 
 def read(path: Path) -> nn.Module:
-    return lightning_ckpt.read(run_checkpoint(path, "auto"))
+    """The run's checkpoint (:func:`run_checkpoint` ``auto``), read by the reader that recognises it (the Lightning
+    reader, imported only then: detecting a run folder must not import Lightning)."""
+    return registry.read(run_checkpoint(path, "auto"))
 
 
 def _monitored_states(checkpoint: Any) -> list[dict]:
