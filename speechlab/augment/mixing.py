@@ -27,8 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from speechlab.audio import load_audio
-from speechlab.data.manifest import read_manifest
+from speechlab.data.manifest import load_item_audio, read_manifest
 from speechlab.host_sync import to_device_async
 from speechlab.nn.masks import valid_mask
 
@@ -72,13 +71,7 @@ def load_noise_bank(manifest: str | Path, sample_rate: int = 16000) -> list[Tens
     items = read_manifest(manifest)
     clips = []
     for item in items:
-        # like the data loader: an item with an ``offset`` is the segment [offset, offset + duration)
-        audio = load_audio(
-            item["audio"],
-            sample_rate=sample_rate,
-            offset=float(item.get("offset") or 0.0),
-            duration=float(item["duration"]) if "offset" in item else None,
-        )
+        audio = load_item_audio(item, sample_rate)  # like the data loader: an item's segment
         if audio.numel() > 0 and float(audio.abs().max()) > 0:
             clips.append(audio)
     if not clips:

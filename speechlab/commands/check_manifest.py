@@ -7,12 +7,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from speechlab.audio import AudioError, audio_info, load_audio
+from speechlab.audio import AudioError, audio_info
 from speechlab.commands.common import add_command
 from speechlab.data.manifest import (
     DEFAULT_DURATION_TOLERANCE,
     ManifestError,
     SkipReport,
+    load_item_audio,
     read_manifest,
     write_manifest,
 )
@@ -105,11 +106,7 @@ def run(args: argparse.Namespace) -> int:
             good = []
             for item in tqdm(items, desc=f"decoding {Path(manifest).name}", unit="file"):
                 try:
-                    rate = audio_info(item["audio"])[0]
-                    offset = float(item.get("offset", 0.0))
-                    load_audio(
-                        item["audio"], rate, offset, float(item["duration"]) if "offset" in item else None
-                    )
+                    load_item_audio(item, audio_info(item["audio"])[0])  # at the file's own rate
                     good.append(item)
                 except AudioError as err:
                     report.counts["undecodable_audio"] += 1

@@ -15,9 +15,8 @@ import json
 from tqdm import tqdm
 
 from speechlab.atomic import write_text
-from speechlab.audio import load_audio
 from speechlab.commands.common import add_command, add_device_arguments, select_device
-from speechlab.data.manifest import read_manifest
+from speechlab.data.manifest import load_item_audio, read_manifest
 from speechlab.inference.codec_metrics import build_codec, evaluate_codec, format_table
 
 
@@ -26,11 +25,7 @@ def run(args: argparse.Namespace) -> int:
     items = read_manifest(args.manifest)[: args.max_items or None]
     clips = []
     for item in tqdm(items, desc="load", unit="utt"):
-        offset = float(item.get("offset", 0.0))
-        duration = float(item["duration"]) if "offset" in item else None
-        if args.max_seconds:
-            duration = min(duration or float(item["duration"]), args.max_seconds)
-        clips.append(load_audio(item["audio"], args.sample_rate, offset=offset, duration=duration))
+        clips.append(load_item_audio(item, args.sample_rate, args.max_seconds or None))
     n_qs = [int(v) for v in args.n_q.split(",")] if args.n_q else [None]
     rows = []
     for spec in tqdm(args.codec, desc="codecs", unit="codec"):

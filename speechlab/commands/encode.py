@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from speechlab.audio import list_audio_files, load_audio
+from speechlab.audio import list_audio_files
 from speechlab.checkpoints.codec_tokens import TokenInfo, save_tokens
 from speechlab.checkpoints.hf_codec import load_codec
 from speechlab.commands.common import add_command, add_device_arguments, add_input_choice, select_device
-from speechlab.data.manifest import output_names, read_manifest, write_manifest
+from speechlab.data.manifest import load_item_audio, output_names, read_manifest, write_manifest
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -75,12 +75,7 @@ def run(args: argparse.Namespace) -> int:
     with tqdm(total=len(items), desc="encode", unit="utt") as bar:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            clips = []
-            for i in idx:
-                item = items[i]
-                offset = float(item.get("offset", 0.0))
-                duration = float(item["duration"]) if "offset" in item else None
-                clips.append(load_audio(item["audio"], codec.sample_rate, offset=offset, duration=duration))
+            clips = [load_item_audio(items[i], codec.sample_rate) for i in idx]
             lengths = torch.tensor([c.shape[0] for c in clips])
             audio = torch.zeros(len(clips), int(lengths.max()))
             for row, clip in enumerate(clips):

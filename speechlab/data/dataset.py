@@ -8,7 +8,8 @@ from collections.abc import Sequence
 
 from torch.utils.data import Dataset
 
-from speechlab.audio import AudioError, load_audio
+from speechlab.audio import AudioError
+from speechlab.data.manifest import load_item_audio
 from speechlab.data.text import Tokenizer, UnknownUnitError
 
 __all__ = ["AudioDataset", "parse_units"]
@@ -93,11 +94,7 @@ class AudioDataset(Dataset):
             return {"id": item.get("id"), "skipped": reason}
 
     def _load(self, item: dict) -> dict:
-        offset = float(item.get("offset", 0.0))
-        duration = float(item["duration"]) if "offset" in item else None
-        if self.max_seconds is not None and float(item["duration"]) > self.max_seconds:
-            duration = self.max_seconds
-        audio = load_audio(item["audio"], self.sample_rate, offset=offset, duration=duration)
+        audio = load_item_audio(item, self.sample_rate, self.max_seconds)
         targets = None
         if self.tokenizer is not None:
             targets = self.tokenizer.encode(item.get(self.tokenizer.field) or "")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from speechlab.atomic import atomic_write
-from speechlab.audio import AudioError, audio_info
+from speechlab.audio import AudioError, audio_info, load_audio
 
 __all__ = [
     "ManifestError",
@@ -433,6 +433,23 @@ def _parse_line(path: Path, number: int, raw_line: bytes) -> Any:
             f"invalid JSON ({err.msg} at column {err.colno}): {text[:80]!r}",
             "write exactly one JSON object per line",
         ) from err
+
+
+def item_segment(item: dict, max_seconds: float | None = None) -> tuple[float, float | None]:
+    """``(offset, duration)`` in seconds of the audio a manifest item stands for: an item with an ``offset`` is the
+    segment ``[offset, offset + duration)``, one without is its whole file (duration None). ``max_seconds`` crops
+    to at most that many seconds (the item's ``duration`` says how long the file is)."""
+    offset = float(item.get("offset") or 0.0)
+    duration = float(item["duration"]) if "offset" in item else None
+    if max_seconds is not None and float(item["duration"]) > max_seconds:
+        duration = max_seconds
+    return offset, duration
+
+
+def load_item_audio(item: dict, sample_rate: int, max_seconds: float | None = None) -> Any:
+    """The (samples,) float32 waveform of a manifest item (:func:`item_segment`) at ``sample_rate``."""
+    offset, duration = item_segment(item, max_seconds)
+    return load_audio(item["audio"], sample_rate, offset=offset, duration=duration)
 
 
 def write_manifest(path: str | os.PathLike, items: Iterable[dict]) -> Path:

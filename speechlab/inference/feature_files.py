@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from speechlab.atomic import atomic_write
 from speechlab.audio import AudioError, list_audio_files, load_audio
-from speechlab.data.manifest import output_names, read_manifest
+from speechlab.data.manifest import item_segment, output_names, read_manifest
 
 __all__ = [
     "ExtractReport",
@@ -54,9 +54,7 @@ def items_from_manifest(path: str | os.PathLike, on_error: str = "raise") -> lis
     """Items of a JSON Lines manifest (``id``, ``audio``, optional ``offset`` / ``duration`` of a segment)."""
     items = []
     for entry in read_manifest(path, on_error=on_error, check_audio="exists"):
-        offset = float(entry.get("offset", 0.0) or 0.0)
-        duration = entry.get("duration") if "offset" in entry else None
-        items.append(Item(str(entry["id"]), entry["audio"], offset, duration))
+        items.append(Item(str(entry["id"]), entry["audio"], *item_segment(entry)))
     return items
 
 
