@@ -17,6 +17,16 @@ from speechlab.tasks.units import SAMPLE_RATE, hidden_layer_features, iterate_fe
 
 log = logging.getLogger(__name__)
 
+# The KMeansConfig fields offered as options (``--num-clusters`` ...): field -> help.
+KMEANS_OPTIONS = {
+    "num_clusters": "k (HuBERT: 100 on MFCC, 500 on layer 6)",
+    "batch_size": "mini-batch size (frames)",
+    "max_iter": "maximum Lloyd iterations after the mini-batch pass (each one pass over the fit frames)",
+    "init_sample": "frames seen by the k-means++ init",
+    "tol": "stop when a pass lowers the mean inertia by less than this fraction",
+    "seed": "seed for sampling and k-means",
+}
+
 
 def _output_name(manifest: Path) -> str:
     return manifest.parent.name if manifest.stem == "manifest" else manifest.stem
@@ -79,14 +89,7 @@ def run(args: argparse.Namespace) -> int:
         log.info(
             "fitting %d clusters on %d frames of %d-d %s features", args.num_clusters, *fit_x.shape, kind
         )
-        config = KMeansConfig(
-            num_clusters=args.num_clusters,
-            batch_size=args.batch_size,
-            max_iter=args.max_iter,
-            init_sample=args.init_sample,
-            tol=args.tol,
-            seed=args.seed,
-        )
+        config = KMeansConfig(**{name: getattr(args, name) for name in KMEANS_OPTIONS})
         kmeans = KMeans(config, device=device).fit(fit_x)
         del fit_x, parts
         kmeans.save(out_dir / "centroids.safetensors", {"features": kind})
@@ -177,9 +180,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="existing centroids.safetensors: skip fitting, only label (e.g. dev/test sets)",
     )
-    parser.add_argument(
-        "--num-clusters", type=int, default=100, help="k (HuBERT: 100 on MFCC, 500 on layer 6)"
-    )
+    defaults = KMeansConfig()
+    for name, help in KMEANS_OPTIONS.items():  # type and default: KMeansConfig's
+        default = getattr(defaults, name)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default, help=help)
     parser.add_argument(
         "--fit-fraction",
         type=float,
@@ -192,21 +196,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=2_000_000,
         help="cap on frames kept for fitting (random frames per utterance); bounds memory",
     )
-    parser.add_argument("--batch-size", type=int, default=10000, help="mini-batch size (frames)")
-    parser.add_argument(
-        "--max-iter",
-        type=int,
-        default=100,
-        help="maximum Lloyd iterations after the mini-batch pass (each one pass over the fit frames)",
-    )
-    parser.add_argument("--init-sample", type=int, default=100000, help="frames seen by the k-means++ init")
-    parser.add_argument(
-        "--tol",
-        type=float,
-        default=1e-4,
-        help="stop when a pass lowers the mean inertia by less than this fraction",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed for sampling and k-means")
     add_device_arguments(parser, default="auto")
     parser.add_argument(
         "--merge",
