@@ -17,6 +17,7 @@ import importlib
 import sys
 from typing import Any
 
+from speechlab import __version__
 from speechlab.commands import TOOLS
 from speechlab.tool_errors import add_debug_argument, run_tool
 
@@ -33,9 +34,7 @@ def _version() -> str:
 
         return version("speechlab")
     except Exception:  # not installed as a package (a plain checkout on PYTHONPATH)
-        import speechlab  # local: only on this fallback path
-
-        return speechlab.__version__
+        return __version__
 
 
 def _base_parser() -> tuple[argparse.ArgumentParser, Any]:
