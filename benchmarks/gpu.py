@@ -38,12 +38,13 @@ import contextlib
 import dataclasses
 import json
 import resource
-import socket
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from collections import Counter
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -326,10 +327,16 @@ class _StepModule(torch.nn.Module):
         return self.task.training_step(batch, batch_idx)
 
 
-def _ddp_worker(rank: int, world: int, port: int, args, device_type: str, queue) -> None:
+# A collective that waits longer than this fails instead of hanging (the smoke run takes seconds).
+DDP_TIMEOUT = timedelta(seconds=120)
+
+
+def _ddp_worker(rank: int, world: int, store_file: str, args, device_type: str, queue) -> None:
     backend = "nccl" if device_type == "cuda" else "gloo"
+    # A file rendezvous: no port to pick, so nothing else on the machine can take it between the pick and the bind
+    # (a TCP port picked free and bound later can be).
     torch.distributed.init_process_group(
-        backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+        backend, init_method=f"file://{store_file}", rank=rank, world_size=world, timeout=DDP_TIMEOUT
     )
     try:
         device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
@@ -366,20 +373,16 @@ def _ddp_worker(rank: int, world: int, port: int, args, device_type: str, queue)
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def ddp_smoke(args, device_type: str) -> dict:
     """Two DDP processes train ``args.ddp_steps`` steps on different batches; their weights must stay identical."""
     context = torch.multiprocessing.get_context("spawn")
     queue = context.SimpleQueue()
     start = time.perf_counter()
-    torch.multiprocessing.start_processes(
-        _ddp_worker, args=(2, _free_port(), args, device_type, queue), nprocs=2, start_method="spawn"
-    )
+    with tempfile.TemporaryDirectory(prefix="speechlab-ddp-") as folder:
+        store_file = str(Path(folder) / "rendezvous")
+        torch.multiprocessing.start_processes(
+            _ddp_worker, args=(2, store_file, args, device_type, queue), nprocs=2, start_method="spawn"
+        )
     result = queue.get()
     return {
         "ddp": "nccl" if device_type == "cuda" else "gloo",

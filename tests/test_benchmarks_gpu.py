@@ -62,10 +62,6 @@ def test_flex_needs_attention_dropout_off_and_a_gpu():
 
 
 @pytest.mark.slow
-@pytest.mark.skip(
-    reason="hung past its 300 s timeout once in 3 slow runs on 2026-12-01 (2 spawned gloo processes; passes alone "
-    "in 14 s; cause not found yet) - kept out of CI until diagnosed"
-)
 def test_ddp_smoke_run_on_two_gloo_processes_keeps_weights_identical(tmp_path):
     # a subprocess: the spawned workers must import the script as a module of its own
     out = tmp_path / "out.jsonl"
