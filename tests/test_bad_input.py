@@ -382,6 +382,7 @@ def test_extract_never_writes_non_finite_features_as_done(tmp_path, capsys, layo
 def test_encode_refuses_a_non_finite_codec_latent_and_writes_no_tokens(tmp_path, capsys):
     import torch
 
+    from speechlab.checkpoints.pretrained_dir import save_pretrained
     from speechlab.models.codec import Codec, codec_tiny
 
     torch.manual_seed(0)
@@ -390,7 +391,7 @@ def test_encode_refuses_a_non_finite_codec_latent_and_writes_no_tokens(tmp_path,
         for name, param in codec.named_parameters():
             if name.startswith("encoder.") and name.endswith("original0"):
                 param.mul_(1e20)
-    codec.save_pretrained(tmp_path / "codec")
+    save_pretrained(codec, tmp_path / "codec", family="codec")
     manifest, out = _two_utterances(tmp_path), tmp_path / "tokens"
     argv = [
         "encode",
@@ -686,10 +687,11 @@ def test_decode_refuses_colliding_ids_and_keeps_sub_folders_apart(tmp_path, caps
 
     import torch
 
+    from speechlab.checkpoints.pretrained_dir import save_pretrained
     from speechlab.models.codec import Codec, codec_tiny
 
     torch.manual_seed(0)
-    Codec(codec_tiny()).eval().save_pretrained(tmp_path / "codec")
+    save_pretrained(Codec(codec_tiny()).eval(), tmp_path / "codec", family="codec")
     manifest, tokens = _two_utterances(tmp_path), tmp_path / "tokens"
     codec = ["--model", str(tmp_path / "codec")]
     assert cli.main(["encode", "--manifest", str(manifest), *codec, "--output-dir", str(tokens)]) == 0
@@ -755,10 +757,10 @@ def test_nan_or_negative_data_config_values_name_the_field(tmp_path, yaml_line, 
     ],
 )
 def test_nan_or_negative_encoder_config_values_name_the_field(overrides, message):
-    from speechlab.models.presets import encoder_config
+    from speechlab.models.registry import build_config
 
     with pytest.raises(ValueError, match=re.escape(message)):
-        encoder_config("wavlm_tiny", overrides)
+        build_config("ssl_encoder", "wavlm_tiny", overrides)
 
 
 def test_a_checkpoint_with_a_negative_layer_count_is_refused_naming_the_field(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from speechlab.checkpoints.pretrained_dir import load_pretrained_codec, save_pretrained
 from speechlab.models.codec import (
     Codec,
     CodecConfig,
@@ -135,8 +136,8 @@ def test_weight_norm_folding_keeps_outputs_and_save_load_round_trips(tmp_path):
     signal = torch.randn(2, 4000) * 0.1
     codes, frames = codec.encode(signal)
     audio = codec.decode(codes, frames)
-    codec.save_pretrained(tmp_path / "codec")
-    loaded = Codec.from_pretrained(tmp_path / "codec")
+    save_pretrained(codec, tmp_path / "codec", family="codec")
+    loaded = load_pretrained_codec(tmp_path / "codec")
     assert not any("parametrizations" in k for k in loaded.state_dict())
     codes2, _ = loaded.encode(signal)
     assert torch.equal(codes, codes2)

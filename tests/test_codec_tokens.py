@@ -12,6 +12,7 @@ import soundfile as sf
 import torch
 
 from speechlab.checkpoints.codec_tokens import TokenFileError, TokenInfo, load_tokens, save_tokens
+from speechlab.checkpoints.pretrained_dir import load_pretrained_codec, save_pretrained
 from speechlab.commands import decode, encode
 from speechlab.models.codec import Codec, codec_tiny
 
@@ -151,7 +152,7 @@ def test_encode_and_decode_commands_round_trip_a_manifest(tmp_path):
     torch.manual_seed(0)
     codec = Codec(codec_tiny())
     codec.train()(torch.randn(2, 8000) * 0.1)
-    codec.eval().save_pretrained(tmp_path / "codec")
+    save_pretrained(codec.eval(), tmp_path / "codec", family="codec")
     items = read_manifest(DATA / "manifest.jsonl")[:3]
     for item, seconds in zip(items, (0.3, 0.45, 0.37), strict=True):  # short, different lengths: padded batch
         item["offset"], item["duration"] = 0.5, seconds
@@ -179,7 +180,7 @@ def test_encode_and_decode_commands_round_trip_a_manifest(tmp_path):
     )
     records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert [r["id"] for r in records] == [it["id"] for it in items]
-    loaded = Codec.from_pretrained(tmp_path / "codec")
+    loaded = load_pretrained_codec(tmp_path / "codec")
     for record, item in zip(records, items, strict=True):
         codes, info = load_tokens(record["tokens"])
         assert info.n_q == 2 and info.codebook_hash == loaded.codebook_hash()
@@ -211,7 +212,7 @@ def test_encode_and_decode_commands_round_trip_a_manifest(tmp_path):
         assert rate == 16000 and data.shape[0] == load_tokens(record["tokens"])[1].num_samples
 
     torch.manual_seed(5)
-    Codec(codec_tiny()).eval().save_pretrained(tmp_path / "other")
+    save_pretrained(Codec(codec_tiny()).eval(), tmp_path / "other", family="codec")
     with pytest.raises(TokenFileError, match="different codec"):
         run_cli(
             [

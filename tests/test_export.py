@@ -18,7 +18,7 @@ from speechlab.cli import main
 from speechlab.data.text import CharTokenizer, SentencePieceTokenizer
 from speechlab.inference.transcriber import Transcriber
 from speechlab.models.ctc import CTCConfig, CTCModel
-from speechlab.models.presets import encoder_config
+from speechlab.models.registry import build_config
 
 
 def _pipeline_texts(directory: Path) -> list[str]:
@@ -48,8 +48,8 @@ def test_character_model_exported_to_hf_transcribes_with_the_same_words(tmp_path
 
     tokenizer = CharTokenizer.build([r["text"] for r in EN])
     # a HuBERT-style encoder (no relative position bias, GroupNorm conv) -> HubertForCTC
-    config = encoder_config(
-        "wavlm_tiny", {"num_layers": 1, "conv_norm": "group", "relative_position_bias": False}
+    config = build_config(
+        "ssl_encoder", "wavlm_tiny", {"num_layers": 1, "conv_norm": "group", "relative_position_bias": False}
     )
     torch.manual_seed(0)
     hubert = CTCModel(CTCConfig(config, tokenizer.vocab_size, 0.0)).eval()
@@ -115,9 +115,12 @@ def test_a_corrupted_export_fails_the_report(tmp_path, monkeypatch, capsys):
 
 def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
     from speechlab.models.unispeech import UniSpeech
-    from speechlab.tasks.unispeech import build_config
 
-    save_pretrained(UniSpeech(build_config("unispeech_tiny", 5)), tmp_path / "uni", family="unispeech")
+    save_pretrained(
+        UniSpeech(build_config("unispeech", "unispeech_tiny", {"num_ctc_classes": 5})),
+        tmp_path / "uni",
+        family="unispeech",
+    )
     assert main(["export", str(tmp_path / "uni"), "--out", str(tmp_path / "o"), "--format", "hf"]) == 2
     err = capsys.readouterr().err
     assert "unispeech model has no Hugging Face export" in err and len(err.strip().splitlines()) == 1

@@ -13,7 +13,7 @@ from speechlab.audio import load_audio
 from speechlab.data.text import PhonemeTokenizer
 from speechlab.models.ctc import CTCConfig, CTCModel, encoder_config_from_dict
 from speechlab.models.fbank_conformer import FbankConformerConfig, FbankConformerEncoder, normalized_fbank
-from speechlab.models.presets import ctc_encoder_config
+from speechlab.models.registry import build_config
 
 ESPEAK = Path(__file__).resolve().parents[1] / "data" / "espeak"
 SMALL = {
@@ -42,14 +42,14 @@ def speech() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_preset_is_selectable_by_name_with_overrides():
-    config = ctc_encoder_config("fbank_conformer_tiny", {"num_layers": 2})
+    config = build_config("ctc_encoder", "fbank_conformer_tiny", {"num_layers": 2})
     assert isinstance(config, FbankConformerConfig) and config.num_layers == 2
-    waveform = ctc_encoder_config("waveform_conformer_tiny")
+    waveform = build_config("ctc_encoder", "waveform_conformer_tiny")
     assert (
         waveform.front_end == "waveform" and FbankConformerEncoder(waveform).hop == 640
     )  # 25 Hz, as fbank's
     with pytest.raises(ValueError, match="conv_layers"):
-        ctc_encoder_config("fbank_conformer_tiny", {"conv_layers": []})
+        build_config("ctc_encoder", "fbank_conformer_tiny", {"conv_layers": []})
 
 
 def test_front_end_is_kaldi_fbank_with_per_utterance_normalisation(speech):
@@ -114,10 +114,10 @@ def test_padding_does_not_change_the_conformer_input_at_valid_frames(speech, fro
 
 
 def test_stored_config_round_trips_and_ssl_configs_still_do():
-    config = CTCConfig(encoder=ctc_encoder_config("fbank_conformer_tiny"), vocab_size=40)
+    config = CTCConfig(encoder=build_config("ctc_encoder", "fbank_conformer_tiny"), vocab_size=40)
     stored = json.loads(json.dumps(dataclasses.asdict(config)))
     assert CTCConfig(**stored) == config
-    ssl = ctc_encoder_config("wavlm_tiny")
+    ssl = build_config("ctc_encoder", "wavlm_tiny")
     assert encoder_config_from_dict(json.loads(json.dumps(dataclasses.asdict(ssl)))) == ssl
 
 
@@ -130,7 +130,7 @@ def test_ctc_loss_decreases_on_a_small_real_batch():
     target_lengths = torch.tensor([len(t) for t in targets])
     torch.manual_seed(0)
     model = CTCModel(
-        ctc_encoder_config("fbank_conformer_tiny", SMALL), tokenizer.vocab_size, head_dropout=0.0
+        build_config("ctc_encoder", "fbank_conformer_tiny", SMALL), tokenizer.vocab_size, head_dropout=0.0
     )
     features = model.encoder.features  # fbank is fixed: compute it once, not 40 times
     cached = features(audio, lengths)
@@ -155,7 +155,7 @@ def test_transcriber_decodes_a_fbank_conformer_model_whole(speech):
 
     audio, lengths = speech
     tokenizer = PhonemeTokenizer.build(it["phonemes"] for it in _english(3))
-    model = CTCModel(ctc_encoder_config("fbank_conformer_tiny", SMALL), tokenizer.vocab_size)
+    model = CTCModel(build_config("ctc_encoder", "fbank_conformer_tiny", SMALL), tokenizer.vocab_size)
     transcriber = Transcriber(model, tokenizer=tokenizer)
     assert transcriber.chunk_threshold is None and transcriber.frame_seconds == 0.04
     waves = [audio[b, :n] for b, n in enumerate(lengths.tolist())]
@@ -168,7 +168,7 @@ def test_transcriber_decodes_a_fbank_conformer_model_whole(speech):
 def test_hugging_face_export_is_refused_with_a_clear_message(tmp_path):
     from speechlab.checkpoints.export import export
 
-    model = CTCModel(ctc_encoder_config("fbank_conformer_tiny", SMALL), 10)
+    model = CTCModel(build_config("ctc_encoder", "fbank_conformer_tiny", SMALL), 10)
     with pytest.raises(ValueError, match="fbank Conformer.*--format speechlab"):
         export(model, tmp_path / "hf", fmt="hf")
 

@@ -175,10 +175,10 @@ def test_lightning_checkpoint_renamed_pt_is_still_read(runs, tmp_path):
 
 
 def _tiny_ctc(tokenizer, conv_norm: str = "layer") -> CTCModel:
-    from speechlab.models.presets import encoder_config
+    from speechlab.models.registry import build_config
 
     torch.manual_seed(0)
-    config = encoder_config("wavlm_tiny", {"num_layers": 1, "conv_norm": conv_norm})
+    config = build_config("ssl_encoder", "wavlm_tiny", {"num_layers": 1, "conv_norm": conv_norm})
     model = CTCModel(CTCConfig(config, tokenizer.vocab_size, 0.0)).eval()
     model.tokenizer = tokenizer
     return model

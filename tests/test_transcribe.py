@@ -17,7 +17,7 @@ from speechlab.commands import transcribe
 from speechlab.data.text import CharTokenizer, PhonemeTokenizer
 from speechlab.inference.transcriber import Transcriber
 from speechlab.models.ctc import CTCConfig, CTCModel
-from speechlab.models.presets import encoder_config
+from speechlab.models.registry import build_config
 
 REPO = Path(__file__).resolve().parents[1]
 ESPEAK = REPO / "data" / "espeak"
@@ -28,7 +28,7 @@ EN = [r for r in ROWS if r["language"] == "en"][:3]
 def ctc_model(tokenizer, conv_norm: str = "layer") -> CTCModel:
     """A random tiny CTC model: its greedy output is a long, varied unit string (a strict test of decoding)."""
     torch.manual_seed(0)
-    config = encoder_config("wavlm_tiny", {"num_layers": 1, "conv_norm": conv_norm})
+    config = build_config("ssl_encoder", "wavlm_tiny", {"num_layers": 1, "conv_norm": conv_norm})
     model = CTCModel(CTCConfig(config, tokenizer.vocab_size, 0.0)).eval()
     model.tokenizer = tokenizer
     return model
@@ -144,7 +144,7 @@ def test_clear_errors_for_wrong_models_and_settings(tmp_path):
     from speechlab.models.ssl_encoder import SSLEncoder
 
     with pytest.raises(TypeError, match="needs a CTC model.*SSLEncoder"):
-        Transcriber(SSLEncoder(encoder_config("wavlm_tiny", {"num_layers": 1})))
+        Transcriber(SSLEncoder(build_config("ssl_encoder", "wavlm_tiny", {"num_layers": 1})))
     model = ctc_model(CharTokenizer(["<blank>", "|", "a", "b"]))
     with pytest.raises(ValueError, match="needs a lexicon"):
         Transcriber(model, decoder="beam", lm=tmp_path / "lm.arpa")
@@ -198,7 +198,7 @@ def test_long_input_in_windows_equals_unchunked_when_context_covers_the_receptiv
     # no attention layers: each frame depends on a bounded window (conv encoder + 16-frame positional conv), so
     # frame-exact stitching must reproduce the unchunked log-probabilities, whole-file normalisation included
     tokenizer = phoneme_tokenizer()
-    config = encoder_config("wavlm_tiny", {"num_layers": 0, "normalize_waveform": True})
+    config = build_config("ssl_encoder", "wavlm_tiny", {"num_layers": 0, "normalize_waveform": True})
     torch.manual_seed(0)
     model = CTCModel(CTCConfig(config, tokenizer.vocab_size, 0.0)).eval()
     model.tokenizer = tokenizer

@@ -11,15 +11,16 @@ from speechlab.cli import main
 from speechlab.data.collate import UNIT_PAD, collate
 from speechlab.data.dataset import AudioDataset
 from speechlab.data.manifest import read_manifest
+from speechlab.models.wavlm import UnitPredictionHead
 from speechlab.nn.kmeans import KMeans, KMeansConfig
 from speechlab.nn.masking import span_mask
 from speechlab.tasks.units import load_item_audio, mfcc_frame_features
 from speechlab.tasks.wavlm_pretrain import (
-    UnitPredictionHead,
     WavLMPretrainTask,
     align_units,
     load_pretrained_encoder,
     prediction_metrics,
+    upgrade_wavlm_pretrain_state,
 )
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -343,3 +344,47 @@ def test_micro_batches_of_one_accumulated_update_get_different_mixing_draws(tmp_
     assert [(step, idx) for step, idx, _ in first] == [(0, 0), (0, 1)], first
     assert first[0][2] != first[1][2], "two micro-batches of one update mixed with the same draws"
     assert draws_per_micro_batch() == first, "the draws of a micro-batch depend on its position only"
+
+
+def test_a_checkpoint_of_the_old_layout_loads_everywhere(tmp_path):
+    """Checkpoints written before the task held a ``WavLM`` model keep ``encoder.*`` / ``head.*`` at the top: the
+    reader behind ``speechlab.load``, ``load_pretrained_encoder`` and a resume (``on_load_checkpoint``) read them."""
+    import lightning as L
+
+    import speechlab
+
+    torch.manual_seed(0)
+    hparams = {
+        "encoder": "wavlm_tiny",
+        "encoder_overrides": {"num_layers": 1},
+        "num_classes": 8,
+        "final_dim": 16,
+    }
+    task = WavLMPretrainTask(**hparams)
+    state = task.state_dict()
+    assert {k.split(".")[0] for k in state} == {"model"} and "model.head.label_embeddings" in state
+    old_state = {k.removeprefix("model."): v for k, v in state.items()}
+    assert upgrade_wavlm_pretrain_state(old_state).keys() == state.keys()
+    checkpoint = {
+        "state_dict": old_state,
+        "pytorch-lightning_version": L.__version__,
+        "hyper_parameters": {**hparams, "_class_path": "speechlab.tasks.wavlm_pretrain.WavLMPretrainTask"},
+    }
+    path = tmp_path / "old.ckpt"
+    torch.save(checkpoint, path)
+    del checkpoint["hyper_parameters"]["_class_path"]  # recognised by its parameter names too
+    torch.save(checkpoint, tmp_path / "unnamed.ckpt")
+
+    for loaded in (
+        load_pretrained_encoder(path),
+        speechlab.load(path),
+        speechlab.load(tmp_path / "unnamed.ckpt"),
+    ):
+        for name, value in task.encoder.state_dict().items():
+            torch.testing.assert_close(loaded.state_dict()[name], value)
+
+    resumed = WavLMPretrainTask(**hparams)
+    stored = torch.load(path, weights_only=True)
+    resumed.on_load_checkpoint(stored)
+    resumed.load_state_dict(stored["state_dict"])  # strict: every key of the new layout, nothing else
+    torch.testing.assert_close(resumed.head.label_embeddings, task.head.label_embeddings)

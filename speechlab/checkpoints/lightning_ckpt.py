@@ -5,8 +5,8 @@ task                       what ``read`` gives
 =========================  =============================================================================
 ``CTCTask``                :class:`~speechlab.models.ctc.CTCModel` with ``.tokenizer`` (the checkpoint's
                            ``tokenizer_files``) and the architecture of its ``encoder_config``
-``WavLMPretrainTask``      the :class:`~speechlab.models.ssl_encoder.SSLEncoder` (the unit prediction head is
-                           for pretraining only)
+``WavLMPretrainTask``      the encoder of its :class:`~speechlab.models.wavlm.WavLM` (``SSLEncoder``, or
+                           ``FbankConformerEncoder``; the unit prediction head is for pretraining only)
 ``UniSpeechTask``          :class:`~speechlab.models.unispeech.UniSpeech` (backbone = ``model.encoder``)
 ``CodecTask``              :class:`~speechlab.models.codec.Codec`: the EMA generator when the run kept one
                            (what validation and export use), else the trained generator
@@ -37,6 +37,14 @@ from speechlab.checkpoints.safe_load import (
     load_torch_checkpoint,
     tensor_infos,
 )
+from speechlab.data.text import tokenizer_from_files
+from speechlab.models.codec import Codec, CodecConfig
+from speechlab.models.ctc import CTCConfig, CTCModel, encoder_config_from_dict
+from speechlab.models.registry import build_config
+from speechlab.models.unispeech import UniSpeech
+from speechlab.models.wavlm import WavLM
+from speechlab.tasks.unispeech import unispeech_config
+from speechlab.tasks.wavlm_pretrain import is_wavlm_pretrain_state, upgrade_wavlm_pretrain_state, wavlm_config
 
 __all__ = ["detect", "read", "read_checkpoint", "is_lightning_checkpoint", "task_kind", "TASK_CLASSES"]
 
@@ -86,9 +94,7 @@ def task_kind(checkpoint: dict, source: str = "checkpoint") -> str:
         return "codec"
     if "model.quantizer.codevectors" in keys or "model.ctc_proj.weight" in keys:
         return "unispeech"
-    if any(k.startswith("encoder.feature_encoder.") for k in keys) and any(
-        k.startswith("head.") for k in keys
-    ):
+    if is_wavlm_pretrain_state(keys):
         return "wavlm_pretrain"
     prefixes = sorted({k.split(".")[0] for k in keys})
     raise CheckpointError(
@@ -137,18 +143,15 @@ def _build_and_load(make: Callable[[], nn.Module], state: dict[str, Tensor], sou
 
 
 def _ctc(checkpoint: dict, hparams: dict, source: str) -> nn.Module:
-    from speechlab.data.text import tokenizer_from_files
-    from speechlab.models.ctc import CTCConfig, CTCModel
-    from speechlab.models.fbank_conformer import FbankConformerConfig
-    from speechlab.models.ssl_encoder import SSLEncoderConfig
-
     values = checkpoint.get("encoder_config")
     files = checkpoint.get("tokenizer_files")
     if not isinstance(values, dict) or not isinstance(files, dict):
         raise CheckpointError(f"{source}: a CTC checkpoint without 'encoder_config' and 'tokenizer_files'.")
     check_config_limits(values, source=source)
-    encoder_cls = FbankConformerConfig if values.get("kind") == "fbank_conformer" else SSLEncoderConfig
-    encoder = config_from_dict(encoder_cls, values, source=source)
+    try:
+        encoder = encoder_config_from_dict(values, source=source)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from err
     state = _sub_state(checkpoint["state_dict"], "model.")
     head = state.get("head.weight")
     if head is None:
@@ -169,24 +172,19 @@ def _ctc(checkpoint: dict, hparams: dict, source: str) -> nn.Module:
 
 
 def _wavlm_pretrain(checkpoint: dict, hparams: dict, source: str) -> nn.Module:
-    from speechlab.models.presets import encoder_config
-    from speechlab.models.ssl_encoder import SSLEncoder
-
-    config = encoder_config(hparams.get("encoder", "wavlm_tiny"), hparams.get("encoder_overrides"))
+    """The encoder of the pretraining model (the prediction head is for pretraining only), checked with it."""
+    config = wavlm_config(hparams)
     check_config_limits(config_to_dict(config), source=source)
-    state = _sub_state(checkpoint["state_dict"], "encoder.")
-    return _build_and_load(lambda: SSLEncoder(config), state, source)
+    state = _sub_state(upgrade_wavlm_pretrain_state(checkpoint["state_dict"]), "model.")
+    return _build_and_load(lambda: WavLM(config), state, source).encoder
 
 
 def _unispeech(checkpoint: dict, hparams: dict, source: str) -> nn.Module:
-    from speechlab.models.unispeech import UniSpeech
-    from speechlab.tasks.unispeech import build_config
-
     state = _sub_state(checkpoint["state_dict"], "model.")
     ctc = state.get("ctc_proj.weight")
     if ctc is None:
         raise CheckpointError(f"{source}: no model.ctc_proj.weight in the UniSpeech checkpoint.")
-    config = build_config(
+    config = unispeech_config(
         hparams.get("model", "unispeech_tiny"),
         int(ctc.shape[0]),
         hparams.get("model_overrides"),
@@ -197,25 +195,21 @@ def _unispeech(checkpoint: dict, hparams: dict, source: str) -> nn.Module:
 
 
 def _codec(checkpoint: dict, hparams: dict, source: str) -> nn.Module:
-    import dataclasses
-
-    from speechlab.models.codec import PRESETS, Codec, CodecConfig
-
     codec = hparams.get("codec", "codec_16khz")
-    if isinstance(codec, str):
-        if codec not in PRESETS:
-            raise CheckpointError(f"{source}: unknown codec preset {codec!r}; known: {sorted(PRESETS)}.")
-        config = PRESETS[codec]()
-    elif isinstance(codec, dict):
+    if isinstance(codec, dict):
         check_config_limits(codec, source=source)
-        config = config_from_dict(CodecConfig, codec, source=source)
-    else:
+        codec = config_from_dict(CodecConfig, codec, source=source)
+    elif not isinstance(codec, str):
         raise CheckpointError(
             f"{source}: hyper_parameters.codec is a {type(codec).__name__}, not a preset name."
         )
-    config = dataclasses.replace(config, **(hparams.get("codec_overrides") or {}))
+    overrides = dict(hparams.get("codec_overrides") or {})
     if hparams.get("teacher_dim"):
-        config = dataclasses.replace(config, semantic_dim=int(hparams["teacher_dim"]))
+        overrides["semantic_dim"] = int(hparams["teacher_dim"])
+    try:
+        config = build_config("codec", codec, overrides)
+    except ValueError as err:
+        raise CheckpointError(f"{source}: {err}.") from err
     check_config_limits(config_to_dict(config), source=source)
     state = checkpoint["state_dict"]
     prefix = "codec_ema." if any(k.startswith("codec_ema.") for k in state) else "codec."

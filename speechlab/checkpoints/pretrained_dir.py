@@ -9,8 +9,9 @@ Layout::
       README.md            short model card
       (tokenizer files)    written by the tokenizer's own save method
 
-Families map a name to a config dataclass + model class (:func:`register_family`). The SSL backbone families
-(``wavlm``, ``hubert``, ``wav2vec2``, ``ssl_encoder``) are built in; other model files register theirs.
+Families map a name to a config dataclass + model class (:data:`FAMILIES`, :func:`register_family`): the SSL
+backbones (``wavlm``, ``hubert``, ``wav2vec2``, ``ssl_encoder``), ``fbank_conformer``, ``ctc``, ``unispeech``,
+``codec``; this module imports their classes (checkpoints sit above models).
 Loading validates config values, builds the model on the meta device to learn the expected tensor shapes, checks the
 safetensors header against them (missing / unexpected keys, shape mismatches: one error listing all), and only then
 allocates and loads.
@@ -20,24 +21,33 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.metadata
+import json
 import os
-import types
-import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
+import speechlab
 from speechlab.atomic import atomic_write, write_text
 from speechlab.checkpoints.safe_load import (
     CheckpointError,
     check_config_limits,
+    check_state_dict,
     load_safetensors,
     read_json,
     tensor_infos,
 )
+from speechlab.models import registry
+from speechlab.models.codec import Codec, CodecConfig
+from speechlab.models.ctc import CTCConfig, CTCModel
+from speechlab.models.fbank_conformer import FbankConformerConfig, FbankConformerEncoder
+from speechlab.models.ssl_encoder import SSLEncoder, SSLEncoderConfig
+from speechlab.models.unispeech import UniSpeech, UniSpeechConfig
 
 __all__ = [
     "CONFIG_NAME",
@@ -49,6 +59,7 @@ __all__ = [
     "build_model",
     "save_pretrained",
     "load_pretrained",
+    "load_pretrained_codec",
     "read_pretrained_config",
     "load_tokenizer",
     "is_pretrained_dir",
@@ -59,58 +70,43 @@ __all__ = [
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
-_SSL = ("speechlab.models.ssl_encoder", "SSLEncoderConfig", "SSLEncoder")
-# family -> (module, config class, model class); imported lazily so the registry costs nothing at import time
-_FAMILIES: dict[str, tuple[str, str, str] | tuple[type, type]] = {
+_SSL = (SSLEncoderConfig, SSLEncoder)
+# family -> (config class, model class); the model class takes the config as its only constructor argument
+FAMILIES: dict[str, tuple[type, type]] = {
     "wavlm": _SSL,
     "hubert": _SSL,
     "wav2vec2": _SSL,
     "ssl_encoder": _SSL,
-    "unispeech": ("speechlab.models.unispeech", "UniSpeechConfig", "UniSpeech"),
-    "codec": ("speechlab.models.codec", "CodecConfig", "Codec"),
-    "ctc": ("speechlab.models.ctc", "CTCConfig", "CTCModel"),
-    "fbank_conformer": ("speechlab.models.fbank_conformer", "FbankConformerConfig", "FbankConformerEncoder"),
+    "unispeech": (UniSpeechConfig, UniSpeech),
+    "codec": (CodecConfig, Codec),
+    "ctc": (CTCConfig, CTCModel),
+    "fbank_conformer": (FbankConformerConfig, FbankConformerEncoder),
 }
 
 
-def register_family(
-    name: str, config_cls: type | str, model_cls: type | str, module: str | None = None
-) -> None:
-    """Register a model family for save/load: ``register_family("unispeech", UniSpeechConfig, UniSpeechModel)``
-    or lazily by names: ``register_family("codec", "CodecConfig", "Codec", module="speechlab.models.codec")``.
+def register_family(name: str, config_cls: type, model_cls: type) -> None:
+    """Register a model family for save/load: ``register_family("my_model", MyConfig, MyModel)``.
     The model class must take the config as its only constructor argument and keep it as ``model.config``."""
-    if isinstance(config_cls, str) or isinstance(model_cls, str):
-        if module is None:
-            raise ValueError("register_family: give module=... when passing class names")
-        _FAMILIES[name] = (module, str(config_cls), str(model_cls))
-    else:
-        _FAMILIES[name] = (config_cls, model_cls)
+    FAMILIES[name] = (config_cls, model_cls)
 
 
 def family_classes(family: str, *, source: str = "") -> tuple[type, type]:
     """``(config_cls, model_cls)`` of a registered family; unknown names are a clear error."""
-    entry = _FAMILIES.get(family)
+    entry = FAMILIES.get(family)
     if entry is None:
         where = f"{source}: " if source else ""
         raise CheckpointError(
-            f"{where}unknown model family {family!r}; known families: {', '.join(sorted(_FAMILIES))}. "
+            f"{where}unknown model family {family!r}; known families: {', '.join(sorted(FAMILIES))}. "
             "Upgrade speechlab or register the family with speechlab.checkpoints.pretrained_dir.register_family."
         )
-    if len(entry) == 2:
-        return entry  # type: ignore[return-value]
-    module = importlib.import_module(entry[0])
-    return getattr(module, entry[1]), getattr(module, entry[2])
+    return entry
 
 
 def speechlab_version() -> str:
     """Installed speechlab version (package metadata, else ``speechlab.__version__``, else ``"0+unknown"``)."""
     try:
-        from importlib.metadata import version
-
-        return version("speechlab")
-    except Exception:
-        import speechlab
-
+        return importlib.metadata.version("speechlab")
+    except importlib.metadata.PackageNotFoundError:
         return str(getattr(speechlab, "__version__", "0+unknown"))
 
 
@@ -124,43 +120,13 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def _coerce(value: Any, hint: Any, field: str, source: str) -> Any:
-    """Turn a JSON value back into the annotated type (lists -> tuples, nested dataclasses)."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        non_none = [a for a in args if a is not type(None)]
-        return _coerce(value, non_none[0], field, source) if len(non_none) == 1 else value
-    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-        return config_from_dict(hint, value, source=source, prefix=f"{field}.")
-    if origin in (list, tuple) and isinstance(value, list | tuple):
-        if origin is tuple and args and args[-1] is not Ellipsis and len(args) == len(value):
-            return tuple(_coerce(v, a, field, source) for v, a in zip(value, args, strict=True))
-        inner = args[0] if args else Any
-        items = [_coerce(v, inner, field, source) for v in value]
-        return tuple(items) if origin is tuple else items
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
-
-
 def config_from_dict(cls: type, data: dict[str, Any], *, source: str = "config", prefix: str = "") -> Any:
-    """Build config dataclass ``cls`` from a dict; unknown fields are an error naming them (never silently dropped)."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise CheckpointError(
-            f"{source}: unknown {cls.__name__} field(s) {[prefix + k for k in unknown]}; this config was written "
-            f"by a different speechlab version or for another model family. Known fields: {sorted(fields)}."
-        )
-    hints = typing.get_type_hints(cls)
-    values = {k: _coerce(v, hints.get(k, Any), prefix + k, source) for k, v in data.items()}
+    """:func:`speechlab.models.registry.config_from_dict` (unknown fields and invalid values are errors naming
+    them), reported as a :class:`CheckpointError`."""
     try:
-        return cls(**values)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{source}: invalid {cls.__name__}: {err}") from err
+        return registry.config_from_dict(cls, data, source=source, prefix=prefix)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from err
 
 
 def build_model(family: str, config: Any, *, source: str = "") -> nn.Module:
@@ -193,6 +159,18 @@ def _write_text(path: Path, text: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- save / load
+
+
+def _codec_card(codec: Codec) -> str:
+    c = codec.config
+    return (
+        f"# speechlab codec\n\n{c.sample_rate} Hz mono, hop {c.hop_length} ({c.frame_rate:g} Hz frames), "
+        f"{c.num_quantizers} x {c.codebook_size} codes ({c.bitrate() / 1000:g} kbps at full n_q), "
+        f"{'causal/streaming' if c.causal else 'non-causal'}. Codebook hash `{codec.codebook_hash()}`.\n\n"
+        "```python\nfrom speechlab.checkpoints.pretrained_dir import load_pretrained_codec\n"
+        "codec = load_pretrained_codec(path)\n"
+        "codes, frame_lengths = codec.encode(audio, lengths)\naudio = codec.decode(codes, frame_lengths)\n```\n"
+    )
 
 
 def _model_card(family: str, config: dict[str, Any], num_params: int, version: str, name: str) -> str:
@@ -252,7 +230,6 @@ def save_pretrained(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     version = speechlab_version()
-    from safetensors.torch import save_file
 
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     with atomic_write(directory / WEIGHTS_NAME) as tmp:
@@ -274,9 +251,10 @@ def save_pretrained(
         record["tokenizer"] = {"class": f"{cls.__module__}.{cls.__qualname__}"}
 
     num_params = sum(t.numel() for t in state.values())
+    if model_card is None and isinstance(model, Codec):
+        model_card = _codec_card(model)
     card = model_card or _model_card(family, record["config"], num_params, version, directory.name)
     _write_text(directory / "README.md", card)
-    import json
 
     # config.json last: its presence marks a complete directory
     _write_text(directory / CONFIG_NAME, json.dumps(record, indent=2, sort_keys=False) + "\n")
@@ -345,10 +323,19 @@ def load_pretrained(
     return model.to(device).eval()
 
 
+def load_pretrained_codec(
+    directory: str | os.PathLike, device: str | torch.device = "cpu", fold: bool = True
+) -> Codec:
+    """A codec directory written by :func:`save_pretrained` (``family="codec"``), eval mode; ``fold``: weight
+    norm folded into plain weights for inference (the directory keeps the parametrization, to resume training)."""
+    model = load_pretrained(directory, device=device)
+    if not isinstance(model, Codec):
+        raise CheckpointError(f"{directory}: holds a {type(model).__name__}, not a speechlab codec")
+    return model.fold_weight_norm() if fold else model
+
+
 def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
     """``model.load_state_dict(state, strict=True)`` with the one-message error of :func:`check_state_dict`."""
-    from speechlab.checkpoints.safe_load import check_state_dict
-
     check_state_dict(state, model.state_dict(), source=source)
     model.load_state_dict(state, strict=True)
 

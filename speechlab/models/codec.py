@@ -14,13 +14,16 @@ Tokens are ``codes: (B, n_q, frames) int64``; any prefix ``n_q`` of the levels d
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from speechlab.host_sync import host_reads_are_free
+from speechlab.models.registry import preset, presets
+from speechlab.nn.masks import valid_mask
 from speechlab.nn.rvq import ResidualVectorQuantizer, RVQOutput
 from speechlab.nn.seanet import (
     LatentTransformer,
@@ -110,8 +113,6 @@ class CodecConfig:
 
     def bitrate(self, n_q: int | None = None) -> float:
         """Bits per second without entropy coding: n_q * log2(K) * frame_rate."""
-        import math
-
         return (n_q or self.num_quantizers) * math.log2(self.codebook_size) * self.frame_rate
 
     def seanet(self) -> SEANetConfig:
@@ -126,18 +127,22 @@ class CodecConfig:
         )
 
 
+@preset("codec")
 def codec_16khz() -> CodecConfig:
     return CodecConfig()
 
 
+@preset("codec")
 def codec_16khz_low_rate() -> CodecConfig:
     return CodecConfig(ratios=[2, 4, 5, 8, 4], transformer_layers=4, codebook_size=2048, dimension=256)
 
 
+@preset("codec")
 def codec_16khz_causal() -> CodecConfig:
     return CodecConfig(causal=True)
 
 
+@preset("codec")
 def codec_tiny() -> CodecConfig:
     return CodecConfig(
         n_filters=8,
@@ -152,12 +157,8 @@ def codec_tiny() -> CodecConfig:
     )
 
 
-PRESETS = {
-    "codec_16khz": codec_16khz,
-    "codec_16khz_low_rate": codec_16khz_low_rate,
-    "codec_16khz_causal": codec_16khz_causal,
-    "codec_tiny": codec_tiny,
-}
+# name -> preset function, the registry's ``codec`` family (kept for inference/codec_metrics.py and benchmarks/)
+PRESETS = presets("codec")
 
 
 @dataclass
@@ -176,6 +177,16 @@ class CodecStreamState:
     encoder: dict = field(default_factory=dict)
     decoder: dict = field(default_factory=dict)
     pending: Tensor | None = None  # (B, <hop) samples waiting for a full frame
+
+
+class _ConfigField:
+    """A read-only attribute of the model that is the field of the same name of its ``config``."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, model: Any, owner: type | None = None) -> Any:
+        return self if model is None else getattr(model.config, self.name)
 
 
 class Codec(nn.Module):
@@ -216,25 +227,11 @@ class Codec(nn.Module):
         self.semantic_proj = nn.Linear(config.dimension, config.semantic_dim) if config.semantic_dim else None
 
     # --- geometry ---------------------------------------------------------------------------------------------
-    @property
-    def sample_rate(self) -> int:
-        return self.config.sample_rate
-
-    @property
-    def hop_length(self) -> int:
-        return self.config.hop_length
-
-    @property
-    def frame_rate(self) -> float:
-        return self.config.frame_rate
-
-    @property
-    def num_quantizers(self) -> int:
-        return self.config.num_quantizers
-
-    @property
-    def codebook_size(self) -> int:
-        return self.config.codebook_size
+    sample_rate = _ConfigField()
+    hop_length = _ConfigField()
+    frame_rate = _ConfigField()
+    num_quantizers = _ConfigField()
+    codebook_size = _ConfigField()
 
     def frame_lengths(self, lengths: Tensor) -> Tensor:
         """Valid samples ``(B,)`` -> valid frames ``(B,)``: ceil(lengths / hop)."""
@@ -268,7 +265,7 @@ class Codec(nn.Module):
             # the hop padding is a padded tail too: mask it so a file alone == the same file inside a batch
             lengths = torch.full((audio.shape[0],), num_samples, dtype=torch.long, device=audio.device)
         if lengths is not None:
-            audio = audio * (torch.arange(audio.shape[1], device=audio.device)[None] < lengths[:, None])
+            audio = audio * valid_mask(lengths, audio.shape[1])
         latent = self.encoder(audio[:, None], lengths)
         mask_lengths = None if lengths is None else self.frame_lengths(lengths)
         if self.encoder_transformer is not None:
@@ -295,7 +292,7 @@ class Codec(nn.Module):
         real frame raises ``ValueError`` naming the batch rows: its nearest codes would be arbitrary.
         """
         latent, frame_lengths = self.encode_latent(audio, lengths)
-        real = torch.arange(latent.shape[-1], device=latent.device)[None] < frame_lengths[:, None]
+        real = valid_mask(frame_lengths, latent.shape[-1])
         bad_rows = (~torch.isfinite(latent) & real[:, None]).any(dim=2).any(dim=1)
         if bool(bad_rows.any()):
             rows = bad_rows.nonzero().flatten().tolist()
@@ -323,9 +320,7 @@ class Codec(nn.Module):
         quantized = self.quantizer.decode(codes.long())
         if frame_lengths is not None:
             frame_lengths = frame_lengths.to(device=codes.device, dtype=torch.long)
-            quantized = quantized * (
-                torch.arange(codes.shape[-1], device=codes.device)[None] < frame_lengths[:, None]
-            )[:, None].to(quantized.dtype)
+            quantized = quantized * valid_mask(frame_lengths, codes.shape[-1])[:, None].to(quantized.dtype)
         return self.decode_latent(quantized, frame_lengths)
 
     def forward(self, audio: Tensor, lengths: Tensor | None = None, n_q: int | None = None) -> CodecOutput:
@@ -344,11 +339,14 @@ class Codec(nn.Module):
 
     # --- streaming (causal configs) ------------------------------------------------------------------------------
     def new_stream_state(self) -> CodecStreamState:
+        self._require_causal()
+        return CodecStreamState()
+
+    def _require_causal(self) -> None:
         if not self.config.causal:
             raise RuntimeError(
                 "streaming needs a causal codec (codec_16khz_causal() or CodecConfig(causal=True))"
             )
-        return CodecStreamState()
 
     @torch.no_grad()
     def encode_chunk(
@@ -359,10 +357,7 @@ class Codec(nn.Module):
         Concatenating the outputs over chunks equals ``encode`` on the whole signal (zero-padded to a whole
         frame), provided the last partial frame is flushed with :meth:`flush`.
         """
-        if not self.config.causal:
-            raise RuntimeError(
-                "streaming needs a causal codec (codec_16khz_causal() or CodecConfig(causal=True))"
-            )
+        self._require_causal()
         if state.pending is not None:
             audio = torch.cat([state.pending, audio], dim=-1)
         usable = audio.shape[-1] - audio.shape[-1] % self.hop_length
@@ -391,10 +386,7 @@ class Codec(nn.Module):
     @torch.no_grad()
     def decode_chunk(self, codes: Tensor, state: CodecStreamState) -> Tensor:
         """``codes: (B, n_q, frames)`` -> ``audio (B, frames * hop)``; chunks concatenate to ``decode``."""
-        if not self.config.causal:
-            raise RuntimeError(
-                "streaming needs a causal codec (codec_16khz_causal() or CodecConfig(causal=True))"
-            )
+        self._require_causal()
         quantized = self.quantizer.decode(codes.long())
         if self.decoder_transformer is not None:
             quantized = self.decoder_transformer(quantized, cache=state.decoder)
@@ -415,40 +407,3 @@ class Codec(nn.Module):
 
     def model_version(self) -> str:
         return f"speechlab-{MODEL_TYPE}/{FORMAT_VERSION}"
-
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write a speechlab pretrained directory (family ``codec``): config.json + model.safetensors + README.md.
-
-        Weights are stored as trained (weight-norm parametrization kept) so the directory also resumes
-        fine-tuning; :meth:`from_pretrained` folds them for inference.
-        """
-        from speechlab.checkpoints.pretrained_dir import save_pretrained
-
-        c = self.config
-        card = (
-            f"# speechlab codec\n\n{c.sample_rate} Hz mono, hop {c.hop_length} ({c.frame_rate:g} Hz frames), "
-            f"{c.num_quantizers} x {c.codebook_size} codes ({c.bitrate() / 1000:g} kbps at full n_q), "
-            f"{'causal/streaming' if c.causal else 'non-causal'}. Codebook hash `{self.codebook_hash()}`.\n\n"
-            "```python\nfrom speechlab.models.codec import Codec\ncodec = Codec.from_pretrained(path)\n"
-            "codes, frame_lengths = codec.encode(audio, lengths)\naudio = codec.decode(codes, frame_lengths)\n```\n"
-        )
-        return save_pretrained(self, directory, family=MODEL_TYPE, model_card=card)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str = "cpu", fold: bool = True) -> Codec:
-        """Load a directory written by :meth:`save_pretrained` (validated safetensors, no pickle), eval mode."""
-        from speechlab.checkpoints.pretrained_dir import load_pretrained
-
-        model = load_pretrained(directory, device=device)
-        if not isinstance(model, Codec):
-            raise ValueError(f"{directory}: holds a {type(model).__name__}, not a speechlab codec")
-        return model.fold_weight_norm() if fold else model
-
-
-def _register() -> None:
-    from speechlab.checkpoints.pretrained_dir import register_family
-
-    register_family(MODEL_TYPE, CodecConfig, Codec)
-
-
-_register()

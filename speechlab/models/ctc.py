@@ -10,21 +10,21 @@ import torch
 from torch import nn
 
 from speechlab.models.fbank_conformer import FbankConformerConfig, FbankConformerEncoder
+from speechlab.models.registry import ConfigError, config_from_dict
 from speechlab.models.ssl_encoder import SSLEncoder, SSLEncoderConfig
+from speechlab.nn.masks import valid_mask
 
 EncoderConfig = SSLEncoderConfig | FbankConformerConfig
 
 
-def encoder_config_from_dict(values: dict[str, Any]) -> EncoderConfig:
+def encoder_config_from_dict(values: dict[str, Any], source: str = "config") -> EncoderConfig:
     """A stored encoder config (``dataclasses.asdict``) back as its dataclass: ``kind`` names a non-SSL encoder."""
-    from speechlab.checkpoints.pretrained_dir import config_from_dict
-
     kind = values.get("kind")
     if kind is None:
-        return config_from_dict(SSLEncoderConfig, values, prefix="encoder.")
+        return config_from_dict(SSLEncoderConfig, values, source=source, prefix="encoder.")
     if kind == "fbank_conformer":
-        return config_from_dict(FbankConformerConfig, values, prefix="encoder.")
-    raise ValueError(
+        return config_from_dict(FbankConformerConfig, values, source=source, prefix="encoder.")
+    raise ConfigError(
         f"unknown CTC encoder kind {kind!r}; expected 'fbank_conformer' or none (an SSL encoder)"
     )
 
@@ -96,8 +96,7 @@ def ctc_greedy_decode(
     logits: (B, T, V); frame_lengths: (B,) -> one list of unit ids per utterance.
     """
     best = logits.argmax(dim=-1)  # (B, T)
-    frames = torch.arange(best.shape[1], device=best.device)
-    valid = frames[None, :] < frame_lengths[:, None]
+    valid = valid_mask(frame_lengths.to(best.device), best.shape[1])
     changed = torch.ones_like(valid)
     changed[:, 1:] = best[:, 1:] != best[:, :-1]
     keep = (valid & changed & (best != blank_id)).cpu()

@@ -28,8 +28,11 @@ import torch
 import torchaudio
 from torch import Tensor, nn
 
-from speechlab.models.ssl_encoder import SSLEncoderOutput
+from speechlab.models.registry import preset
+from speechlab.models.ssl_encoder import SSLEncoderOutput, conv_num_frames, replace_masked_frames
 from speechlab.nn.feature_encoder import ConvFeatureEncoder, Fp32LayerNorm, conv_output_lengths
+from speechlab.nn.masks import padding_mask, valid_mask
+from speechlab.validate import check_number
 
 SAMPLE_RATE = 16000
 WINDOW = 400  # 25 ms at 16 kHz
@@ -54,8 +57,6 @@ class FbankConformerConfig:
     feature_dropout: float = 0.1  # after the subsampling's projection
 
     def __post_init__(self) -> None:
-        from speechlab.validate import check_number
-
         if self.kind != "fbank_conformer":
             raise ValueError(f"FbankConformerConfig.kind must be 'fbank_conformer', got {self.kind!r}")
         name = "FbankConformerConfig."
@@ -83,11 +84,13 @@ class FbankConformerConfig:
             check_number(name + probability, getattr(self, probability), minimum=0, maximum=1)
 
 
+@preset("conformer")
 def fbank_conformer_tiny() -> FbankConformerConfig:
     """80-bin fbank, 4x subsampling (25 Hz), 4 Conformer layers x 144, 4 heads, kernel 15 (~1.5 M parameters)."""
     return FbankConformerConfig()
 
 
+@preset("conformer")
 def waveform_conformer_tiny() -> FbankConformerConfig:
     """:func:`fbank_conformer_tiny` on ``wavlm_tiny``'s raw-waveform CNN instead of fbank (same 25 Hz output)."""
     return FbankConformerConfig(front_end="waveform", subsampling_layers=1)
@@ -159,9 +162,7 @@ class FbankConformerEncoder(nn.Module):
     def num_frames(self, num_samples: int) -> int:
         """Output frames of one unpadded input of ``num_samples`` samples, on a Python int (no host read)."""
         if self.config.front_end == "waveform":
-            frames = int(num_samples)
-            for _, kernel, stride in WAVEFORM_CONV:
-                frames = max((frames - kernel) // stride + 1, 0)
+            frames = conv_num_frames(num_samples, WAVEFORM_CONV)
         else:
             frames = (num_samples - WINDOW) // HOP + 1 if num_samples >= WINDOW else 0
         for _ in range(self.config.subsampling_layers):
@@ -174,10 +175,7 @@ class FbankConformerEncoder(nn.Module):
         the LayerNorm-ed output of the waveform CNN."""
         if self.config.front_end == "waveform":
             cnn = self.waveform_norm(self.waveform_encoder(audio).transpose(1, 2)).transpose(1, 2)
-            valid = (
-                torch.arange(cnn.shape[2], device=cnn.device)[None, :] < self._front_frames(lengths)[:, None]
-            )
-            return cnn * valid.unsqueeze(1)
+            return cnn * valid_mask(self._front_frames(lengths), cnn.shape[2]).unsqueeze(1)
         frames = fbank_frames(lengths)
         feats = audio.new_zeros(
             audio.shape[0], self.config.num_mel_bins, self.num_frames_before_subsampling(audio)
@@ -222,22 +220,17 @@ class FbankConformerEncoder(nn.Module):
             x = torch.relu(conv(x))
             frames = torch.where(frames > 0, (frames - 1) // 2 + 1, frames)
             # zero the padded frames, so the next convolution sees at valid frames what an unpadded input gives
-            x = x * (torch.arange(x.shape[2], device=x.device)[None, :] < frames[:, None]).unsqueeze(1)
+            x = x * valid_mask(frames, x.shape[2]).unsqueeze(1)
         features = x.transpose(1, 2)  # (B, T, D)
-        num_frames = features.shape[1]
-        padding_mask = torch.arange(num_frames, device=audio.device)[None, :] >= frames[:, None]
+        padded = padding_mask(frames, features.shape[1])
         x = self.feature_dropout(self.feature_projection(features))
         if frame_mask is not None:
-            if frame_mask.shape != (batch, num_frames):
-                raise ValueError(
-                    f"frame_mask must be (batch, frames)={(batch, num_frames)}, got {tuple(frame_mask.shape)}"
-                )
-            x = torch.where(frame_mask.unsqueeze(-1), self.mask_emb.to(x.dtype), x)
+            x = replace_masked_frames(x, frame_mask, self.mask_emb)
         # torchaudio's Conformer masks keys beyond each length; an utterance with 0 frames would mask every key
         last, _ = self.encoder(x, frames.clamp_min(1))
         return SSLEncoderOutput(
             last_hidden_state=last,
-            padding_mask=padding_mask,
+            padding_mask=padded,
             frame_lengths=frames,
             features=features,
             feature_penalty=x.new_zeros(()),

@@ -23,6 +23,7 @@ computation leaves there (which nobody should read).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,7 @@ from speechlab.host_sync import host_reads_are_free
 from speechlab.nn import masks
 from speechlab.nn.feature_encoder import ConvFeatureEncoder, Fp32LayerNorm, conv_output_lengths
 from speechlab.nn.transformer import TransformerEncoder
+from speechlab.validate import check_number
 
 
 def _default_conv_layers() -> list[tuple[int, int, int]]:
@@ -85,8 +87,6 @@ class SSLEncoderConfig:
 
     def _check_numbers(self) -> None:
         """NaN, inf, negative sizes and out-of-range probabilities are errors naming the field."""
-        from speechlab.validate import check_number
-
         name = "SSLEncoderConfig."
         if not self.conv_layers or len(self.conv_layers) > 64:
             raise ValueError(f"{name}conv_layers must hold 1 to 64 layers, got {len(self.conv_layers)}")
@@ -156,6 +156,25 @@ def normalize_waveform(audio: Tensor, lengths: Tensor | None = None, eps: float 
     return (((x - mean) / torch.sqrt(var + eps)) * valid).to(audio.dtype)
 
 
+def conv_num_frames(num_samples: int, conv_layers: list[tuple[int, int, int]]) -> int:
+    """Output frames of a stack of unpadded convolutions ``(channels, kernel, stride)`` over ``num_samples``
+    samples, on Python ints (no tensor, so no host read)."""
+    frames = int(num_samples)
+    for _, kernel, stride in conv_layers:
+        frames = max((frames - kernel) // stride + 1, 0)
+    return frames
+
+
+def replace_masked_frames(x: Tensor, frame_mask: Tensor, mask_emb: Tensor) -> Tensor:
+    """x: (B, T, D) encoder input, frame_mask: (B, T) bool -> x with the masked frames replaced by ``mask_emb``
+    (D,), the masked-prediction input of HuBERT / WavLM / wav2vec 2.0 (and SpecAugment-style CTC masking)."""
+    if frame_mask.shape != x.shape[:2]:
+        raise ValueError(
+            f"frame_mask must be (batch, frames)={tuple(x.shape[:2])}, got {tuple(frame_mask.shape)}"
+        )
+    return torch.where(frame_mask.unsqueeze(-1), mask_emb.to(x.dtype), x)
+
+
 class SSLEncoder(nn.Module):
     """wav2vec 2.0 / HuBERT / WavLM backbone (no pretraining head). See module docstring for the data flow."""
 
@@ -199,6 +218,11 @@ class SSLEncoder(nn.Module):
             hop *= stride
         return field
 
+    @property
+    def hop(self) -> int:
+        """Samples between output frames (the product of the conv strides: 320 for the standard stack)."""
+        return math.prod(stride for _, _, stride in self.config.conv_layers)
+
     def frame_lengths(self, lengths: Tensor) -> Tensor:
         """lengths: (batch,) int64 samples -> (batch,) int64 frames (conv formula, 320-sample hop)."""
         return conv_output_lengths(lengths, self.config.conv_layers)
@@ -206,10 +230,7 @@ class SSLEncoder(nn.Module):
     def num_frames(self, num_samples: int) -> int:
         """Frames of one unpadded input of ``num_samples`` samples: :meth:`frame_lengths` on a Python int (no
         tensor, so no host read)."""
-        frames = int(num_samples)
-        for _, kernel, stride in self.config.conv_layers:
-            frames = max((frames - kernel) // stride + 1, 0)
-        return frames
+        return conv_num_frames(num_samples, self.config.conv_layers)
 
     def _cnn(self, audio: Tensor, block0_statistics: tuple[Tensor, Tensor] | None) -> Tensor:
         """(B, S) -> (B, C, T) with feature_grad_mult applied (0 = frozen, run without autograd)."""
@@ -271,11 +292,7 @@ class SSLEncoder(nn.Module):
         features = self.feature_norm(cnn.transpose(1, 2))  # (B, T, C)
         x = self.feature_dropout(self.feature_projection(features))
         if frame_mask is not None:
-            if frame_mask.shape != (batch, num_frames):
-                raise ValueError(
-                    f"frame_mask must be (batch, frames)={(batch, num_frames)}, got {tuple(frame_mask.shape)}"
-                )
-            x = torch.where(frame_mask.unsqueeze(-1), self.mask_emb.to(x.dtype), x)
+            x = replace_masked_frames(x, frame_mask, self.mask_emb)
 
         last, hidden_states = self.encoder(x, attn_padding, output_hidden_states)
         return SSLEncoderOutput(

@@ -32,8 +32,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from speechlab.models.ctc import EncoderConfig, build_encoder, encoder_config_from_dict
 from speechlab.models.fbank_conformer import FbankConformerConfig, FbankConformerEncoder
+from speechlab.models.registry import preset
 from speechlab.models.ssl_encoder import SSLEncoder, SSLEncoderConfig
+from speechlab.models.wavlm import LARGE_SIZE
 from speechlab.nn.gumbel_quantizer import GumbelProductQuantizer, GumbelQuantizerConfig
 
 FBANK_SPAN_MASK = (0.5, 5)
@@ -58,7 +61,7 @@ class UniSpeechConfig:
       into the encoder's features; 1 = the reference (0 = the targets do not shape the front end).
     """
 
-    encoder: SSLEncoderConfig | FbankConformerConfig = field(default_factory=SSLEncoderConfig)
+    encoder: EncoderConfig = field(default_factory=SSLEncoderConfig)
     num_codevector_groups: int = 2
     num_codevectors_per_group: int = 320
     codevector_dim: int = 768
@@ -72,8 +75,6 @@ class UniSpeechConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.encoder, dict):  # read back from config.json / a checkpoint's hyper-parameters
-            from speechlab.models.ctc import encoder_config_from_dict
-
             self.encoder = encoder_config_from_dict(self.encoder)
         self.temperature = tuple(float(t) for t in self.temperature)
         if len(self.temperature) != 3:
@@ -119,31 +120,31 @@ class UniSpeechConfig:
         return dataclasses.asdict(self)
 
 
+# the released recipe's regularisation (spec §7.1, §7.6), shared by the Large and tiny presets
+_RECIPE_REGULARISATION = dict(
+    layer_norm_first=True,
+    dropout=0.1,
+    attention_dropout=0.1,
+    activation_dropout=0.0,
+    feature_dropout=0.1,
+    layerdrop=0.0,
+    mask_prob=0.5,
+)
+
+
+@preset("unispeech")
 def unispeech_large(num_ctc_classes: int = 80) -> UniSpeechConfig:
     """Released UniSpeech Large (EN 1350 h): w2v2 Large backbone with conv bias, pre-LN, final_dim 768, mask 0.5,
     layerdrop 0, feature_grad_mult 1, dropouts 0.1 (spec §7.1, §7.6 stage 1)."""
     encoder = SSLEncoderConfig(
-        conv_norm="layer",
-        conv_bias=True,
-        hidden_size=1024,
-        num_layers=24,
-        num_heads=16,
-        ffn_size=4096,
-        layer_norm_first=True,
-        dropout=0.1,
-        attention_dropout=0.1,
-        activation_dropout=0.0,
-        feature_dropout=0.1,
-        layerdrop=0.0,
-        mask_prob=0.5,
-        mask_length=10,
-        feature_grad_mult=1.0,
+        **{**LARGE_SIZE, **_RECIPE_REGULARISATION}, conv_bias=True, mask_length=10, feature_grad_mult=1.0
     )
     return UniSpeechConfig(
         encoder=encoder, codevector_dim=768, proj_codevector_dim=768, num_ctc_classes=num_ctc_classes
     )
 
 
+@preset("unispeech")
 def unispeech_base(num_ctc_classes: int = 80) -> UniSpeechConfig:
     """A Base-size UniSpeech (12 × 768, group-norm CNN, post-LN, final_dim 256, τ (2, 0.5, 0.999995) as wav2vec 2.0
     Base). No Base UniSpeech was released; this mirrors HF ``UniSpeechConfig`` defaults and the w2v2 Base recipe."""
@@ -157,6 +158,7 @@ def unispeech_base(num_ctc_classes: int = 80) -> UniSpeechConfig:
     )
 
 
+@preset("unispeech")
 def unispeech_tiny(num_ctc_classes: int = 80) -> UniSpeechConfig:
     """CPU-sized model for tests and the bundled mini recipe: 32-channel group-norm CNN (same 320-sample hop; the
     layer-norm CNN costs ~2x on CPU), 2 x 64 pre-LN Transformer, G=2 x V=32 codebook, mask length 5, faster
@@ -169,16 +171,10 @@ def unispeech_tiny(num_ctc_classes: int = 80) -> UniSpeechConfig:
         num_layers=2,
         num_heads=2,
         ffn_size=128,
-        layer_norm_first=True,
         pos_conv_kernel=16,
         pos_conv_groups=4,
-        dropout=0.1,
-        attention_dropout=0.1,
-        activation_dropout=0.0,
-        feature_dropout=0.1,
-        layerdrop=0.0,
-        mask_prob=0.5,
         mask_length=5,
+        **_RECIPE_REGULARISATION,
     )
     return UniSpeechConfig(
         encoder=encoder,
@@ -190,6 +186,7 @@ def unispeech_tiny(num_ctc_classes: int = 80) -> UniSpeechConfig:
     )
 
 
+@preset("unispeech")
 def unispeech_fbank_tiny(num_ctc_classes: int = 80) -> UniSpeechConfig:
     """UniSpeech on ``fbank_conformer_tiny`` (80-bin fbank, 4x subsampling to 25 Hz, 4 x 144 Conformer): a backbone
     whose English CTC leaves the all-blank plateau within the mini recipe's budget. G=2 x V=64 codebook of 128-d
@@ -238,10 +235,7 @@ class UniSpeech(nn.Module):
     def __init__(self, config: UniSpeechConfig):
         super().__init__()
         self.config = config
-        if config.is_fbank:
-            self.encoder: SSLEncoder | FbankConformerEncoder = FbankConformerEncoder(config.encoder)
-        else:
-            self.encoder = SSLEncoder(config.encoder)
+        self.encoder: SSLEncoder | FbankConformerEncoder = build_encoder(config.encoder)
         self.quantizer_dropout = nn.Dropout(config.quantizer_dropout)
         self.quantizer = GumbelProductQuantizer(config.quantizer_config())
         self.project_q = nn.Linear(config.codevector_dim, config.proj_codevector_dim)

@@ -1,4 +1,5 @@
-"""Behaviour every task shares: optimiser from ``OptimConfig``, and non-finite losses/gradients skipped."""
+"""Behaviour every task shares: optimiser from ``OptimConfig``, non-finite losses/gradients skipped, and the
+tokenizer stored inside checkpoints."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from speechlab.data.text import tokenizer_from_files, tokenizer_to_files
 from speechlab.host_sync import host_reads_are_free, to_device_async
 from speechlab.optim import OptimConfig, build_optimizer
 
@@ -105,6 +107,21 @@ class SpeechTask(L.LightningModule):
         skipped = checkpoint.get("speechlab_skipped") or {}
         self.empty_batches = int(skipped.get("empty_batches", 0))
         self.skipped_items = Counter(skipped.get("items", {}))
+
+    # -- the unit inventory travels inside every checkpoint (CTC, UniSpeech): a checkpoint alone can decode ------
+    TOKENIZER_KEY = "tokenizer_files"
+
+    def save_tokenizer(self, checkpoint: dict) -> None:
+        """Store ``self.tokenizer`` (when the task has one) in ``checkpoint`` as plain file contents, so the
+        checkpoint stays ``torch.load(weights_only=True)``-readable (:func:`speechlab.data.text.tokenizer_to_files`)."""
+        tokenizer = getattr(self, "tokenizer", None)
+        if tokenizer is not None:
+            checkpoint[self.TOKENIZER_KEY] = tokenizer_to_files(tokenizer)
+
+    def stored_tokenizer(self, checkpoint: dict) -> Any:
+        """The tokenizer :meth:`save_tokenizer` stored in ``checkpoint``, or None when it holds none."""
+        files = checkpoint.get(self.TOKENIZER_KEY)
+        return None if files is None else tokenizer_from_files(files)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self.skipped_items.update(getattr(batch, "skipped", None) or {})

@@ -13,7 +13,6 @@ is 2 steps (discriminator + generator).
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,14 +21,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from speechlab.checkpoints.pretrained_dir import save_pretrained
 from speechlab.host_sync import to_device_async
-from speechlab.models.codec import PRESETS, Codec, CodecConfig
+from speechlab.models.codec import Codec, CodecConfig
+from speechlab.models.registry import build_config
 from speechlab.nn.discriminators import (
     CombinedDiscriminator,
     discriminator_loss,
     feature_matching_loss,
     generator_adversarial_loss,
 )
+from speechlab.nn.masks import valid_mask
 from speechlab.nn.spectral import MultiScaleMelLoss, si_sdr
 from speechlab.optim import OptimConfig, build_optimizer
 from speechlab.tasks.base import SpeechTask
@@ -80,7 +82,7 @@ def random_crop(
     start = (draws * (room + 1).float()).long().clamp_max(room)
     index = start[:, None] + torch.arange(segment, device=audio.device)[None]
     crop_lengths = (lengths - start).clamp(max=segment)
-    valid = torch.arange(segment, device=audio.device)[None] < crop_lengths[:, None]
+    valid = valid_mask(crop_lengths, segment)
     padded = F.pad(audio, (0, max(0, segment - audio.shape[1])))
     crop = padded.gather(1, index.clamp_max(padded.shape[1] - 1)) * valid
     return crop, crop_lengths
@@ -88,7 +90,7 @@ def random_crop(
 
 def _valid_mask(audio: Tensor, lengths: Tensor) -> Tensor:
     """(B, S) float: 1 at valid samples."""
-    return (torch.arange(audio.shape[1], device=audio.device)[None] < lengths[:, None]).to(audio.dtype)
+    return valid_mask(lengths, audio.shape[1]).to(audio.dtype)
 
 
 def _batch_audio(batch: Any) -> tuple[Tensor, Tensor]:
@@ -114,7 +116,7 @@ def distillation_loss(student: Tensor, teacher: Tensor, frame_lengths: Tensor) -
             teacher.transpose(1, 2), size=student.shape[1], mode="linear", align_corners=False
         ).transpose(1, 2)
     cos = F.cosine_similarity(student.float(), teacher.float().detach(), dim=-1)  # (B, T)
-    valid = (torch.arange(student.shape[1], device=student.device)[None] < frame_lengths[:, None]).float()
+    valid = valid_mask(frame_lengths.to(student.device), student.shape[1]).float()
     return -(F.logsigmoid(cos) * valid).sum() / valid.sum().clamp_min(1)
 
 
@@ -163,24 +165,12 @@ class CodecTask(SpeechTask):
         super().__init__(optim=optim or _default_optim())
         self.save_hyperparameters(ignore=["teacher"])
         self.automatic_optimization = False
-        if isinstance(codec, str):
-            if codec not in PRESETS:
-                raise ValueError(
-                    f"model.codec must be one of {sorted(PRESETS)} or a CodecConfig, got {codec!r}"
-                )
-            config = PRESETS[codec]()
-        else:
-            config = copy.deepcopy(codec)
-        if codec_overrides:
-            known = {f.name for f in dataclasses.fields(CodecConfig)}
-            unknown = set(codec_overrides) - known
-            if unknown:
-                raise ValueError(f"model.codec_overrides: unknown CodecConfig fields {sorted(unknown)}")
-            config = dataclasses.replace(config, **codec_overrides)
+        overrides = dict(codec_overrides or {})
         if teacher is not None:
             if teacher_dim is None:
                 raise ValueError("model.teacher_dim (the teacher's hidden size) is required with a teacher")
-            config = dataclasses.replace(config, semantic_dim=teacher_dim)
+            overrides["semantic_dim"] = teacher_dim
+        config = build_config("codec", codec, overrides)
         self.loss_config = loss or CodecLossConfig()
         self.disc_config = discriminator or DiscriminatorConfig()
         self.disc_optim_config = discriminator_optim or self.optim_config
@@ -391,4 +381,4 @@ class CodecTask(SpeechTask):
     def export_pretrained(self, directory: str | Path) -> Path:
         """Write the evaluation weights (EMA generator) as a speechlab pretrained codec directory; ``fit`` with the
         standard callbacks (:class:`speechlab.train.ExportPretrained`) does it into ``<default_root_dir>/pretrained``."""
-        return copy.deepcopy(self.eval_codec()).cpu().save_pretrained(directory)
+        return save_pretrained(copy.deepcopy(self.eval_codec()).cpu(), directory, family="codec")

@@ -7,20 +7,22 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import jiwer
 import torch
 import torch.nn.functional as F
 
-from speechlab.checkpoints.encoder_weights import load_encoder_state_dict
-from speechlab.data.text import tokenizer_from_files, tokenizer_to_files
+from speechlab.checkpoints.encoder_weights import load_encoder, load_encoder_state_dict
+from speechlab.checkpoints.pretrained_dir import save_pretrained
 from speechlab.host_sync import host_reads_are_free
+from speechlab.metrics import error_counts
 from speechlab.models.ctc import CTCModel, ctc_greedy_decode, encoder_config_from_dict
-from speechlab.models.presets import ctc_encoder_config
+from speechlab.models.registry import build_config
 from speechlab.models.ssl_encoder import SSLEncoderConfig
 from speechlab.nn.masking import span_mask
 from speechlab.nn.masks import valid_mask
-from speechlab.optim import OptimConfig
+from speechlab.optim import OptimConfig, build_optimizer
 from speechlab.tasks.base import SpeechTask
+
+__all__ = ["CTCTask", "ctc_feasible", "error_counts", "CTC_TOO_LONG", "CTC_TOO_LONG_REMEDY"]
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,7 @@ class CTCTask(SpeechTask):
         # Plain containers only, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["optim"])
         self.hparams["optim"] = dataclasses.asdict(self.optim_config)
-        self.encoder_config = ctc_encoder_config(encoder, encoder_overrides)
+        self.encoder_config = build_config("ctc_encoder", encoder, encoder_overrides)
         if layerwise_lr_decay and not isinstance(self.encoder_config, SSLEncoderConfig):
             raise ValueError(
                 f"layerwise_lr_decay is for fine-tuning SSL encoders; encoder {encoder!r} is trained from scratch: "
@@ -94,9 +96,7 @@ class CTCTask(SpeechTask):
             self._load_encoder_weights(load_encoder_state_dict(source), source)
         else:
             # Any speechlab.load source carries its architecture: take it from there, keep our overrides.
-            from speechlab.api import find_encoder, load
-
-            pretrained = find_encoder(load(source))
+            pretrained = load_encoder(source)
             self.encoder_config = dataclasses.replace(
                 pretrained.config, **(self.hparams.encoder_overrides or {})
             )
@@ -129,19 +129,17 @@ class CTCTask(SpeechTask):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["encoder_config"] = dataclasses.asdict(self.encoder_config)
-        checkpoint["tokenizer_files"] = tokenizer_to_files(self.tokenizer)
+        self.save_tokenizer(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         if self.model is not None:
             return
         self.encoder_config = encoder_config_from_dict(checkpoint["encoder_config"])
-        self.build(tokenizer_from_files(checkpoint["tokenizer_files"]))
+        self.build(self.stored_tokenizer(checkpoint))
 
     def export_pretrained(self, directory: str | Path) -> Path:
         """Write the model and its tokenizer as a speechlab pretrained directory (family ``ctc``)."""
-        from speechlab.checkpoints.pretrained_dir import save_pretrained
-
         return save_pretrained(self.model, directory, family="ctc", tokenizer=self.tokenizer)
 
     # -- optimisation -------------------------------------------------------------------------------------------
@@ -154,8 +152,6 @@ class CTCTask(SpeechTask):
             lr_scale.update(
                 {f"model.encoder.encoder.layers.{i}.": decay ** (num_layers - i) for i in range(num_layers)}
             )
-        from speechlab.optim import build_optimizer
-
         total = self.optim_config.total_steps or int(self.trainer.estimated_stepping_batches)
         return build_optimizer(self.named_parameters(), self.optim_config, max(1, total), lr_scale=lr_scale)
 
@@ -287,27 +283,3 @@ def ctc_feasible(
     valid = valid_mask(target_lengths, targets.shape[1])
     repeats = ((targets[:, 1:] == targets[:, :-1]) & valid[:, 1:]).sum(1)
     return frame_lengths.to(target_lengths.device) >= target_lengths + repeats
-
-
-def error_counts(refs: list[str], hyps: list[str]) -> torch.Tensor:
-    """(word errors, reference words, char errors, reference chars) via jiwer; phoneme strings count phones as words.
-
-    Empty references are skipped: they have no error rate (and jiwer refuses them).
-    """
-    pairs = [(r, h) for r, h in zip(refs, hyps, strict=True) if r.strip()]
-    if not pairs:
-        return torch.zeros(4, dtype=torch.float64)
-    refs, hyps = [r for r, _ in pairs], [h for _, h in pairs]
-    words = jiwer.process_words(refs, hyps)
-    chars = jiwer.process_characters(refs, hyps)
-    word_errors = words.substitutions + words.deletions + words.insertions
-    char_errors = chars.substitutions + chars.deletions + chars.insertions
-    return torch.tensor(
-        [
-            word_errors,
-            words.hits + words.substitutions + words.deletions,
-            char_errors,
-            chars.hits + chars.substitutions + chars.deletions,
-        ],
-        dtype=torch.float64,
-    )

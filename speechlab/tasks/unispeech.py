@@ -23,17 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from speechlab.data.text import tokenizer_from_files, tokenizer_to_files
+from speechlab.checkpoints.hf_unispeech import convert_state_dict, read_hf_directory
+from speechlab.checkpoints.pretrained_dir import save_pretrained
 from speechlab.host_sync import host_reads_are_free, to_device_async
 from speechlab.models.ctc import ctc_greedy_decode
-from speechlab.models.unispeech import (
-    UniSpeech,
-    UniSpeechConfig,
-    unispeech_base,
-    unispeech_fbank_tiny,
-    unispeech_large,
-    unispeech_tiny,
-)
+from speechlab.models.registry import build_config
+from speechlab.models.unispeech import UniSpeech, UniSpeechConfig
 from speechlab.nn.contrastive import contrastive_loss, diversity_loss
 from speechlab.nn.masking import span_mask
 from speechlab.optim import OptimConfig
@@ -42,34 +37,19 @@ from speechlab.tasks.ctc import CTC_TOO_LONG, CTC_TOO_LONG_REMEDY, ctc_feasible,
 
 log = logging.getLogger(__name__)
 
-PRESETS = {
-    "unispeech_tiny": unispeech_tiny,
-    "unispeech_base": unispeech_base,
-    "unispeech_large": unispeech_large,
-    "unispeech_fbank_tiny": unispeech_fbank_tiny,
-}
 
-
-def build_config(
+def unispeech_config(
     preset: str,
     num_ctc_classes: int,
-    overrides: dict[str, Any] | None = None,
+    model_overrides: dict[str, Any] | None = None,
     encoder_overrides: dict[str, Any] | None = None,
 ) -> UniSpeechConfig:
-    """``UniSpeechConfig`` of a preset with field overrides; unknown names are clear errors."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown UniSpeech preset {preset!r}; choose one of {sorted(PRESETS)}")
-    config = PRESETS[preset](num_ctc_classes=num_ctc_classes)
-    for name, values, target in (
-        ("model_overrides", overrides, config),
-        ("encoder_overrides", encoder_overrides, config.encoder),
-    ):
-        known = {f.name for f in dataclasses.fields(target)}
-        unknown = sorted(set(values or {}) - known)
-        if unknown:
-            raise ValueError(f"{name}: unknown field(s) {unknown}; valid: {sorted(known)}")
-    encoder = dataclasses.replace(config.encoder, **(encoder_overrides or {}))
-    return dataclasses.replace(config, **{**(overrides or {}), "encoder": encoder})
+    """The task's YAML keys (``model``, ``model_overrides``, ``encoder_overrides``) as one
+    :func:`speechlab.models.registry.build_config` call: the backbone's overrides are the ``encoder`` field's."""
+    overrides = {**(model_overrides or {}), "num_ctc_classes": num_ctc_classes}
+    if encoder_overrides:
+        overrides["encoder"] = {**(overrides.get("encoder") or {}), **encoder_overrides}
+    return build_config("unispeech", preset, overrides)
 
 
 LOSS_NORMALIZATIONS = ("masked_frames", "per_term")
@@ -149,11 +129,9 @@ class UniSpeechTask(SpeechTask):
     # -- model construction -------------------------------------------------------------------------------------
     def _build(self, num_ctc_classes: int) -> None:
         h = self.hparams
-        self.config = build_config(h.model, num_ctc_classes, h.model_overrides, h.encoder_overrides)
+        self.config = unispeech_config(h.model, num_ctc_classes, h.model_overrides, h.encoder_overrides)
         self.model = UniSpeech(self.config)
         if h.init_from:
-            from speechlab.checkpoints.hf_unispeech import convert_state_dict, read_hf_directory
-
             _, hf_state = read_hf_directory(h.init_from)
             missing, unexpected = self.model.load_state_dict(
                 convert_state_dict(hf_state, self.config), strict=False
@@ -167,8 +145,6 @@ class UniSpeechTask(SpeechTask):
 
     def export_pretrained(self, directory: str | Path) -> Path:
         """Write the UniSpeech model (backbone, quantizer, heads) as a speechlab pretrained directory."""
-        from speechlab.checkpoints.pretrained_dir import save_pretrained
-
         return save_pretrained(self.model, directory, family="unispeech")
 
     def setup(self, stage: str) -> None:
@@ -192,13 +168,12 @@ class UniSpeechTask(SpeechTask):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["num_ctc_classes"] = self.config.num_ctc_classes
-        if self.tokenizer is not None:
-            checkpoint["tokenizer_files"] = tokenizer_to_files(self.tokenizer)
+        self.save_tokenizer(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        if "tokenizer_files" in checkpoint and self.tokenizer is None:
-            self.tokenizer = tokenizer_from_files(checkpoint["tokenizer_files"])
+        if self.tokenizer is None:
+            self.tokenizer = self.stored_tokenizer(checkpoint)
         if self.model is None:
             self._build(int(checkpoint["num_ctc_classes"]))
 

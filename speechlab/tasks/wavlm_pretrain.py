@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +26,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speechlab.augment.mixing import MixingConfig, UtteranceMixer
+from speechlab.checkpoints.pretrained_dir import save_pretrained
 from speechlab.data.collate import UNIT_PAD
 from speechlab.host_sync import host_reads_are_free
-from speechlab.models.ctc import build_encoder
 from speechlab.models.fbank_conformer import FbankConformerConfig
-from speechlab.models.presets import ctc_encoder_config, encoder_config
-from speechlab.models.ssl_encoder import SSLEncoder
+from speechlab.models.registry import build_config
+from speechlab.models.wavlm import UnitPredictionHead, WavLM, WavLMConfig
 from speechlab.nn.masking import span_mask
 from speechlab.nn.masks import padding_mask
 from speechlab.optim import OptimConfig
@@ -39,29 +39,45 @@ from speechlab.tasks.base import SpeechTask
 
 log = logging.getLogger(__name__)
 
+__all__ = [
+    "WavLMPretrainTask",
+    "UnitPredictionHead",
+    "align_units",
+    "prediction_metrics",
+    "wavlm_config",
+    "upgrade_wavlm_pretrain_state",
+    "is_wavlm_pretrain_state",
+    "load_pretrained_encoder",
+]
 
-class UnitPredictionHead(nn.Module):
-    """HuBERT prediction head: ``final_proj`` + one learned embedding per unit, logits = cos / temperature.
 
-    hidden: (..., D) -> logits (..., num_classes), computed in fp32 (cosine logits are kept out of bf16, docs/pitfalls.md, 2).
-    """
+def wavlm_config(hparams: dict[str, Any]) -> WavLMConfig:
+    """The :class:`WavLMConfig` of a task's hyper-parameters (``encoder`` preset of the ``ctc_encoder`` family +
+    ``encoder_overrides``, ``num_classes``, ``final_dim``, ``logit_temp``; the task's defaults where absent)."""
+    return WavLMConfig(
+        encoder=build_config(
+            "ctc_encoder", hparams.get("encoder", "wavlm_tiny"), hparams.get("encoder_overrides")
+        ),
+        num_classes=int(hparams.get("num_classes", 100)),
+        final_dim=int(hparams.get("final_dim", 256)),
+        logit_temp=float(hparams.get("logit_temp", 0.1)),
+    )
 
-    def __init__(
-        self, hidden_size: int, num_classes: int, final_dim: int = 256, logit_temp: float = 0.1
-    ) -> None:
-        super().__init__()
-        self.final_proj = nn.Linear(hidden_size, final_dim)
-        self.label_embeddings = nn.Parameter(
-            torch.rand(num_classes, final_dim)
-        )  # uniform [0, 1) as in fairseq
-        self.logit_temp = logit_temp
 
-    def forward(self, hidden: Tensor) -> Tensor:
-        projected = self.final_proj(hidden)
-        with torch.autocast(device_type=hidden.device.type, enabled=False):
-            projected = F.normalize(projected.float(), dim=-1, eps=1e-8)
-            embeddings = F.normalize(self.label_embeddings.float(), dim=-1, eps=1e-8)
-            return projected @ embeddings.T / self.logit_temp
+# Checkpoints written before the task held a WavLM model kept its two parts at the top: encoder.* and head.*
+_LEGACY_PREFIXES = ("encoder.", "head.")
+
+
+def upgrade_wavlm_pretrain_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The one place old ``WavLMPretrainTask`` checkpoints are read: their ``encoder.*`` / ``head.*`` keys become
+    today's ``model.encoder.*`` / ``model.head.*`` (other keys, and an up-to-date state, are returned as they are)."""
+    return {("model." + k if k.startswith(_LEGACY_PREFIXES) else k): v for k, v in state.items()}
+
+
+def is_wavlm_pretrain_state(keys: Iterable[str]) -> bool:
+    """Whether a Lightning state dict's keys are a ``WavLMPretrainTask``'s (either layout)."""
+    keys = set(upgrade_wavlm_pretrain_state(dict.fromkeys(keys)))
+    return "model.head.label_embeddings" in keys and any(k.startswith("model.encoder.") for k in keys)
 
 
 def align_units(units: Tensor, num_frames: int, frame_lengths: Tensor, stride: int = 1) -> Tensor:
@@ -148,20 +164,14 @@ class WavLMPretrainTask(SpeechTask):
         optim = OptimConfig(**optim) if isinstance(optim, dict) else optim
         mixing = MixingConfig(**mixing) if isinstance(mixing, dict) else mixing
         super().__init__(optim=optim, max_nonfinite_steps=max_nonfinite_steps)
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2 (the k-means cluster count), got {num_classes}")
         self.save_hyperparameters()
-        self.encoder_config = ctc_encoder_config(encoder, encoder_overrides)
-        self.encoder = build_encoder(self.encoder_config)
-        self.head = UnitPredictionHead(self.encoder_config.hidden_size, num_classes, final_dim, logit_temp)
+        self.model = WavLM(wavlm_config(self.hparams))
+        self.encoder_config = self.model.config.encoder
         self.mask_prob = getattr(self.encoder_config, "mask_prob", 0.8) if mask_prob is None else mask_prob
         self.mask_length = (
             getattr(self.encoder_config, "mask_length", 10) if mask_length is None else mask_length
         )
-        if isinstance(self.encoder_config, FbankConformerConfig):
-            encoder_hop = self.encoder.hop
-        else:
-            encoder_hop = math.prod(stride for _, _, stride in self.encoder_config.conv_layers)
+        encoder_hop = self.model.hop
         if units_hop < 1 or encoder_hop % units_hop != 0:
             raise ValueError(
                 f"units_hop={units_hop}: the encoder's hop ({encoder_hop} samples) must be a whole multiple of it"
@@ -170,6 +180,19 @@ class WavLMPretrainTask(SpeechTask):
         self.mixing_config = mixing
         self.mixer: UtteranceMixer | None = None
         self._units_checked = False
+
+    @property
+    def encoder(self) -> nn.Module:
+        """The model's encoder (what fine-tuning and feature extraction keep)."""
+        return self.model.encoder
+
+    @property
+    def head(self) -> UnitPredictionHead:
+        return self.model.head
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        checkpoint["state_dict"] = upgrade_wavlm_pretrain_state(checkpoint["state_dict"])  # resume an old run
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -184,8 +207,6 @@ class WavLMPretrainTask(SpeechTask):
         """Write the encoder (what fine-tuning and feature extraction use) as a speechlab pretrained directory;
         family ``wavlm`` with the gated relative position bias, else ``hubert`` (``fbank_conformer`` for that
         encoder)."""
-        from speechlab.checkpoints.pretrained_dir import save_pretrained
-
         if isinstance(self.encoder_config, FbankConformerConfig):
             family = "fbank_conformer"
         else:
@@ -237,7 +258,7 @@ class WavLMPretrainTask(SpeechTask):
                 num_frames=num_frames,
                 generator=generator,
             ).to(audio.device)
-        out = self.encoder(audio, lengths, frame_mask=frame_mask)
+        logits, out = self.model(audio, lengths, frame_mask=frame_mask)  # logits: (B, T, C) fp32
         targets = align_units(units, num_frames, out.frame_lengths, self.units_stride)
         if not self._units_checked and int(targets.max()) >= self.hparams.num_classes:
             raise ValueError(
@@ -253,7 +274,6 @@ class WavLMPretrainTask(SpeechTask):
         # Every frame goes through the head and the losses are masked sums: a fixed-size computation, where
         # ``hidden[masked]`` would read the number of masked frames on the host (a device sync). The head's extra
         # work on unmasked frames is under 1 % of a step. Cross-entropy is 0 at UNIT_PAD (its ignore_index).
-        logits = self.head(out.last_hidden_state)  # (B, T, C) fp32
         frame_loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(
             targets
         )
@@ -331,11 +351,11 @@ class WavLMPretrainTask(SpeechTask):
             )
 
 
-def load_pretrained_encoder(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> SSLEncoder:
-    """The ``SSLEncoder`` of a ``WavLMPretrainTask`` Lightning checkpoint (weights only, no unpickling of code).
+def load_pretrained_encoder(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+    """The encoder (``SSLEncoder``, or ``FbankConformerEncoder``) of a ``WavLMPretrainTask`` Lightning checkpoint
+    (weights only, no unpickling of code; either key layout, see :func:`upgrade_wavlm_pretrain_state`).
 
-    The checkpoint's ``hyper_parameters`` give the preset and overrides; ``state_dict`` keys ``encoder.*`` the
-    weights.
+    The checkpoint's ``hyper_parameters`` give the preset and overrides; ``state_dict`` the weights.
     """
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
@@ -348,9 +368,8 @@ def load_pretrained_encoder(path: str | os.PathLike, map_location: str | torch.d
         raise ValueError(
             f"{path}: not a WavLMPretrainTask checkpoint (no hyper_parameters.encoder / state_dict)"
         )
-    config = encoder_config(hparams["encoder"], hparams.get("encoder_overrides"))
-    encoder = SSLEncoder(config)
-    prefix = "encoder."
-    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    encoder.load_state_dict(state)
-    return encoder
+    model = WavLM(wavlm_config(hparams))
+    prefix = "model."
+    state = upgrade_wavlm_pretrain_state(ckpt["state_dict"])
+    model.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    return model.encoder
