@@ -8,7 +8,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from speechlab.audio import AudioError, audio_info
-from speechlab.commands.common import add_command
+from speechlab.commands import common
 from speechlab.data.manifest import (
     DEFAULT_DURATION_TOLERANCE,
     ManifestError,
@@ -22,7 +22,7 @@ from speechlab.data.text import load_tokenizer
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``speechlab check-manifest``: validate manifests before a run (and optionally write clean copies)."""
-    parser = add_command(
+    parser = common.add_command(
         subparsers,
         "check-manifest",
         run,

@@ -15,13 +15,13 @@ import json
 from tqdm import tqdm
 
 from speechlab.atomic import write_text
-from speechlab.commands.common import add_command, add_device_arguments, select_device
+from speechlab.commands import common
 from speechlab.data.manifest import load_item_audio, read_manifest
 from speechlab.inference.codec_metrics import build_codec, evaluate_codec, format_table
 
 
 def run(args: argparse.Namespace) -> int:
-    device = select_device(args)
+    device = common.select_device(args)
     items = read_manifest(args.manifest)[: args.max_items or None]
     clips = []
     for item in tqdm(items, desc="load", unit="utt"):
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``speechlab codec-eval``."""
-    parser = add_command(subparsers, "codec-eval", run, doc=__doc__)
+    parser = common.add_command(subparsers, "codec-eval", run, doc=__doc__)
     parser.add_argument("--manifest", required=True, help="JSON Lines manifest of reference audio")
     parser.add_argument(
         "--codec",
@@ -64,5 +64,5 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--sample-rate", type=int, default=16000, help="rate the metrics are computed at")
     parser.add_argument("--max-items", type=int, default=None, help="evaluate only the first N utterances")
     parser.add_argument("--max-seconds", type=float, default=None, help="crop each utterance to N seconds")
-    add_device_arguments(parser, threads="torch CPU threads (RTF depends on it)")
+    common.add_device_arguments(parser, threads="torch CPU threads (RTF depends on it)")
     parser.add_argument("--output", default=None, help="also write the table (.md) or the rows (.json) here")

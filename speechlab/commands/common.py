@@ -6,7 +6,7 @@ orchestration.
 * option groups that mean the same in every command: :func:`add_input_choice` (a manifest or a folder),
   :func:`add_ckpt_argument` (which checkpoint of a run folder), :func:`add_device_arguments` (``--device``, and
   ``--threads``), :func:`add_window_arguments` (batching and long-input windows), :func:`add_progress_argument`;
-* their run-time side: :func:`select_device`.
+* their run-time side: :func:`select_device`, :func:`load_source` (a model source with its ``--ckpt``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,10 @@ import argparse
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
+from speechlab.api import load
+from speechlab.checkpoints.run_dir import resolve_source
 from speechlab.commands import TOOLS
 
 __all__ = [
@@ -26,6 +29,7 @@ __all__ = [
     "add_window_arguments",
     "add_progress_argument",
     "select_device",
+    "load_source",
 ]
 
 DEVICE_HELP = {
@@ -73,7 +77,7 @@ def add_input_choice(
 def add_ckpt_argument(
     parser: argparse.ArgumentParser, help: str = "for a run folder: which checkpoint"
 ) -> None:
-    """``--ckpt best|last``: which checkpoint of a run folder source (``checkpoints.run_dir.resolve_source``)."""
+    """``--ckpt best|last``: which checkpoint of a run folder source (:func:`load_source`)."""
     parser.add_argument("--ckpt", choices=("best", "last"), default=None, help=help)
 
 
@@ -126,3 +130,10 @@ def select_device(args: argparse.Namespace) -> str:
     if args.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return args.device
+
+
+def load_source(source: str, ckpt: str | None = None, device: str = "cpu") -> tuple[str, nn.Module]:
+    """``(what was read, the model)``: ``source`` loaded with ``speechlab.load``; a run folder gives its ``ckpt``
+    checkpoint (best / last; default best if the run has one), any other source needs ``ckpt`` None."""
+    resolved = resolve_source(source, ckpt)
+    return resolved, load(resolved, device=device)

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 
-from speechlab.commands import export
-from speechlab.commands.common import add_command
+from speechlab.commands import common, export
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``speechlab convert``."""
-    parser = add_command(subparsers, "convert", run, doc=__doc__)
+    parser = common.add_command(subparsers, "convert", run, doc=__doc__)
     export.add_source_argument(parser)
     parser.add_argument("output", help="directory to write (export's --out)")
     parser.add_argument(

@@ -11,20 +11,20 @@ from tqdm import tqdm
 
 from speechlab.checkpoints.codec_tokens import TokenFileError, load_tokens
 from speechlab.checkpoints.hf_codec import load_codec
-from speechlab.commands.common import add_command, add_device_arguments, add_input_choice, select_device
+from speechlab.commands import common
 from speechlab.data.manifest import output_names
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``speechlab decode``."""
-    dec = add_command(
+    dec = common.add_command(
         subparsers,
         "decode",
         run,
         description="Decode token files back to audio with the codec that made them (the header's codebook hash, "
         "sample rate and frame rate are checked against the model).",
     )
-    add_input_choice(
+    common.add_input_choice(
         dec,
         manifest_help="manifest written by 'speechlab encode' (its 'tokens' field)",
         folder="--tokens-dir",
@@ -35,11 +35,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     dec.add_argument(
         "--force", action="store_true", help="decode even if the token header names another codec"
     )
-    add_device_arguments(dec, threads="torch CPU threads (default: torch's choice)")
+    common.add_device_arguments(dec, threads="torch CPU threads (default: torch's choice)")
 
 
 def run(args: argparse.Namespace) -> int:
-    device = select_device(args)
+    device = common.select_device(args)
     codec = load_codec(args.model, device)
     if args.manifest:
         with open(args.manifest, encoding="utf-8") as f:

@@ -14,20 +14,20 @@ from tqdm import tqdm
 from speechlab.audio import list_audio_files
 from speechlab.checkpoints.codec_tokens import TokenInfo, save_tokens
 from speechlab.checkpoints.hf_codec import load_codec
-from speechlab.commands.common import add_command, add_device_arguments, add_input_choice, select_device
+from speechlab.commands import common
 from speechlab.data.manifest import load_item_audio, output_names, read_manifest, write_manifest
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``speechlab encode``."""
-    enc = add_command(
+    enc = common.add_command(
         subparsers,
         "encode",
         run,
         description="Encode every utterance of a manifest or folder into <id>.tokens.safetensors files (codes "
         "(n_q, frames) + a header naming the codec), and write <output-dir>/manifest.jsonl with a 'tokens' field.",
     )
-    add_input_choice(
+    common.add_input_choice(
         enc,
         manifest_help="JSON Lines manifest of the audio to encode",
         folder="--input-dir",
@@ -51,11 +51,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="also write level-0 codes as a space-separated "
         "'units' field (frame-level targets for SSL training)",
     )
-    add_device_arguments(enc, threads="torch CPU threads (default: torch's choice)")
+    common.add_device_arguments(enc, threads="torch CPU threads (default: torch's choice)")
 
 
 def run(args: argparse.Namespace) -> int:
-    device = select_device(args)
+    device = common.select_device(args)
     codec = load_codec(args.model, device)
     n_q = args.n_q or codec.num_quantizers
     if args.manifest:

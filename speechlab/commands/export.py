@@ -24,16 +24,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from speechlab.api import load
 from speechlab.checkpoints.export import export, source_family
-from speechlab.checkpoints.run_dir import resolve_source
-from speechlab.commands.common import add_ckpt_argument, add_command
+from speechlab.commands import common
 from speechlab.inference.round_trip import round_trip_report
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``speechlab export``."""
-    parser = add_command(subparsers, "export", run, doc=__doc__)
+    parser = common.add_command(subparsers, "export", run, doc=__doc__)
     add_source_argument(parser)
     parser.add_argument("--out", required=True, help="directory to write")
     parser.add_argument(
@@ -43,7 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="speechlab pretrained directory (default) or Hugging Face (CTC: WavLMForCTC / HubertForCTC + "
         "tokenizer + feature extractor; encoders: WavLMModel / HubertModel)",
     )
-    add_ckpt_argument(
+    common.add_ckpt_argument(
         parser,
         "for a run folder: its best checkpoint (by the task's monitored metric) or last.ckpt "
         "(default: best if the run has one, else last)",
@@ -84,8 +82,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    source = resolve_source(args.source, args.ckpt)
-    model = load(source)
+    source, model = common.load_source(args.source, args.ckpt)
     family = args.family or source_family(model, source)
     path = export(model, out, args.format, family=family)
     written = "Hugging Face" if args.format == "hf" else f"speechlab (family {family})"

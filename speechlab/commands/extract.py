@@ -14,14 +14,7 @@ import sys
 from pathlib import Path
 
 from speechlab.api import FeatureExtractor, find_encoder, load
-from speechlab.commands.common import (
-    add_command,
-    add_device_arguments,
-    add_input_choice,
-    add_progress_argument,
-    add_window_arguments,
-    select_device,
-)
+from speechlab.commands import common
 from speechlab.data.manifest import output_names
 from speechlab.inference.feature_files import (
     extract_items,
@@ -34,14 +27,14 @@ from speechlab.tool_errors import ToolError, one_line
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``speechlab extract``."""
-    parser = add_command(subparsers, "extract", run, doc=__doc__)
+    parser = common.add_command(subparsers, "extract", run, doc=__doc__)
     src = parser.add_argument_group("input")
     src.add_argument(
         "--model",
         required=True,
         help="speechlab pretrained dir, Hugging Face dir or hub id, or a fairseq/unilm .pt file",
     )
-    add_input_choice(
+    common.add_input_choice(
         src,
         manifest_help="JSON Lines manifest (id, audio, optional offset/duration)",
         folder="--input-dir",
@@ -72,7 +65,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     out.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored precision")
     out.add_argument("--overwrite", action="store_true", help="re-extract outputs that already exist")
     cmp = parser.add_argument_group("compute")
-    add_device_arguments(cmp, default="auto")
+    common.add_device_arguments(cmp, default="auto")
     cmp.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster; features move slightly)")
     cmp.add_argument(
         "--padded-batches",
@@ -81,14 +74,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "encoder) an utterance's features then depend on the others in its batch; by default each length runs "
         "unpadded so every file gets its single-utterance features",
     )
-    add_window_arguments(cmp, batch_seconds=80.0)
+    common.add_window_arguments(cmp, batch_seconds=80.0)
     cmp.add_argument(
         "--on-error",
         choices=("raise", "skip"),
         default="raise",
         help="unreadable audio or bad manifest lines: stop with an error (default) or skip and count",
     )
-    add_progress_argument(cmp)
+    common.add_progress_argument(cmp)
 
 
 def _parse_layers(text: str, num_layers: int) -> list[int] | None:
@@ -108,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     if bool(args.manifest) == bool(args.input_dir):
         print("speechlab extract: give exactly one of --manifest or --input-dir", file=sys.stderr)
         return 2
-    device = select_device(args)
+    device = common.select_device(args)
     # A ManifestError / FileNotFoundError names the file and the fix; the tool error boundary prints it.
     items = (
         items_from_manifest(args.manifest, args.on_error)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from speechlab.api import find_encoder, load
-from speechlab.commands.common import add_command, add_device_arguments, select_device
+from speechlab.commands import common
 from speechlab.data.manifest import read_manifest, write_manifest
 from speechlab.nn.kmeans import KMeans, KMeansConfig, check_finite
 from speechlab.tasks.units import SAMPLE_RATE, hidden_layer_features, iterate_features, mfcc_frame_features
@@ -35,7 +35,7 @@ def _output_name(manifest: Path) -> str:
 def run(args: argparse.Namespace) -> int:
     """``speechlab kmeans``: fit (or load) centroids, write one manifest with ``units`` per input manifest."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    device = torch.device(select_device(args))
+    device = torch.device(common.select_device(args))
     out_dir = Path(args.output_dir)
     manifests = [Path(m) for m in args.manifest]
     names = [_output_name(m) for m in manifests]
@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``speechlab kmeans``."""
-    parser = add_command(
+    parser = common.add_command(
         subparsers,
         "kmeans",
         run,
@@ -196,7 +196,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=2_000_000,
         help="cap on frames kept for fitting (random frames per utterance); bounds memory",
     )
-    add_device_arguments(parser, default="auto")
+    common.add_device_arguments(parser, default="auto")
     parser.add_argument(
         "--merge",
         default=None,

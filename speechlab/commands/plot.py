@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from speechlab.commands.common import add_command
+from speechlab.commands import common
 from speechlab.plots import plot_curves
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``speechlab plot``."""
-    parser = add_command(
+    parser = common.add_command(
         subparsers,
         "plot",
         run,

@@ -15,29 +15,21 @@ import sys
 
 from tqdm import tqdm
 
-from speechlab.api import load
 from speechlab.audio import load_audio
-from speechlab.checkpoints.run_dir import resolve_source
-from speechlab.commands.common import (
-    add_ckpt_argument,
-    add_command,
-    add_device_arguments,
-    add_progress_argument,
-    add_window_arguments,
-)
+from speechlab.commands import common
 from speechlab.inference.transcriber import SAMPLE_RATE, Transcriber, collect_inputs, error_rates
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``speechlab transcribe``."""
-    parser = add_command(subparsers, "transcribe", run, doc=__doc__)
+    parser = common.add_command(subparsers, "transcribe", run, doc=__doc__)
     parser.add_argument(
         "--model",
         required=True,
         help="a CTC model: run folder, Lightning .ckpt, speechlab 'ctc' directory or Hugging Face *ForCTC directory",
     )
     parser.add_argument("inputs", nargs="+", help="audio files, folders (recursive) and .jsonl manifests")
-    add_ckpt_argument(parser)
+    common.add_ckpt_argument(parser)
     parser.add_argument("--output", help="write here instead of stdout")
     parser.add_argument(
         "--format", choices=("text", "jsonl"), default="text", help="id<TAB>text lines or JSONL"
@@ -48,14 +40,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lexicon", help="lexicon: one 'word unit unit ...' line per word (beam search)")
     parser.add_argument("--lm-weight", type=float, default=2.0)
     parser.add_argument("--word-score", type=float, default=0.0)
-    add_device_arguments(parser)
-    add_window_arguments(parser, batch_seconds=120.0)
+    common.add_device_arguments(parser)
+    common.add_window_arguments(parser, batch_seconds=120.0)
     parser.add_argument("--files-per-batch", type=int, default=32, help="files read into memory at a time")
-    add_progress_argument(parser)
+    common.add_progress_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    model = load(resolve_source(args.model, args.ckpt), device=args.device)
+    _, model = common.load_source(args.model, args.ckpt, args.device)
     transcriber = Transcriber(
         model,
         decoder=args.decoder,
