@@ -132,16 +132,28 @@ _RECIPE_REGULARISATION = dict(
 )
 
 
+def _unispeech_preset(
+    encoder: EncoderConfig, vq_dim: int, num_ctc_classes: int, temperature_decay: float = 0.998, **fields
+) -> UniSpeechConfig:
+    """The presets' shared rule: the quantizer output and ``project_q`` are both fairseq's ``final_dim``
+    (``vq_dim``); τ anneals from 2 to 0.5 unless ``temperature`` says otherwise."""
+    return UniSpeechConfig(
+        encoder=encoder,
+        codevector_dim=vq_dim,
+        proj_codevector_dim=vq_dim,
+        num_ctc_classes=num_ctc_classes,
+        **{"temperature": (2.0, 0.5, temperature_decay), **fields},
+    )
+
+
 @preset("unispeech")
 def unispeech_large(num_ctc_classes: int = 80) -> UniSpeechConfig:
     """Released UniSpeech Large (EN 1350 h): w2v2 Large backbone with conv bias, pre-LN, final_dim 768, mask 0.5,
-    layerdrop 0, feature_grad_mult 1, dropouts 0.1 (spec §7.1, §7.6 stage 1)."""
+    layerdrop 0, feature_grad_mult 1, dropouts 0.1, τ (2, 0.1, 0.999995) (spec §7.1, §7.6 stage 1)."""
     encoder = SSLEncoderConfig(
         **{**LARGE_SIZE, **_RECIPE_REGULARISATION}, conv_bias=True, mask_length=10, feature_grad_mult=1.0
     )
-    return UniSpeechConfig(
-        encoder=encoder, codevector_dim=768, proj_codevector_dim=768, num_ctc_classes=num_ctc_classes
-    )
+    return _unispeech_preset(encoder, 768, num_ctc_classes, temperature=(2.0, 0.1, 0.999995))
 
 
 @preset("unispeech")
@@ -149,13 +161,7 @@ def unispeech_base(num_ctc_classes: int = 80) -> UniSpeechConfig:
     """A Base-size UniSpeech (12 × 768, group-norm CNN, post-LN, final_dim 256, τ (2, 0.5, 0.999995) as wav2vec 2.0
     Base). No Base UniSpeech was released; this mirrors HF ``UniSpeechConfig`` defaults and the w2v2 Base recipe."""
     encoder = SSLEncoderConfig(mask_prob=0.5, feature_grad_mult=0.1, layerdrop=0.05)
-    return UniSpeechConfig(
-        encoder=encoder,
-        codevector_dim=256,
-        proj_codevector_dim=256,
-        temperature=(2.0, 0.5, 0.999995),
-        num_ctc_classes=num_ctc_classes,
-    )
+    return _unispeech_preset(encoder, 256, num_ctc_classes, temperature_decay=0.999995)
 
 
 @preset("unispeech")
@@ -176,14 +182,7 @@ def unispeech_tiny(num_ctc_classes: int = 80) -> UniSpeechConfig:
         mask_length=5,
         **_RECIPE_REGULARISATION,
     )
-    return UniSpeechConfig(
-        encoder=encoder,
-        num_codevectors_per_group=32,
-        codevector_dim=64,
-        proj_codevector_dim=64,
-        temperature=(2.0, 0.5, 0.998),
-        num_ctc_classes=num_ctc_classes,
-    )
+    return _unispeech_preset(encoder, 64, num_ctc_classes, num_codevectors_per_group=32)
 
 
 @preset("unispeech")
@@ -192,14 +191,7 @@ def unispeech_fbank_tiny(num_ctc_classes: int = 80) -> UniSpeechConfig:
     whose English CTC leaves the all-blank plateau within the mini recipe's budget. G=2 x V=64 codebook of 128-d
     vectors on the 144-d subsampled features; other heads and the swap as in :func:`unispeech_tiny`. CPU experiments
     only: no Hugging Face / fairseq checkpoint has this backbone."""
-    return UniSpeechConfig(
-        encoder=FbankConformerConfig(),
-        num_codevectors_per_group=64,
-        codevector_dim=128,
-        proj_codevector_dim=128,
-        temperature=(2.0, 0.5, 0.998),
-        num_ctc_classes=num_ctc_classes,
-    )
+    return _unispeech_preset(FbankConformerConfig(), 128, num_ctc_classes, num_codevectors_per_group=64)
 
 
 @dataclass
