@@ -16,7 +16,6 @@ weights are read with ``torch.load(weights_only=True)`` only.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +24,13 @@ from torch import Tensor, nn
 
 from speechlab.checkpoints import hf_ssl, hf_unispeech
 from speechlab.checkpoints.hf_codec import HFCodec
+from speechlab.checkpoints.hf_files import read_do_normalize, read_hf_directory
 from speechlab.checkpoints.pretrained_dir import config_to_dict
 from speechlab.checkpoints.safe_load import (
     CheckpointError,
     TensorInfo,
     check_config_limits,
     check_state_dict,
-    load_safetensors,
-    load_torch_checkpoint,
     read_json,
     read_safetensors_header,
     tensor_infos,
@@ -77,35 +75,6 @@ def read(path: Path) -> nn.Module:
 # ------------------------------------------------------------------------------------------------ weights
 
 
-def read_hf_directory(directory: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
-    """``(config dict, state dict)`` of a Hugging Face ``save_pretrained`` directory, loaded safely.
-
-    Weights: ``model.safetensors``, sharded ``model.safetensors.index.json``, or ``pytorch_model.bin``
-    (``torch.load(weights_only=True)``).
-    """
-    directory = Path(directory)
-    config = read_json(directory / "config.json")
-    single = directory / "model.safetensors"
-    index = directory / "model.safetensors.index.json"
-    if single.is_file():
-        return config, dict(load_safetensors(single))
-    if index.is_file():
-        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
-        state: dict[str, Tensor] = {}
-        for shard in shards:
-            if Path(shard).name != shard:
-                raise CheckpointError(f"{index}: shard name {shard!r} must be a plain file name.")
-            state.update(load_safetensors(directory / shard))
-        return config, state
-    binary = directory / "pytorch_model.bin"
-    if binary.is_file():
-        state = load_torch_checkpoint(binary)
-        if not isinstance(state, dict):
-            raise CheckpointError(f"{binary}: expected a state dict, found {type(state).__name__}.")
-        return config, state
-    raise CheckpointError(f"{directory}: no model.safetensors or pytorch_model.bin next to config.json.")
-
-
 def _meta_expected(config: Any) -> dict[str, TensorInfo]:
     """Expected tensor shapes of an SSLEncoder built on the meta device (allocates nothing)."""
     with torch.device("meta"):
@@ -133,12 +102,8 @@ def _read_ssl(directory: Path, hf_config: dict) -> nn.Module:
     """HF WavLM / HuBERT / wav2vec2 directory -> SSLEncoder (or CTCModel for ``*ForCTC``), shapes checked from
     the safetensors header before any tensor data is read."""
     source = str(directory / "config.json")
-    normalize = None
-    preprocessor = directory / "preprocessor_config.json"
-    if preprocessor.is_file():
-        normalize = bool(read_json(preprocessor).get("do_normalize", False))
     try:
-        config = hf_ssl.config_from_hf(hf_config, normalize_waveform=normalize)
+        config = hf_ssl.config_from_hf(hf_config, normalize_waveform=read_do_normalize(directory))
         check_config_limits(config_to_dict(config), source=source)
         single = directory / "model.safetensors"
         if single.is_file():  # shapes from the header first: refuse mismatches before reading any tensor data

@@ -8,7 +8,7 @@ The names are those of transformers' ``modeling_wavlm.py`` / ``modeling_hubert.p
   HF files spell either ``weight_g``/``weight_v`` (hub files, old torch) or
   ``parametrizations.weight.original0``/``original1`` (new torch); both are read, ``g`` must have shape (1, 1, K)
   (weight norm over ``dim=2``).
-- :func:`load_hf_directory`: a ``save_pretrained`` directory (``model.safetensors`` or ``pytorch_model.bin``) ->
+- :func:`load_hf_directory`: a ``save_pretrained`` directory (read by :mod:`speechlab.checkpoints.hf_files`) ->
   :class:`SSLEncoder`. :func:`export_hf_wavlm`: ours -> a directory ``transformers.WavLMModel.from_pretrained`` loads
   with identical outputs.
 
@@ -22,9 +22,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
+from speechlab.checkpoints.hf_files import read_do_normalize, read_hf_directory
 from speechlab.checkpoints.ssl_keys import (
     HF,
     OURS,
@@ -157,34 +157,15 @@ def state_dict_to_hf(
     )
 
 
-def _read_hf_weights(directory: Path) -> dict[str, Tensor]:
-    safetensors_file = directory / "model.safetensors"
-    if safetensors_file.exists():
-        from safetensors.torch import load_file
-
-        return load_file(str(safetensors_file))
-    bin_file = directory / "pytorch_model.bin"
-    if bin_file.exists():
-        return torch.load(bin_file, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(
-        f"{directory}: no model.safetensors or pytorch_model.bin (sharded files are not supported)"
-    )
-
-
 def load_hf_directory(directory: str | Path) -> SSLEncoder:
     """A Hugging Face ``save_pretrained`` directory of a WavLM / HuBERT / wav2vec2 model -> :class:`SSLEncoder`."""
     directory = Path(directory)
-    config_file = directory / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{config_file} not found: not a Hugging Face model directory")
-    hf_config = json.loads(config_file.read_text())
-    normalize = None
-    preprocessor = directory / "preprocessor_config.json"
-    if preprocessor.exists():
-        normalize = bool(json.loads(preprocessor.read_text()).get("do_normalize", False))
-    config = config_from_hf(hf_config, normalize_waveform=normalize)
+    if not (directory / "config.json").exists():
+        raise FileNotFoundError(f"{directory / 'config.json'} not found: not a Hugging Face model directory")
+    hf_config, hf_state = read_hf_directory(directory)
+    config = config_from_hf(hf_config, normalize_waveform=read_do_normalize(directory))
     model = SSLEncoder(config)
-    weights = state_dict_from_hf(_read_hf_weights(directory), config)
+    weights = state_dict_from_hf(hf_state, config)
     if "mask_emb" not in weights:  # HF drops masked_spec_embed when mask_time_prob = mask_feature_prob = 0
         weights["mask_emb"] = model.mask_emb.detach().clone()
     model.load_state_dict(weights, strict=True)

@@ -19,12 +19,11 @@ from typing import Any
 
 from torch import Tensor
 
+from speechlab.checkpoints import hf_files
 from speechlab.checkpoints.hf_ssl import config_from_hf as ssl_config_from_hf
 from speechlab.checkpoints.hf_ssl import state_dict_from_hf as ssl_state_dict_from_hf
 from speechlab.checkpoints.safe_load import (
     CheckpointError,
-    load_safetensors,
-    load_torch_checkpoint,
     read_json,
 )
 from speechlab.models.unispeech import UniSpeech, UniSpeechConfig
@@ -114,13 +113,7 @@ def read_hf_directory(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]
             f"{path / 'config.json'}: model_type={config.get('model_type')!r}, expected 'unispeech'. "
             "For WavLM / wav2vec 2.0 directories use their own importers."
         )
-    if (path / "model.safetensors").is_file():
-        state = load_safetensors(path / "model.safetensors")
-    elif (path / "pytorch_model.bin").is_file():
-        state = load_torch_checkpoint(path / "pytorch_model.bin")
-    else:
-        raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin found next to config.json")
-    return config, dict(state)
+    return hf_files.read_hf_directory(path)
 
 
 def load_hf_unispeech(path: str | os.PathLike, *, require_heads: bool = False) -> UniSpeech:
