@@ -1,4 +1,8 @@
-"""``speechlab check-manifest``: validate manifests the way training reads them (:mod:`speechlab.data.manifest`)."""
+"""``speechlab check-manifest``: validate manifests the way training reads them (:mod:`speechlab.data.manifest`).
+
+Validate JSON Lines manifests the way training reads them, report every bad line (counted per reason) and exit
+with status 1 if any was found.
+"""
 
 from __future__ import annotations
 
@@ -22,13 +26,7 @@ from speechlab.data.text import load_tokenizer
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``speechlab check-manifest``: validate manifests before a run (and optionally write clean copies)."""
-    parser = common.add_command(
-        subparsers,
-        "check-manifest",
-        run,
-        description="Validate JSON Lines manifests the way training reads them, report every bad line "
-        "(counted per reason) and exit with status 1 if any was found.",
-    )
+    parser = common.add_command(subparsers, "check-manifest", run, doc=__doc__)
     parser.add_argument("manifests", nargs="+", help="manifest.jsonl files to check")
     parser.add_argument(
         "--require",

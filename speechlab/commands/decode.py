@@ -1,4 +1,8 @@
-"""``speechlab decode``: codec token files (from ``speechlab encode``) -> wav files, with the codec that made them."""
+"""``speechlab decode``: codec token files (from ``speechlab encode``) -> wav files, with the codec that made them.
+
+Decode token files back to audio with the codec that made them (the header's codebook hash, sample rate and frame
+rate are checked against the model).
+"""
 
 from __future__ import annotations
 
@@ -17,13 +21,7 @@ from speechlab.data.manifest import output_names
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``speechlab decode``."""
-    dec = common.add_command(
-        subparsers,
-        "decode",
-        run,
-        description="Decode token files back to audio with the codec that made them (the header's codebook hash, "
-        "sample rate and frame rate are checked against the model).",
-    )
+    dec = common.add_command(subparsers, "decode", run, doc=__doc__)
     common.add_input_choice(
         dec,
         manifest_help="manifest written by 'speechlab encode' (its 'tokens' field)",

@@ -1,5 +1,7 @@
 """``speechlab encode``: audio (a manifest or a folder) -> codec token files + a manifest.
 
+Encode every utterance of a manifest or folder into <id>.tokens.safetensors files (codes (n_q, frames) + a header
+naming the codec), and write <output-dir>/manifest.jsonl with a 'tokens' field.
 The token file format is :mod:`speechlab.checkpoints.codec_tokens`; ``speechlab decode`` reads it back.
 """
 
@@ -20,13 +22,7 @@ from speechlab.data.manifest import load_item_audio, output_names, read_manifest
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``speechlab encode``."""
-    enc = common.add_command(
-        subparsers,
-        "encode",
-        run,
-        description="Encode every utterance of a manifest or folder into <id>.tokens.safetensors files (codes "
-        "(n_q, frames) + a header naming the codec), and write <output-dir>/manifest.jsonl with a 'tokens' field.",
-    )
+    enc = common.add_command(subparsers, "encode", run, doc=__doc__)
     common.add_input_choice(
         enc,
         manifest_help="JSON Lines manifest of the audio to encode",
