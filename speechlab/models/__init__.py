@@ -1,1 +1,2 @@
-"""Model architectures (nn.Modules with a config dataclass and named presets)."""
+"""Model architectures (nn.Modules with a config dataclass); named presets of every family are registered with
+``@preset(family)`` and looked up by :func:`speechlab.models.registry.build_config`."""
