@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from speechlab.checkpoints.pretrained_dir import is_pretrained_dir, load_pretrained_codec
+from speechlab.checkpoints.pretrained_dir import is_pretrained_dir
 from speechlab.models.codec import Codec
+from speechlab.nn.masks import valid_mask
 
 SUPPORTED = ("encodec", "dac")
 
@@ -27,12 +28,12 @@ SUPPORTED = ("encodec", "dac")
 def load_codec(source: str | Path, device: str = "cpu") -> Codec | HFCodec:
     """A speechlab codec directory or a transformers EnCodec/DAC directory -> an object with encode/decode."""
     if is_pretrained_dir(source):
-        return load_pretrained_codec(source, device=device)
+        return Codec.from_pretrained(source, device=device)
     if is_hf_codec_dir(source):
         return HFCodec.from_pretrained(source, device=device)
     raise FileNotFoundError(
         f"{source}: not a codec directory; expected a speechlab codec (config.json with family 'codec', from "
-        "CodecTask.export_pretrained / save_pretrained(codec, family='codec')) or a transformers EnCodec/DAC directory"
+        "CodecTask.export_pretrained / Codec.save_pretrained) or a transformers EnCodec/DAC directory"
     )
 
 
@@ -152,7 +153,7 @@ class HFCodec(nn.Module):
         hook = self.model.encoder.register_forward_hook(lambda module, args, out: latents.append(out))
         try:
             if self.kind == "encodec":
-                mask = (torch.arange(audio.shape[1], device=audio.device)[None] < lengths[:, None])[:, None]
+                mask = valid_mask(lengths, audio.shape[1])[:, None]
                 out = self.model.encode(inputs, padding_mask=mask, bandwidth=self._bandwidth(n_q))
                 codes = out.audio_codes[0]
             else:
@@ -185,11 +186,7 @@ class HFCodec(nn.Module):
         else:
             audio = self.model.decode(audio_codes=codes).audio_values
         if frame_lengths is not None:
-            valid = (
-                torch.arange(audio.shape[-1], device=audio.device)[None]
-                < (frame_lengths * self.hop_length)[:, None]
-            )
-            audio = audio * valid
+            audio = audio * valid_mask(frame_lengths * self.hop_length, audio.shape[-1])
         return audio
 
     def bitrate(self, n_q: int | None = None) -> float:

@@ -1,4 +1,6 @@
-"""Multi-head self-attention with WavLM's optional gated relative position bias (WavLM, Chen et al. 2022, §III-A).
+"""Multi-head self-attention, the one of the package: the SSL encoder's (WavLM's optional gated relative position
+bias, WavLM, Chen et al. 2022, §III-A) and the codec's latent Transformer's (RoPE, a causal sliding-window mask, a
+streaming key/value cache), one module with the position scheme and the projection layout as options.
 
 The gate follows the released code (what the checkpoints expect), not the paper (docs/pitfalls.md, 5): for head h
 and query frame i,
@@ -8,7 +10,7 @@ and query frame i,
     gate = a * (b * gate_const[h] - 1) + 2    # in (1, 2) when gate_const = 1 (its init)
     logits[b, h, i, j] = q_i . k_j / sqrt(head_dim) + gate[b, h, i] * position_bias[h, i, j]   (-inf at padded keys)
 
-The ungated position bias is built once from the layer-0 table and shared by every layer. Two backends:
+The ungated position bias is built once from the layer-0 table and shared by every layer. Two backends for it:
 
 - ``"sdpa"``: :func:`torch.nn.functional.scaled_dot_product_attention` with the gated bias as an additive float mask in
   the query's dtype (no hand-written softmax, no copy of the bias per batch element before gating); ``position_bias``
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speechlab.nn import fused
+from speechlab.nn.position import rotary_embedding
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
 
@@ -134,15 +137,34 @@ def _run_gated_flex_attention(q, k, v, gate, distance_bias, padding_mask) -> Ten
 
 
 class MultiHeadSelfAttention(nn.Module):
-    """Self-attention with separate q/k/v projections (HF-compatible weights); in inference they run as one GEMM
-    (:func:`speechlab.nn.fused.qkv_heads`) when fused kernels are on.
+    """Multi-head self-attention: the one attention of the package (the SSL encoder's and the codec's).
 
     Args:
         dim: model width D. num_heads: H (head_dim = D / H). dropout: attention-probability dropout.
-        gated_relative_bias: add WavLM's gate parameters (``gate_proj`` Linear(head_dim, 8), ``gate_const`` (1,H,1,1)).
+        gated_relative_bias: add WavLM's gate parameters (``gate_proj`` Linear(head_dim, 8), ``gate_const`` (1,H,1,1))
+            and gate the ``position_bias`` given to :meth:`forward`.
+        rotary: rotate q and k by their frame positions (RoPE, :func:`speechlab.nn.position.rotary_embedding`).
+        bias: biases in the q/k/v and output projections.
+        packed_qkv: one ``qkv_proj`` Linear(D, 3D) (rows q, k, v) instead of ``q_proj`` / ``k_proj`` / ``v_proj``
+            (the separate ones are the HF-compatible SSL layout; in inference they run as one GEMM,
+            :func:`speechlab.nn.fused.qkv_heads`, when fused kernels are on).
+        init_std: normal init of the projection weights (biases 0), as wav2vec 2.0 / BERT; None keeps PyTorch's.
+
+    ``stream_key`` names this layer's keys and values in a streaming cache (see :meth:`forward`).
     """
 
-    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0, gated_relative_bias: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        gated_relative_bias: bool = False,
+        *,
+        rotary: bool = False,
+        bias: bool = True,
+        packed_qkv: bool = False,
+        init_std: float | None = 0.02,
+    ):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"hidden_size ({dim}) must be divisible by num_heads ({num_heads})")
@@ -150,13 +172,23 @@ class MultiHeadSelfAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.dropout = dropout
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
-        for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
-            nn.init.normal_(proj.weight, std=0.02)
-            nn.init.zeros_(proj.bias)
+        self.rotary = rotary
+        self.packed_qkv = packed_qkv
+        self.stream_key = ""
+        if packed_qkv:
+            self.qkv_proj = nn.Linear(dim, 3 * dim, bias=bias)
+            projections = [self.qkv_proj]
+        else:
+            self.q_proj = nn.Linear(dim, dim, bias=bias)
+            self.k_proj = nn.Linear(dim, dim, bias=bias)
+            self.v_proj = nn.Linear(dim, dim, bias=bias)
+            projections = [self.q_proj, self.k_proj, self.v_proj]
+        self.out_proj = nn.Linear(dim, dim, bias=bias)
+        if init_std is not None:
+            for proj in (*projections, self.out_proj):
+                nn.init.normal_(proj.weight, std=init_std)
+                if proj.bias is not None:
+                    nn.init.zeros_(proj.bias)
         self.gated_relative_bias = gated_relative_bias
         if gated_relative_bias:
             self.gate_proj = nn.Linear(self.head_dim, 8)
@@ -175,43 +207,93 @@ class MultiHeadSelfAttention(nn.Module):
             gate = a * (b * self.gate_const.view(1, self.num_heads, 1) - 1.0) + 2.0
         return gate.unsqueeze(-1)
 
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x: (batch, T, D) -> q, k, v, each (batch, heads, T, head_dim)."""
+        batch, length, _ = x.shape
+        if self.packed_qkv:
+            qkv = self.qkv_proj(x).view(batch, length, 3, self.num_heads, self.head_dim)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            return q, k, v
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if fused.for_inference(self.q_proj.weight):
+            return fused.qkv_heads(x, *projections, self.num_heads)  # one GEMM
+        q, k, v = (
+            proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2) for proj in projections
+        )
+        return q, k, v
+
     def forward(
         self,
         x: Tensor,
         padding_mask: Tensor | None = None,
         position_bias: Tensor | None = None,
         backend: str = "sdpa",
+        *,
+        attn_mask: Tensor | None = None,
+        positions: Tensor | None = None,
+        cache: dict[str, Tensor] | None = None,
     ) -> Tensor:
-        """x: (batch, T, D); padding_mask: (batch, T) bool, True at padded frames; position_bias: ungated, only used
-        when ``gated_relative_bias``: (heads, T, T) for ``backend="sdpa"``, the per-distance (heads, 2T - 1) table
-        for ``"flex"`` (see the module docstring). Returns (batch, T, D)."""
-        batch, length, _ = x.shape
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        if fused.for_inference(self.q_proj.weight):
-            q, k, v = fused.qkv_heads(x, *projections, self.num_heads)  # one GEMM
-        else:
-            q, k, v = (
-                proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-                for proj in projections
-            )  # (B, H, T, hd) each
+        """x: (batch, T, D) -> (batch, T, D).
 
-        dropout = self.dropout if self.training else 0.0
+        padding_mask: (batch, T_keys) bool, True at padded keys. position_bias: ungated, only used when
+        ``gated_relative_bias``: (heads, T, T) for ``backend="sdpa"``, the per-distance (heads, 2T - 1) table for
+        ``"flex"`` (see the module docstring). attn_mask (SDPA only): bool broadcastable to (batch, heads, T, T_keys),
+        True where a query may attend. positions: (T,) frame indices for RoPE (default ``arange(T)``). cache: a
+        streaming state dict; the keys and values of earlier chunks (``cache[stream_key + ".k" / ".v"]``) are
+        prepended to this chunk's, and all of them are stored back (the caller trims them to its window).
+        """
+        batch, length, _ = x.shape
+        q, k, v = self.project(x)  # (B, H, T, hd) each
+        if self.rotary:
+            positions = torch.arange(length, device=x.device) if positions is None else positions
+            q, k = rotary_embedding(q, positions), rotary_embedding(k, positions)
+        if cache is not None:
+            k, v = _extend_kv_cache(cache, self.stream_key, k, v)
+
         if backend == "flex" and self.gated_relative_bias and position_bias is not None:
+            if attn_mask is not None:
+                raise ValueError(
+                    "attn_mask needs attention backend 'sdpa' (FlexAttention here masks padding only)"
+                )
             gate = self.gate(x).squeeze(-1)  # (B, H, T) fp32
             out = _run_gated_flex_attention(q, k, v, gate, position_bias.float(), padding_mask)
-            return self.out_proj(out.transpose(1, 2).reshape(batch, length, self.dim))
-
-        mask: Tensor | None = None
-        if self.gated_relative_bias and position_bias is not None:
-            gate = self.gate(x).to(q.dtype)
-            mask = gate * position_bias.to(q.dtype).unsqueeze(0)  # (B, H, T, T): one tensor, no batch repeat
-            if padding_mask is not None:
-                mask = mask.masked_fill(padding_mask[:, None, None, :], float("-inf"))
-        elif padding_mask is not None:
-            mask = ~padding_mask[:, None, None, :]  # bool, True = attend
-
-        if dropout > 0.0 and q.device.type == "cpu":
-            out = eager_attention(q, k, v, mask, dropout)  # SDPA would take its slower math path here
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+            mask = self._sdpa_mask(x, q.dtype, padding_mask, position_bias, attn_mask)
+            dropout = self.dropout if self.training else 0.0
+            if dropout > 0.0 and q.device.type == "cpu":
+                out = eager_attention(q, k, v, mask, dropout)  # SDPA would take its slower math path here
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, self.dim))
+
+    def _sdpa_mask(
+        self,
+        x: Tensor,
+        dtype: torch.dtype,
+        padding_mask: Tensor | None,
+        position_bias: Tensor | None,
+        attn_mask: Tensor | None,
+    ) -> Tensor | None:
+        """The mask SDPA takes: the gated bias as an additive float (batch, heads, T, T_keys) mask, -inf where no
+        attention goes; without a bias a bool one, True = attend; None when everything attends everything."""
+        if not (self.gated_relative_bias and position_bias is not None):
+            if padding_mask is None:
+                return attn_mask
+            keys = ~padding_mask[:, None, None, :]
+            return keys if attn_mask is None else keys & attn_mask
+        # (B, H, T, T): one tensor, no copy of the bias per batch element before gating
+        mask = self.gate(x).to(dtype) * position_bias.to(dtype).unsqueeze(0)
+        if padding_mask is not None:
+            mask = mask.masked_fill(padding_mask[:, None, None, :], float("-inf"))
+        if attn_mask is not None:
+            mask = mask.masked_fill(~attn_mask, float("-inf"))
+        return mask
+
+
+def _extend_kv_cache(cache: dict[str, Tensor], key: str, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Keys and values (batch, heads, T, head_dim) with the cached ones of earlier chunks prepended; stores them."""
+    past_k, past_v = cache.get(key + ".k"), cache.get(key + ".v")
+    if past_k is not None:
+        k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+    cache[key + ".k"], cache[key + ".v"] = k, v
+    return k, v

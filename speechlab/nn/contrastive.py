@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from speechlab.nn.masks import padding_mask
+
 
 def sample_negatives(
     frame_mask: Tensor, lengths: Tensor, num_negatives: int, *, generator: torch.Generator | None = None
@@ -29,7 +31,7 @@ def sample_negatives(
     """
     batch, frames = frame_mask.shape
     lengths = lengths.to(frame_mask.device)
-    if bool((frame_mask & (torch.arange(frames, device=frame_mask.device) >= lengths[:, None])).any()):
+    if bool((frame_mask & padding_mask(lengths, frames)).any()):
         raise ValueError(
             "sample_negatives: frame_mask marks padded frames (t >= lengths[b]); mask only real frames."
         )

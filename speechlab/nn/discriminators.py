@@ -11,10 +11,35 @@ feature maps (for feature matching).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
+
+
+def _leaky_conv_stack(
+    x: Tensor, convs: nn.ModuleList, post: nn.Module, slope: float
+) -> tuple[Tensor, list[Tensor]]:
+    """``post(x)`` after every conv + leaky ReLU of ``convs``, and each of those activations (the feature maps)."""
+    features = []
+    for conv in convs:
+        x = F.leaky_relu(conv(x), slope)
+        features.append(x)
+    return post(x), features
+
+
+class DiscriminatorBank(nn.Module):
+    """Sub-discriminators behind one call: ``audio: (B, S)`` -> (each one's logits, each one's feature-map list)."""
+
+    def __init__(self, discriminators: Iterable[nn.Module]) -> None:
+        super().__init__()
+        self.discriminators = nn.ModuleList(discriminators)
+
+    def forward(self, audio: Tensor) -> tuple[list[Tensor], list[list[Tensor]]]:
+        outs = [d(audio) for d in self.discriminators]
+        return [o[0] for o in outs], [o[1] for o in outs]
 
 
 class STFTDiscriminator(nn.Module):
@@ -45,21 +70,12 @@ class STFTDiscriminator(nn.Module):
         with torch.autocast(device_type=audio.device.type, enabled=False):
             spec = torch.stft(audio.float(), self.n_fft, self.hop, window=self.window, return_complex=True)
         x = torch.view_as_real(spec).permute(0, 3, 2, 1)  # (B, 2, frames, freq)
-        features = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), self.slope)
-            features.append(x)
-        return self.post(x), features
+        return _leaky_conv_stack(x, self.convs, self.post, self.slope)
 
 
-class MultiScaleSTFTDiscriminator(nn.Module):
+class MultiScaleSTFTDiscriminator(DiscriminatorBank):
     def __init__(self, n_ffts: tuple[int, ...] = (2048, 1024, 512, 256, 128), filters: int = 32) -> None:
-        super().__init__()
-        self.discriminators = nn.ModuleList(STFTDiscriminator(n, filters) for n in n_ffts)
-
-    def forward(self, audio: Tensor) -> tuple[list[Tensor], list[list[Tensor]]]:
-        outs = [d(audio) for d in self.discriminators]
-        return [o[0] for o in outs], [o[1] for o in outs]
+        super().__init__(STFTDiscriminator(n, filters) for n in n_ffts)
 
 
 class PeriodDiscriminator(nn.Module):
@@ -92,25 +108,16 @@ class PeriodDiscriminator(nn.Module):
         if pad:
             audio = F.pad(audio, (0, pad), mode="reflect" if pad < s else "constant")
         x = audio.view(b, 1, -1, self.period)
-        features = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), self.slope)
-            features.append(x)
-        return self.post(x), features
+        return _leaky_conv_stack(x, self.convs, self.post, self.slope)
 
 
-class MultiPeriodDiscriminator(nn.Module):
+class MultiPeriodDiscriminator(DiscriminatorBank):
     def __init__(
         self,
         periods: tuple[int, ...] = (2, 3, 5, 7, 11),
         channels: tuple[int, ...] = (32, 128, 512, 1024, 1024),
     ) -> None:
-        super().__init__()
-        self.discriminators = nn.ModuleList(PeriodDiscriminator(p, channels) for p in periods)
-
-    def forward(self, audio: Tensor) -> tuple[list[Tensor], list[list[Tensor]]]:
-        outs = [d(audio) for d in self.discriminators]
-        return [o[0] for o in outs], [o[1] for o in outs]
+        super().__init__(PeriodDiscriminator(p, channels) for p in periods)
 
 
 class CombinedDiscriminator(nn.Module):

@@ -1,8 +1,9 @@
 """Fused and recomputing kernels: the speed and memory tricks, apart from the reference blocks.
 
 The blocks in :mod:`speechlab.nn.feature_encoder`, :mod:`speechlab.nn.transformer` and :mod:`speechlab.nn.attention`
-define the maths in plain PyTorch; where this module has a faster form of the same computation they call it when
-:func:`enabled` (the one switch, on by default) says so. Each function here equals its plain block in values and
+(the last two shared by the SSL encoder and the codec's latent Transformer) define the maths in plain PyTorch; where
+this module has a faster form of the same computation they call it when :func:`enabled` (the one switch, on by
+default) says so. Each function here equals its plain block in values and
 gradients (``tests/test_fused.py``: fp32 and bf16 autocast); switching off changes speed and memory, not results
 beyond float rounding.
 
@@ -225,7 +226,7 @@ def qkv_heads(
     """x: (batch, T, D) -> q, k, v, each (batch, heads, T, D / heads), from one GEMM on the concatenated weights."""
     batch, length, dim = x.shape
     weight = torch.cat([q_proj.weight, k_proj.weight, v_proj.weight])
-    bias = torch.cat([q_proj.bias, k_proj.bias, v_proj.bias])
+    bias = None if q_proj.bias is None else torch.cat([q_proj.bias, k_proj.bias, v_proj.bias])
     qkv = F.linear(x, weight, bias).view(batch, length, 3, num_heads, dim // num_heads)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     return q, k, v

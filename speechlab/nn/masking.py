@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from speechlab.nn.masks import valid_mask
+from speechlab.nn.masks import padding_mask, valid_mask
 
 
 def _random_ranks(scores: Tensor) -> Tensor:
@@ -79,9 +79,8 @@ def span_mask(
     num_spans = torch.minimum(num_spans, num_starts)
     num_spans = torch.where(lengths > 0, num_spans, torch.zeros_like(num_spans))
 
-    positions = torch.arange(width, device=device)
     scores = torch.rand(batch, width, generator=generator, device=device)
-    scores = scores.masked_fill(positions >= num_starts[:, None], 2.0)  # invalid starts rank last
+    scores = scores.masked_fill(padding_mask(num_starts, width), 2.0)  # invalid starts rank last
     starts = _random_ranks(scores) < num_spans[:, None]
 
     # frame t is masked iff a span starts in (t - mask_length, t]: a windowed count via cumulative sums.

@@ -1,6 +1,6 @@
-"""Position information for the SSL Transformer: wav2vec 2.0's convolutional relative positional embedding
+"""Position information for the Transformers: wav2vec 2.0's convolutional relative positional embedding
 (Baevski et al. 2020, §2 and §4.2) and WavLM's relative position bias (Chen et al. 2022, §III-A), bucketed like
-T5's (Raffel et al. 2020, §2.1).
+T5's (Raffel et al. 2020, §2.1), for the SSL encoder; rotary embeddings (RoPE, Su et al. 2021) for the codec's.
 
 - :class:`ConvPositionalEmbedding`: grouped Conv1d (kernel 128, 16 groups) with weight norm over ``dim=2`` (one
   magnitude per kernel tap, ``g`` of shape (1, 1, K)), "same" padding that drops the last frame for even kernels,
@@ -8,6 +8,8 @@ T5's (Raffel et al. 2020, §2.1).
 - :func:`relative_position_buckets` and :class:`RelativePositionBias`: WavLM's bidirectional T5-style log buckets
   (320 buckets, max distance 800 in every released checkpoint: docs/pitfalls.md, 7) and the (heads, T, T) bias built
   from the layer-0 table.
+- :func:`rotary_embedding`: RoPE on queries / keys by absolute frame index (the rotate-half layout of GPT-NeoX and
+  Mimi), so attention scores depend only on the distance between frames and a stream can continue at any offset.
 
 bf16 on CPU: oneDNN in torch 2.11 returns wrong values for bf16 grouped conv1d with few channels per group on
 CPUs with native bf16 (AVX512-BF16 / AMX): relative error > 1 for 4-12 channels per group and kernel 16 or 128,
@@ -42,6 +44,20 @@ def relative_position_buckets(
     log_ratio = torch.log(distance.clamp(min=1).float() / max_exact) / math.log(max_distance / max_exact)
     large = (max_exact + log_ratio * (half - max_exact)).long().clamp(max=half - 1)
     return offset + torch.where(distance < max_exact, distance, large)
+
+
+def rotary_embedding(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
+    """RoPE: x: (batch, heads, T, head_dim), positions: (T,) absolute frame indices -> same shape as x.
+
+    The first and second halves of the head channels are the two coordinates of ``head_dim // 2`` planes, rotated
+    by ``position * base ** (-i / (head_dim // 2))``; an odd last channel is left as it is.
+    """
+    half = x.shape[-1] // 2
+    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half : 2 * half]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, x[..., 2 * half :]], dim=-1)
 
 
 class RelativePositionBias(nn.Module):

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from speechlab.host_sync import host_reads_are_free
 from speechlab.nn.kmeans import lloyd_kmeans
+from speechlab.nn.masks import valid_mask
 
 
 def _distributed() -> bool:
@@ -274,13 +275,13 @@ class ResidualVectorQuantizer(nn.Module):
         frames = x.transpose(1, 2).reshape(b * t, d)
         valid = torch.ones(b, t, dtype=torch.bool, device=device)
         if frame_lengths is not None:
-            valid = torch.arange(t, device=device)[None] < frame_lengths[:, None]
+            valid = valid_mask(frame_lengths, t)
         budget = torch.full((b,), n_q, device=device)
         if self.training and self.quantizer_dropout > 0:
             num_drop = int(b * self.quantizer_dropout)
             if num_drop:
                 budget[:num_drop] = torch.randint(1, n_q + 1, (num_drop,), device=device)
-        level_mask = torch.arange(n_q, device=device)[None] < budget[:, None]  # (B, n_q)
+        level_mask = valid_mask(budget, n_q)  # (B, n_q): the first budget[b] levels
 
         residual = frames
         total = torch.zeros_like(frames)

@@ -1,4 +1,4 @@
-"""SEANet-style convolutional encoder/decoder (SoundStream / EnCodec lineage) and a small latent Transformer.
+"""SEANet-style convolutional encoder/decoder (SoundStream / EnCodec lineage) and the codec's latent Transformer.
 
 Every convolution pads explicitly, either causally (all padding on the left, EnCodec's streaming layout) or
 symmetrically, always with zeros. Zero padding plus masking the padded tail after every block makes a padded batch
@@ -21,17 +21,15 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
-
-def lengths_to_mask(lengths: Tensor, max_len: int) -> Tensor:
-    """``lengths: (B,)`` -> ``(B, max_len)`` bool, True at valid positions."""
-    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+from speechlab.nn.masks import valid_mask
+from speechlab.nn.transformer import TransformerLayer
 
 
 def _mask_tail(x: Tensor, lengths: Tensor | None) -> Tensor:
     """Zero ``x: (B, C, T)`` beyond each item's length (no-op without lengths)."""
     if lengths is None:
         return x
-    return x * lengths_to_mask(lengths, x.shape[-1])[:, None, :].to(x.dtype)
+    return x * valid_mask(lengths, x.shape[-1])[:, None, :].to(x.dtype)
 
 
 def fold_weight_norm(module: nn.Module) -> nn.Module:
@@ -255,57 +253,56 @@ class SEANetDecoder(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Small Transformer at the latent frame rate (Mimi-style), with RoPE, padding mask and a streaming KV cache.
+# Small Transformer at the latent frame rate (Mimi-style): the shared TransformerLayer with RoPE, layer scale, a
+# sliding-window causal mask and a streaming KV cache.
+
+# The codec layers' tensor names on disk (pretrained directories, Lightning checkpoints), written before the codec
+# used the shared TransformerLayer, by the shared layer's names: state_dict() writes the saved names and
+# load_state_dict() reads either, so every codec file written before or after loads as it is.
+_SAVED_LAYER_NAMES = (
+    ("attention_norm.", "norm1."),
+    ("attention.qkv_proj.", "qkv."),
+    ("attention.out_proj.", "out."),
+    ("ffn_norm.", "norm2."),
+    ("feed_forward.fc1.", "mlp.0."),
+    ("feed_forward.fc2.", "mlp.2."),
+    ("attention_scale", "scale1"),
+    ("ffn_scale", "scale2"),
+)
 
 
-def _rope(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
-    """Rotary embedding. ``x: (B, H, T, Dh)``, ``positions: (T,)`` absolute frame indices."""
-    half = x.shape[-1] // 2
-    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    x1, x2 = x[..., :half], x[..., half : 2 * half]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, x[..., 2 * half :]], dim=-1)
+def _renamed_layer_key(key: str, prefix: str, pairs: tuple[tuple[str, str], ...]) -> str:
+    """``prefix + "layers.<i>." + name`` with name's leading part renamed by the first matching (from, to) pair."""
+    if not key.startswith(prefix + "layers."):
+        return key
+    layer, _, name = key[len(prefix) + len("layers.") :].partition(".")
+    for old, new in pairs:
+        if name == old or (old.endswith(".") and name.startswith(old)):
+            return f"{prefix}layers.{layer}.{new}{name[len(old) :]}"
+    return key
 
 
-class TransformerLayer(nn.Module):
-    """Pre-LN self-attention + GELU MLP with layer scale (init 0.01, as Mimi)."""
+def _rename_in_place(state: dict[str, Tensor], prefix: str, pairs: tuple[tuple[str, str], ...]) -> None:
+    items = [(_renamed_layer_key(key, prefix, pairs), value) for key, value in state.items()]
+    state.clear()
+    state.update(items)  # same order as before
 
-    def __init__(self, dim: int, num_heads: int, ffn_dim: int, layer_scale: float = 0.01) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"transformer dim {dim} must be divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.norm1 = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.out = nn.Linear(dim, dim, bias=False)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, dim))
-        self.scale1 = nn.Parameter(torch.full((dim,), layer_scale))
-        self.scale2 = nn.Parameter(torch.full((dim,), layer_scale))
-        self.stream_key = ""
 
-    def forward(
-        self, x: Tensor, positions: Tensor, attn_mask: Tensor | None, cache: dict[str, Tensor] | None = None
-    ) -> Tensor:
-        """``x: (B, T, D)``; ``attn_mask``: bool (B or 1, 1, T, T_keys), True = may attend."""
-        b, t, d = x.shape
-        q, k, v = (
-            self.qkv(self.norm1(x)).view(b, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        )
-        q, k = _rope(q, positions), _rope(k, positions)
-        if cache is not None:
-            past_k, past_v = cache.get(self.stream_key + ".k"), cache.get(self.stream_key + ".v")
-            if past_k is not None:
-                k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-            cache[self.stream_key + ".k"], cache[self.stream_key + ".v"] = k, v
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        x = x + self.scale1 * self.out(attn.transpose(1, 2).reshape(b, t, d))
-        return x + self.scale2 * self.mlp(self.norm2(x))
+def _write_saved_names(
+    module: nn.Module, state: dict[str, Tensor], prefix: str, local_metadata: dict
+) -> None:
+    """State-dict post-hook: the shared layer's names -> the saved ones (module-level, so the model pickles)."""
+    _rename_in_place(state, prefix, _SAVED_LAYER_NAMES)
+
+
+def _read_saved_names(module: nn.Module, state: dict[str, Tensor], prefix: str, *args) -> None:
+    """Load-state-dict pre-hook: the saved names -> the shared layer's (names already in that form pass)."""
+    _rename_in_place(state, prefix, tuple((saved, name) for name, saved in _SAVED_LAYER_NAMES))
 
 
 class LatentTransformer(nn.Module):
-    """Residual Transformer on ``(B, D, T)`` latents.
+    """Residual Transformer on ``(B, D, T)`` latents: pre-LN :class:`~speechlab.nn.transformer.TransformerLayer` s
+    with RoPE, layer scale (init 0.01), bias-free attention projections and a GELU MLP, as Mimi.
 
     ``causal``: each frame attends to itself and the ``context - 1`` frames before it (a sliding window, so the
     streaming KV cache stays bounded); otherwise full bidirectional attention over the valid frames.
@@ -315,14 +312,37 @@ class LatentTransformer(nn.Module):
         self, dim: int, num_layers: int, num_heads: int, ffn_dim: int, causal: bool, context: int = 250
     ):
         super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"transformer dim {dim} must be divisible by num_heads {num_heads}")
         self.causal = causal
         self.context = context
-        self.layers = nn.ModuleList(TransformerLayer(dim, num_heads, ffn_dim) for _ in range(num_layers))
+        self.layers = nn.ModuleList(
+            TransformerLayer(
+                dim,
+                num_heads,
+                ffn_dim,
+                dropout=0.0,
+                attention_dropout=0.0,
+                layer_norm_first=True,
+                rotary=True,
+                layer_scale=0.01,
+                attention_bias=False,
+                packed_qkv=True,
+                init_std=None,
+            )
+            for _ in range(num_layers)
+        )
         for i, layer in enumerate(self.layers):
-            layer.stream_key = f"transformer.{i}"
+            layer.attention.stream_key = f"transformer.{i}"
+        self.register_state_dict_post_hook(_write_saved_names)
+        self.register_load_state_dict_pre_hook(_read_saved_names)
 
     def forward(self, x: Tensor, frame_lengths: Tensor | None = None, cache: dict | None = None) -> Tensor:
-        """``x: (B, D, T)`` -> ``(B, D, T)``; padded frames never influence valid ones."""
+        """``x: (B, D, T)`` -> ``(B, D, T)``; padded frames never influence valid ones.
+
+        ``cache``: streaming state (causal only), holding the frame offset and each layer's last ``context - 1``
+        keys and values.
+        """
         t = x.shape[-1]
         offset, past = 0, 0
         if cache is not None:
@@ -331,22 +351,21 @@ class LatentTransformer(nn.Module):
             offset = int(cache.get("transformer.offset", torch.zeros((), dtype=torch.long)))
             past = 0 if not self.layers else cache.get("transformer.0.k", x.new_zeros(1, 1, 0, 1)).shape[2]
         positions = torch.arange(offset, offset + t, device=x.device)
-        key_pos = torch.arange(offset - past, offset + t, device=x.device)
+        key_positions = torch.arange(offset - past, offset + t, device=x.device)
         mask = None
         if self.causal:
-            rel = positions[:, None] - key_pos[None, :]
-            mask = ((rel >= 0) & (rel < self.context))[None, None]  # (1, 1, T, T_keys)
+            distance = positions[:, None] - key_positions[None, :]
+            mask = ((distance >= 0) & (distance < self.context))[None, None]  # (1, 1, T, T_keys)
         if frame_lengths is not None:
-            key_valid = lengths_to_mask(frame_lengths, key_pos.shape[0])[:, None, None, :]
+            key_valid = valid_mask(frame_lengths, key_positions.shape[0])[:, None, None, :]
             mask = key_valid if mask is None else mask & key_valid
         h = x.transpose(1, 2)
         for layer in self.layers:
-            h = layer(h, positions, mask, cache)
+            h = layer(h, attn_mask=mask, positions=positions, cache=cache)
         if cache is not None:
             cache["transformer.offset"] = torch.tensor(offset + t)
             keep = self.context - 1
             for layer in self.layers:
-                for kv in (".k", ".v"):
-                    cached = cache[layer.stream_key + kv]
-                    cache[layer.stream_key + kv] = cached[:, :, max(cached.shape[2] - keep, 0) :]
+                for name in (layer.attention.stream_key + ".k", layer.attention.stream_key + ".v"):
+                    cache[name] = cache[name][:, :, max(cache[name].shape[2] - keep, 0) :]
         return _mask_tail(h.transpose(1, 2), frame_lengths)

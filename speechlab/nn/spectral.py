@@ -13,13 +13,15 @@ import torch
 import torchaudio
 from torch import Tensor, nn
 
+from speechlab.nn.masks import valid_mask
+
 
 def _frame_mask(lengths: Tensor | None, num_frames: int, hop: int) -> Tensor | None:
     """(B, 1, frames) float: 1 where the (centred) STFT frame's centre lies inside the signal."""
     if lengths is None:
         return None
-    centres = torch.arange(num_frames, device=lengths.device) * hop
-    return (centres[None] < lengths[:, None]).float()[:, None, :]
+    inside = torch.div(lengths + hop - 1, hop, rounding_mode="floor")  # centre t * hop < length iff t < this
+    return valid_mask(inside, num_frames).float()[:, None, :]
 
 
 def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
@@ -118,7 +120,7 @@ def si_sdr(pred: Tensor, target: Tensor, lengths: Tensor | None = None, eps: flo
     pred, target = pred.float(), target.float()
     mask = torch.ones_like(target)
     if lengths is not None:
-        mask = (torch.arange(target.shape[-1], device=target.device)[None] < lengths[:, None]).float()
+        mask = valid_mask(lengths, target.shape[-1]).float()
     count = mask.sum(-1, keepdim=True).clamp_min(1)
     pred = (pred - (pred * mask).sum(-1, keepdim=True) / count) * mask
     target = (target - (target * mask).sum(-1, keepdim=True) / count) * mask

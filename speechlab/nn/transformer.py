@@ -1,4 +1,9 @@
-"""Transformer encoder of the SSL backbone: conv positional embedding + post-LN or pre-LN layers.
+"""The Transformer of the package: one layer class (:class:`TransformerLayer`: post-LN or pre-LN, optional layer
+scale, the attention's position scheme, causal masks and streaming cache) and the SSL backbone's encoder built from
+it (:class:`TransformerEncoder`: conv positional embedding + layers, LayerDrop); the codec's latent Transformer is
+:class:`speechlab.nn.seanet.LatentTransformer`, built from the same layer.
+
+The SSL encoder:
 
 wav2vec 2.0 (Baevski et al. 2020) §2 ("Contextualized representations with Transformers"); the pre-LN layout of the
 Large models is fairseq's ``layer_norm_first`` (transformers' ``do_stable_layer_norm``).
@@ -28,15 +33,26 @@ from speechlab.nn.position import ConvPositionalEmbedding, RelativePositionBias
 
 
 class FeedForward(nn.Module):
-    """Linear(D, F) -> GELU -> Dropout(activation_dropout) -> Linear(F, D) -> Dropout(dropout)."""
+    """Linear(D, F) -> GELU -> Dropout(activation_dropout) -> Linear(F, D) -> Dropout(dropout).
 
-    def __init__(self, dim: int, ffn_size: int, dropout: float, activation_dropout: float):
+    ``init_std``: normal init of the weights (biases 0), as wav2vec 2.0 / BERT; None keeps PyTorch's (the codec's).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        ffn_size: int,
+        dropout: float,
+        activation_dropout: float,
+        init_std: float | None = 0.02,
+    ):
         super().__init__()
         self.fc1 = nn.Linear(dim, ffn_size)
         self.fc2 = nn.Linear(ffn_size, dim)
-        for linear in (self.fc1, self.fc2):
-            nn.init.normal_(linear.weight, std=0.02)
-            nn.init.zeros_(linear.bias)
+        if init_std is not None:
+            for linear in (self.fc1, self.fc2):
+                nn.init.normal_(linear.weight, std=init_std)
+                nn.init.zeros_(linear.bias)
         self.activation_dropout = nn.Dropout(activation_dropout)
         self.dropout = nn.Dropout(dropout)
 
@@ -49,8 +65,18 @@ class FeedForward(nn.Module):
         return self.dropout(self.fc2(self.activation_dropout(F.gelu(pre))))
 
 
-class TransformerEncoderLayer(nn.Module):
-    """One encoder layer. x: (batch, T, D) -> (batch, T, D)."""
+class TransformerLayer(nn.Module):
+    """One Transformer layer, the one of the package (the SSL encoder's and the codec's). x: (batch, T, D).
+
+    - post-LN (``layer_norm_first=False``): ``x = LN1(x + Drop(Attn(x)))``, ``x = LN2(x + FFN(x))``;
+    - pre-LN: ``x = x + s1 * Drop(Attn(LN1(x)))``, ``x = x + s2 * FFN(LN2(x))``, where ``s1``, ``s2`` are learned
+      per-channel layer scales (CaiT, Touvron et al. 2021) initialised to ``layer_scale``, or 1 (absent) when it
+      is None.
+
+    The position scheme is the attention's: ``gated_relative_bias`` (WavLM; the bias itself comes from the caller),
+    ``rotary`` (RoPE), or neither. ``attention_bias``, ``packed_qkv`` and ``init_std`` are passed to
+    :class:`~speechlab.nn.attention.MultiHeadSelfAttention` (``init_std`` to the feed-forward too).
+    """
 
     def __init__(
         self,
@@ -63,14 +89,37 @@ class TransformerEncoderLayer(nn.Module):
         layer_norm_first: bool = False,
         gated_relative_bias: bool = False,
         layer_norm_eps: float = 1e-5,
+        *,
+        rotary: bool = False,
+        layer_scale: float | None = None,
+        attention_bias: bool = True,
+        packed_qkv: bool = False,
+        init_std: float | None = 0.02,
     ):
         super().__init__()
+        if layer_scale is not None and not layer_norm_first:
+            raise ValueError(
+                "layer_scale scales the residual branches of a pre-LN layer: set layer_norm_first"
+            )
         self.layer_norm_first = layer_norm_first
-        self.attention = MultiHeadSelfAttention(dim, num_heads, attention_dropout, gated_relative_bias)
+        self.attention = MultiHeadSelfAttention(
+            dim,
+            num_heads,
+            attention_dropout,
+            gated_relative_bias,
+            rotary=rotary,
+            bias=attention_bias,
+            packed_qkv=packed_qkv,
+            init_std=init_std,
+        )
         self.attention_norm = nn.LayerNorm(dim, eps=layer_norm_eps)
         self.dropout = nn.Dropout(dropout)
-        self.feed_forward = FeedForward(dim, ffn_size, dropout, activation_dropout)
+        self.feed_forward = FeedForward(dim, ffn_size, dropout, activation_dropout, init_std)
         self.ffn_norm = nn.LayerNorm(dim, eps=layer_norm_eps)
+        self.attention_scale = self.ffn_scale = None
+        if layer_scale is not None:
+            self.attention_scale = nn.Parameter(torch.full((dim,), layer_scale))
+            self.ffn_scale = nn.Parameter(torch.full((dim,), layer_scale))
 
     def forward(
         self,
@@ -78,16 +127,31 @@ class TransformerEncoderLayer(nn.Module):
         padding_mask: Tensor | None = None,
         position_bias: Tensor | None = None,
         attention_backend: str = "sdpa",
+        *,
+        attn_mask: Tensor | None = None,
+        positions: Tensor | None = None,
+        cache: dict[str, Tensor] | None = None,
     ) -> Tensor:
-        if self.layer_norm_first:
-            # The WavLM gate reads the attention input, i.e. the LN1 output here (docs/pitfalls.md, 5).
-            attended = self.attention(self.attention_norm(x), padding_mask, position_bias, attention_backend)
-            x = x + self.dropout(attended)
-            return x + self.feed_forward(self.ffn_norm(x))
-        x = self.attention_norm(
-            x + self.dropout(self.attention(x, padding_mask, position_bias, attention_backend))
-        )
-        return self.ffn_norm(x + self.feed_forward(x))
+        """x: (batch, T, D) -> (batch, T, D); the other arguments go to the attention (its :meth:`forward`)."""
+
+        def attend(h: Tensor) -> Tensor:
+            return self.dropout(
+                self.attention(
+                    h, padding_mask, position_bias, attention_backend,
+                    attn_mask=attn_mask, positions=positions, cache=cache,
+                )
+            )  # fmt: skip
+
+        if not self.layer_norm_first:
+            x = self.attention_norm(x + attend(x))
+            return self.ffn_norm(x + self.feed_forward(x))
+        # The WavLM gate reads the attention input, i.e. the LN1 output here (docs/pitfalls.md, 5).
+        x = x + _scaled(self.attention_scale, attend(self.attention_norm(x)))
+        return x + _scaled(self.ffn_scale, self.feed_forward(self.ffn_norm(x)))
+
+
+def _scaled(scale: Tensor | None, branch: Tensor) -> Tensor:
+    return branch if scale is None else scale * branch
 
 
 class TransformerEncoder(nn.Module):
@@ -139,7 +203,7 @@ class TransformerEncoder(nn.Module):
             RelativePositionBias(num_heads, num_buckets, max_distance) if relative_position_bias else None
         )
         self.layers = nn.ModuleList(
-            TransformerEncoderLayer(
+            TransformerLayer(
                 dim,
                 num_heads,
                 ffn_size,
