@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from speechlab.checkpoints import lightning_ckpt, unilm
+from speechlab.checkpoints import registry, unilm
 from speechlab.checkpoints.hf_dir import build_checked_encoder
 from speechlab.checkpoints.pretrained_dir import config_to_dict
 from speechlab.checkpoints.safe_load import (
@@ -36,8 +36,11 @@ def detect(path: Path) -> bool:
 
 def read(path: Path) -> nn.Module:
     checkpoint = load_torch_checkpoint(path)
-    if lightning_ckpt.is_lightning_checkpoint(checkpoint):
-        return lightning_ckpt.read_checkpoint(checkpoint, str(path))
+    if isinstance(checkpoint, dict) and "pytorch-lightning_version" in checkpoint:  # a .ckpt renamed .pt
+        # the Lightning reader (through the registry: reading a fairseq file must not import Lightning)
+        lightning_ckpt = registry.reader("lightning_ckpt").implementation()
+        if lightning_ckpt.is_lightning_checkpoint(checkpoint):
+            return lightning_ckpt.read_checkpoint(checkpoint, str(path))
     return read_fairseq_checkpoint(checkpoint, path)
 
 

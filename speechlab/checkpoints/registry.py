@@ -30,30 +30,42 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
 from speechlab.checkpoints.hf_dir import HF_MODEL_TYPES
 from speechlab.checkpoints.safe_load import CheckpointError, read_json
 
-__all__ = ["Reader", "register_reader", "readers", "find_reader", "read", "resolve", "load"]
+__all__ = ["Reader", "register_reader", "readers", "reader", "find_reader", "read", "resolve", "load"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
 @dataclass(frozen=True)
 class Reader:
-    """A checkpoint format: ``module`` holds its ``detect(path)`` and ``read(path)`` (imported when first used)."""
+    """A checkpoint format: ``module`` holds its ``detect(path)`` and ``read(path)`` (imported when first used).
+
+    ``suffixes``: when given, only files with one of these suffixes are asked, so that recognising any other
+    source never imports the module (the Lightning reader imports Lightning).
+    """
 
     name: str
     module: str
     description: str
+    suffixes: tuple[str, ...] = ()
 
     def detect(self, path: Path) -> bool:
-        return bool(importlib.import_module(self.module).detect(path))
+        if self.suffixes and not (path.suffix.lower() in self.suffixes and path.is_file()):
+            return False
+        return bool(self.implementation().detect(path))
 
     def read(self, path: Path) -> nn.Module:
-        return importlib.import_module(self.module).read(path)
+        return self.implementation().read(path)
+
+    def implementation(self) -> Any:
+        """The reader's module (imported now if it was not yet)."""
+        return importlib.import_module(self.module)
 
 
 _READERS: list[Reader] = [
@@ -62,16 +74,29 @@ _READERS: list[Reader] = [
     ),
     Reader("pretrained_dir", "speechlab.checkpoints.pretrained_dir", "a speechlab pretrained directory"),
     Reader("hf_dir", "speechlab.checkpoints.hf_dir", "a Hugging Face model directory"),
-    Reader("lightning_ckpt", "speechlab.checkpoints.lightning_ckpt", "a Lightning .ckpt of a speechlab task"),
-    Reader("fairseq_pt", "speechlab.checkpoints.fairseq_pt", "a fairseq / unilm .pt checkpoint"),
+    Reader(
+        "lightning_ckpt",
+        "speechlab.checkpoints.lightning_ckpt",
+        "a Lightning .ckpt of a speechlab task",
+        suffixes=(".ckpt",),
+    ),
+    Reader(
+        "fairseq_pt",
+        "speechlab.checkpoints.fairseq_pt",
+        "a fairseq / unilm .pt checkpoint",
+        suffixes=(".pt", ".pth", ".bin"),
+    ),
 ]
 
 
-def register_reader(name: str, module: str, description: str, *, before: str | None = None) -> None:
-    """Add (or replace) a reader; ``before`` names the reader it is asked ahead of (default: asked last)."""
+def register_reader(
+    name: str, module: str, description: str, *, before: str | None = None, suffixes: tuple[str, ...] = ()
+) -> None:
+    """Add (or replace) a reader; ``before`` names the reader it is asked ahead of (default: asked last);
+    ``suffixes`` (optional) the only file suffixes it is asked about."""
     global _READERS
     kept = [r for r in _READERS if r.name != name]
-    reader = Reader(name, module, description)
+    reader = Reader(name, module, description, suffixes)
     if before is None:
         kept.append(reader)
     else:
@@ -85,6 +110,14 @@ def register_reader(name: str, module: str, description: str, *, before: str | N
 def readers() -> list[Reader]:
     """The registered readers, in the order ``find_reader`` asks them."""
     return list(_READERS)
+
+
+def reader(name: str) -> Reader:
+    """The registered reader called ``name``."""
+    for candidate in _READERS:
+        if candidate.name == name:
+            return candidate
+    raise KeyError(f"no checkpoint reader named {name!r}; readers: {[r.name for r in _READERS]}")
 
 
 def find_reader(path: str | os.PathLike) -> Reader:
