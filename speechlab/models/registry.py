@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 import types
 import typing
 from collections.abc import Callable
@@ -38,14 +37,6 @@ from typing import Any
 
 __all__ = ["preset", "presets", "families", "build_config", "apply_overrides", "config_from_dict"]
 
-# The modules whose functions carry @preset. They import this module (for the decorator), so it cannot import
-# them at its top: they are imported by name the first time a table is read.
-PRESET_MODULES = (
-    "speechlab.models.wavlm",
-    "speechlab.models.fbank_conformer",
-    "speechlab.models.unispeech",
-    "speechlab.models.codec",
-)
 # families made of other families: one name for "any of these presets", not a second table
 UNIONS: dict[str, tuple[str, ...]] = {"ctc_encoder": ("ssl_encoder", "conformer")}
 
@@ -67,8 +58,7 @@ def preset(family: str) -> Callable[[Callable[[], Any]], Callable[[], Any]]:
 
 
 def _tables() -> dict[str, dict[str, Callable[[], Any]]]:
-    for module in PRESET_MODULES:
-        importlib.import_module(module)
+    # filled when the package is imported: speechlab/models/__init__.py imports every module that defines presets
     return _PRESETS
 
 
