@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from speechlab.checkpoints.pretrained_dir import is_pretrained_dir
+from speechlab.checkpoints.pretrained_dir import is_pretrained_dir, load_pretrained_codec
 from speechlab.models.codec import Codec
 from speechlab.nn.masks import valid_mask
 
@@ -28,12 +28,12 @@ SUPPORTED = ("encodec", "dac")
 def load_codec(source: str | Path, device: str = "cpu") -> Codec | HFCodec:
     """A speechlab codec directory or a transformers EnCodec/DAC directory -> an object with encode/decode."""
     if is_pretrained_dir(source):
-        return Codec.from_pretrained(source, device=device)
+        return load_pretrained_codec(source, device=device)
     if is_hf_codec_dir(source):
         return HFCodec.from_pretrained(source, device=device)
     raise FileNotFoundError(
         f"{source}: not a codec directory; expected a speechlab codec (config.json with family 'codec', from "
-        "CodecTask.export_pretrained / Codec.save_pretrained) or a transformers EnCodec/DAC directory"
+        "CodecTask.export_pretrained / save_pretrained(codec, family='codec')) or a transformers EnCodec/DAC directory"
     )
 
 
