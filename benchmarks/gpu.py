@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import faulthandler
 import json
 import resource
 import statistics
@@ -333,6 +334,9 @@ DDP_TIMEOUT = timedelta(seconds=120)
 
 def _ddp_worker(rank: int, world: int, store_file: str, args, device_type: str, queue) -> None:
     backend = "nccl" if device_type == "cuda" else "gloo"
+    # A worker still running after this long is stuck: print every thread's stack to stderr and exit, so the run
+    # fails with the place it hung instead of hanging (seen once in a few CI runs on 2 CPU gloo ranks).
+    faulthandler.dump_traceback_later(DDP_TIMEOUT.total_seconds() + 60 * args.ddp_steps, exit=True)
     # A file rendezvous: no port to pick, so nothing else on the machine can take it between the pick and the bind
     # (a TCP port picked free and bound later can be).
     torch.distributed.init_process_group(
