@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import dataclasses
 import faulthandler
+import gc
 import json
 import resource
 import statistics
@@ -335,7 +336,7 @@ DDP_TIMEOUT = timedelta(seconds=120)
 def _ddp_worker(rank: int, world: int, store_file: str, args, device_type: str, queue) -> None:
     backend = "nccl" if device_type == "cuda" else "gloo"
     # A worker still running after this long is stuck: print every thread's stack to stderr and exit, so the run
-    # fails with the place it hung instead of hanging (seen once in a few CI runs on 2 CPU gloo ranks).
+    # fails with the place it hung instead of hanging.
     faulthandler.dump_traceback_later(DDP_TIMEOUT.total_seconds() + 60 * args.ddp_steps, exit=True)
     # A file rendezvous: no port to pick, so nothing else on the machine can take it between the pick and the bind
     # (a TCP port picked free and bound later can be).
@@ -343,38 +344,50 @@ def _ddp_worker(rank: int, world: int, store_file: str, args, device_type: str, 
         backend, init_method=f"file://{store_file}", rank=rank, world_size=world, timeout=DDP_TIMEOUT
     )
     try:
-        device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
-        if device_type == "cuda":
-            torch.cuda.set_device(device)
-        else:
-            torch.set_num_threads(1)
-        task = build_task(args, device, seed=0)  # same initial weights on every rank
-        wrapped = torch.nn.parallel.DistributedDataParallel(task_module := _StepModule(task))
-        optimizer, scheduler = build_optimizer_for(task, args.ddp_steps + 1)
-        batches = make_batches(args, count=2, pin=device_type == "cuda")
-        train_step(
-            task, optimizer, scheduler, to_device(batches[rank % 2], device), 0, args.precision, wrapped
-        )
-        if device_type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        audio = 0.0
-        for step in range(1, args.ddp_steps + 1):
-            batch = batches[(rank + step) % 2]
-            audio += float(batch.lengths.sum()) / SAMPLE_RATE
-            train_step(task, optimizer, scheduler, to_device(batch, device), step, args.precision, wrapped)
-        if device_type == "cuda":
-            torch.cuda.synchronize(device)
-        wall = time.perf_counter() - start
-        flat = torch.cat([p.detach().float().flatten() for p in task_module.parameters()])
-        reference = flat.clone()
-        torch.distributed.broadcast(reference, src=0)
-        difference = (flat - reference).abs().max()
-        torch.distributed.all_reduce(difference, op=torch.distributed.ReduceOp.MAX)
+        # The DDP model lives only inside _ddp_train, so its reducer is freed before the process group is
+        # destroyed. Freed after it (when this function returned), the reducer held the group's last reference and
+        # destroyed it while this thread held the GIL, joining gloo's worker thread, which was freeing a finished
+        # all-reduce's tensors and waited for that GIL: a deadlock (py-spy stacks, 2026-12-01, ~1 run in 5).
+        result = _ddp_train(rank, args, device_type)
+        gc.collect()
         if rank == 0:
-            queue.put({"audio_s_per_gpu_s": audio / wall, "max_weight_difference": float(difference)})
+            queue.put(result)
+        # The group's destructor runs in destroy_process_group with the GIL held, so gloo's thread must be done
+        # freeing the last all-reduce first: this sleep releases the GIL to it.
+        time.sleep(0.2)
     finally:
         torch.distributed.destroy_process_group()
+
+
+def _ddp_train(rank: int, args, device_type: str) -> dict:
+    """One DDP rank: ``args.ddp_steps`` timed steps after a warm-up step; the ranks' largest weight difference."""
+    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+    if device_type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(1)
+    task = build_task(args, device, seed=0)  # same initial weights on every rank
+    wrapped = torch.nn.parallel.DistributedDataParallel(task_module := _StepModule(task))
+    optimizer, scheduler = build_optimizer_for(task, args.ddp_steps + 1)
+    batches = make_batches(args, count=2, pin=device_type == "cuda")
+    train_step(task, optimizer, scheduler, to_device(batches[rank % 2], device), 0, args.precision, wrapped)
+    if device_type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    audio = 0.0
+    for step in range(1, args.ddp_steps + 1):
+        batch = batches[(rank + step) % 2]
+        audio += float(batch.lengths.sum()) / SAMPLE_RATE
+        train_step(task, optimizer, scheduler, to_device(batch, device), step, args.precision, wrapped)
+    if device_type == "cuda":
+        torch.cuda.synchronize(device)
+    wall = time.perf_counter() - start
+    flat = torch.cat([p.detach().float().flatten() for p in task_module.parameters()])
+    reference = flat.clone()
+    torch.distributed.broadcast(reference, src=0)
+    difference = (flat - reference).abs().max()
+    torch.distributed.all_reduce(difference, op=torch.distributed.ReduceOp.MAX)
+    return {"audio_s_per_gpu_s": audio / wall, "max_weight_difference": float(difference)}
 
 
 def ddp_smoke(args, device_type: str) -> dict:
