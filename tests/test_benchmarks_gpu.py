@@ -62,11 +62,6 @@ def test_flex_needs_attention_dropout_off_and_a_gpu():
 
 
 @pytest.mark.slow
-@pytest.mark.skip(
-    reason="hangs in some runs (2026-12-01: 1 of 2 fresh-clone CI runs, 0 of 12 runs by hand): both gloo ranks finish "
-    "their first training step, then the run stops; the workers now dump their stacks after 180 s (faulthandler) so "
-    "that the next hang shows where - kept out of CI until diagnosed"
-)
 def test_ddp_smoke_run_on_two_gloo_processes_keeps_weights_identical(tmp_path):
     # a subprocess: the spawned workers must import the script as a module of its own
     out = tmp_path / "out.jsonl"
