@@ -18,6 +18,7 @@ from speechlab.nn import fused
 from speechlab.nn.attention import MultiHeadSelfAttention
 from speechlab.nn.seanet import LatentTransformer
 from speechlab.nn.transformer import TransformerLayer
+from speechlab.optim import OptimConfig, build_optimizer
 
 OLD_LAYER_KEYS = {
     "scale1": lambda d, f: (d,),
@@ -108,6 +109,38 @@ def test_the_codec_transformer_writes_the_saved_tensor_names_and_reads_the_share
     assert all(torch.equal(p, by_module_name[name]) for name, p in fresh.named_parameters())
     with pytest.raises(RuntimeError, match="Unexpected key"):
         fresh.load_state_dict({**transformer.state_dict(), "layers.0.extra": torch.zeros(1)}, strict=True)
+
+
+def test_the_codec_transformer_parameters_come_in_the_saved_order_so_old_runs_resume():
+    # AdamW's saved state is matched to the parameters by position: a run saved before the codec used the shared
+    # layer resumes only if the parameters come in that layer's order (OLD_LAYER_KEYS), norm2 before the MLP.
+    dim, ffn = 16, 24
+    transformer = LatentTransformer(dim, 2, 2, ffn, causal=False)
+    saved_order = [f"layers.{i}.{name}" for i in range(2) for name in OLD_LAYER_KEYS]
+    assert list(transformer.state_dict()) == saved_order
+    saved_name = {p.data_ptr(): name for name, p in transformer.state_dict().items()}
+    assert [saved_name[p.data_ptr()] for p in transformer.parameters()] == saved_order
+
+    # an optimiser state written in the saved order (what a pre-refactor run holds) resumes and steps
+    old_run = LatentTransformer(dim, 2, 2, ffn, causal=False)
+    old_run.load_state_dict(transformer.state_dict())
+    by_saved_name = dict(zip(saved_order, old_run.parameters(), strict=True))
+    config = OptimConfig(lr=1e-3, weight_decay=0.0, warmup_steps=0, decay="constant")
+    old_optimizer = build_optimizer(
+        [(name, by_saved_name[name]) for name in saved_order], config, total_steps=2, fused=False
+    )["optimizer"]
+    x = torch.randn(2, dim, 7)
+    old_run(x).square().mean().backward()
+    old_optimizer.step()
+    transformer.load_state_dict(old_run.state_dict())
+    optimizer = build_optimizer(transformer.named_parameters(), config, total_steps=2, fused=False)[
+        "optimizer"
+    ]
+    optimizer.load_state_dict(old_optimizer.state_dict())
+    for p in transformer.parameters():
+        assert optimizer.state[p]["exp_avg"].shape == p.shape
+    transformer(x).square().mean().backward()
+    optimizer.step()
 
 
 def test_a_saved_codec_directory_keeps_the_codec_transformer_tensor_names(tmp_path):

@@ -269,6 +269,11 @@ _SAVED_LAYER_NAMES = (
     ("attention_scale", "scale1"),
     ("ffn_scale", "scale2"),
 )
+# The blocks of a layer in the order the codec registered them before it used the shared layer (each norm before the
+# block it feeds; the shared layer registers it after). Registration order is parameter order, and AdamW's saved
+# state is matched to the parameters by position: in the shared layer's order, a run saved before would resume with
+# norm2's moments on the MLP biases (a shape error at the first step, or silently wrong when ffn_dim == dim).
+_SAVED_BLOCK_ORDER = ("attention_norm", "attention", "ffn_norm", "feed_forward")
 
 
 def _renamed_layer_key(key: str, prefix: str, pairs: tuple[tuple[str, str], ...]) -> str:
@@ -280,6 +285,14 @@ def _renamed_layer_key(key: str, prefix: str, pairs: tuple[tuple[str, str], ...]
         if name == old or (old.endswith(".") and name.startswith(old)):
             return f"{prefix}layers.{layer}.{new}{name[len(old) :]}"
     return key
+
+
+def _register_in_saved_order(layer: TransformerLayer) -> None:
+    """Re-register ``layer``'s blocks in ``_SAVED_BLOCK_ORDER`` (after construction: no random draw moves)."""
+    for name in _SAVED_BLOCK_ORDER:
+        block = getattr(layer, name)
+        delattr(layer, name)
+        setattr(layer, name, block)  # appended: the blocks end up last, in this order
 
 
 def _rename_in_place(state: dict[str, Tensor], prefix: str, pairs: tuple[tuple[str, str], ...]) -> None:
@@ -334,6 +347,7 @@ class LatentTransformer(nn.Module):
         )
         for i, layer in enumerate(self.layers):
             layer.attention.stream_key = f"transformer.{i}"
+            _register_in_saved_order(layer)
         self.register_state_dict_post_hook(_write_saved_names)
         self.register_load_state_dict_pre_hook(_read_saved_names)
 
