@@ -56,6 +56,67 @@ def lr_factor(step: int, config: OptimConfig, total_steps: int) -> float:
     return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * shape
 
 
+def _param_groups(
+    named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
+    config: OptimConfig,
+    lr_scale: dict[str, float] | None = None,
+) -> list[dict]:
+    """AdamW's parameter groups: (decay, no decay) x learning-rate scale, each in ``named_parameters``' order."""
+    decay, no_decay = {}, {}
+    for name, param in named_parameters:
+        if not param.requires_grad:
+            continue
+        scale = 1.0
+        for prefix, value in (lr_scale or {}).items():
+            if name.startswith(prefix):
+                scale = value
+        target = no_decay if param.ndim <= 1 else decay
+        target.setdefault(scale, []).append(param)
+    return [
+        {"params": params, "weight_decay": wd, "lr": config.lr * scale}
+        for bucket, wd in ((decay, config.weight_decay), (no_decay, 0.0))
+        for scale, params in bucket.items()
+    ]
+
+
+def optimizer_order(
+    named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
+    config: OptimConfig,
+    lr_scale: dict[str, float] | None = None,
+) -> list[torch.nn.Parameter]:
+    """The parameters in the order :func:`build_optimizer`'s optimiser holds them: its ``state_dict`` numbers
+    them 0, 1, ... in this order, which is how a resumed run matches saved moments to parameters."""
+    return [p for group in _param_groups(named_parameters, config, lr_scale) for p in group["params"]]
+
+
+def reorder_optimizer_state(
+    state: dict, written: list[torch.nn.Parameter], current: list[torch.nn.Parameter]
+) -> dict | None:
+    """An optimiser ``state_dict`` numbered in the order ``written``, renumbered for the same parameters in the
+    order ``current`` (both as :func:`optimizer_order` gives them, same groups). None when the saved moments do not
+    tell: they already fit ``current`` by shape (or fit neither order)."""
+
+    def fits(order: list[torch.nn.Parameter]) -> bool:
+        return len(order) == sum(len(g["params"]) for g in state["param_groups"]) and all(
+            tuple(moment.shape) == tuple(order[index].shape)
+            for index, values in state["state"].items()
+            for moment in values.values()
+            if isinstance(moment, torch.Tensor) and moment.dim() > 0
+        )
+
+    if fits(current) or not fits(written):
+        return None
+    position = {id(p): i for i, p in enumerate(current)}
+    renumber = {i: position[id(p)] for i, p in enumerate(written)}
+    return {
+        "state": {renumber[i]: values for i, values in state["state"].items()},
+        "param_groups": [
+            {**group, "params": sorted(renumber[i] for i in group["params"])}
+            for group in state["param_groups"]
+        ],
+    }
+
+
 def build_optimizer(
     named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
     config: OptimConfig,
@@ -68,21 +129,7 @@ def build_optimizer(
     Biases and normalisation weights (1-D parameters) get no weight decay. ``lr_scale`` maps a parameter name
     prefix to a learning-rate multiplier (e.g. layer-wise decay for fine-tuning).
     """
-    decay, no_decay = {}, {}
-    for name, param in named_parameters:
-        if not param.requires_grad:
-            continue
-        scale = 1.0
-        for prefix, value in (lr_scale or {}).items():
-            if name.startswith(prefix):
-                scale = value
-        target = no_decay if param.ndim <= 1 else decay
-        target.setdefault(scale, []).append(param)
-    groups = [
-        {"params": params, "weight_decay": wd, "lr": config.lr * scale}
-        for bucket, wd in ((decay, config.weight_decay), (no_decay, 0.0))
-        for scale, params in bucket.items()
-    ]
+    groups = _param_groups(named_parameters, config, lr_scale)
     # Fused (``fused=None``: when every parameter is on CUDA, or on the CPU under ``host_sync.device_path()``): one
     # kernel per step, and it can skip a non-finite update on the device (``found_inf``, see SpeechTask), so the
     # training step needs no host read for that check.

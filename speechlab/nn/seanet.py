@@ -12,7 +12,9 @@ module stack's total stride (the codec model buffers the rest).
 
 from __future__ import annotations
 
+import itertools
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -274,6 +276,9 @@ _SAVED_LAYER_NAMES = (
 # state is matched to the parameters by position: in the shared layer's order, a run saved before would resume with
 # norm2's moments on the MLP biases (a shape error at the first step, or silently wrong when ffn_dim == dim).
 _SAVED_BLOCK_ORDER = ("attention_norm", "attention", "ffn_norm", "feed_forward")
+# The shared layer's own order, which the codec's runs written while it had it (from 7d31800 until this order was
+# restored) hold their optimiser state in: read through in_shared_layer_order.
+_SHARED_BLOCK_ORDER = ("attention", "attention_norm", "feed_forward", "ffn_norm")
 
 
 def _renamed_layer_key(key: str, prefix: str, pairs: tuple[tuple[str, str], ...]) -> str:
@@ -293,6 +298,26 @@ def _register_in_saved_order(layer: TransformerLayer) -> None:
         block = getattr(layer, name)
         delattr(layer, name)
         setattr(layer, name, block)  # appended: the blocks end up last, in this order
+
+
+def in_shared_layer_order(named_parameters: list[tuple[str, Tensor]]) -> list[tuple[str, Tensor]]:
+    """``named_parameters`` of a module holding :class:`LatentTransformer` s, reordered as they came while its
+    layers had the shared layer's order (``_SHARED_BLOCK_ORDER``): to read the optimiser state of runs written then
+    (:func:`speechlab.optim.reorder_optimizer_state`)."""
+
+    def layer(name: str) -> str | None:
+        match = re.match(r"(.*\.)?layers\.\d+\.", name)
+        return match.group(0) if match else None
+
+    def rank(name: str) -> int:  # a layer's own scales (-1) come first in both orders
+        block = name[len(layer(name)) :].partition(".")[0]
+        return _SHARED_BLOCK_ORDER.index(block) if block in _SHARED_BLOCK_ORDER else -1
+
+    reordered: list[tuple[str, Tensor]] = []
+    for prefix, run in itertools.groupby(named_parameters, key=lambda item: layer(item[0])):
+        items = list(run)
+        reordered += items if prefix is None else sorted(items, key=lambda item: rank(item[0]))  # stable
+    return reordered
 
 
 def _rename_in_place(state: dict[str, Tensor], prefix: str, pairs: tuple[tuple[str, str], ...]) -> None:

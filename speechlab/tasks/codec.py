@@ -32,8 +32,9 @@ from speechlab.nn.discriminators import (
     generator_adversarial_loss,
 )
 from speechlab.nn.masks import valid_mask
+from speechlab.nn.seanet import in_shared_layer_order
 from speechlab.nn.spectral import MultiScaleMelLoss, si_sdr
-from speechlab.optim import OptimConfig, build_optimizer
+from speechlab.optim import OptimConfig, build_optimizer, optimizer_order, reorder_optimizer_state
 from speechlab.tasks.base import SpeechTask
 
 
@@ -226,6 +227,15 @@ class CodecTask(SpeechTask):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
+        states = checkpoint.get("optimizer_states")
+        if states:  # a run written while the latent Transformer had the shared layer's parameter order
+            named = list(self.codec.named_parameters())
+            written = optimizer_order(in_shared_layer_order(named), self.optim_config)
+            renumbered = reorder_optimizer_state(
+                states[0], written, optimizer_order(named, self.optim_config)
+            )
+            if renumbered is not None:
+                states[0] = renumbered
         self.batches_seen = int(checkpoint.get("codec_batches_seen", 0))
         if "codec_crop_rng" in checkpoint:
             self._crop_generator.set_state(checkpoint["codec_crop_rng"])
