@@ -31,6 +31,7 @@ import pytest
 import yaml
 
 from speechlab.checkpoints.safe_load import load_torch_checkpoint
+from speechlab.models.registry import build_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "recipes").glob("*/conf/*.yaml"))
@@ -78,8 +79,16 @@ TINY_WIDTH_BY_ENCODER: dict[str, dict[str, Any]] = {
 
 def tiny_width(model: dict) -> dict[str, Any]:
     """The width override of a config's ``model`` section: by its encoder / model preset, else by its task."""
-    preset = model["init_args"].get("encoder") or model["init_args"].get("model")
-    return TINY_WIDTH_BY_ENCODER.get(preset, TINY_WIDTH[model["class_path"]])
+    init_args = model["init_args"]
+    preset = init_args.get("encoder") or init_args.get("model")
+    width = TINY_WIDTH_BY_ENCODER.get(preset, TINY_WIDTH[model["class_path"]])
+    if model["class_path"] == "speechlab.tasks.codec.CodecTask":  # shrink the codebooks, never grow them
+        shipped = build_config(
+            "codec", init_args.get("codec", "codec_16khz"), init_args.get("codec_overrides")
+        )
+        overrides = {**width["codec_overrides"], "codebook_size": min(16, shipped.codebook_size)}
+        width = {**width, "codec_overrides": overrides}
+    return width
 
 
 MAX_BATCH_SECONDS = 6.5  # two of the rehearsal's 2-3.2 s utterances

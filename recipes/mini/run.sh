@@ -118,7 +118,7 @@ if run 6; then
   log 6 "neural codec: train, evaluate the untrained preset and the trained model at 1 and 4 levels"
   fit $conf/codec.yaml
   OMP_NUM_THREADS=$(threads) speechlab codec-eval --manifest "$exp/data/lj_test.jsonl" --max-seconds 4 --n-q 1,4 \
-    --codec preset:codec_tiny --codec "$exp/codec/pretrained" --output "$exp/codec/eval.md"
+    --codec preset:codec_mini --codec "$exp/codec/pretrained" --output "$exp/codec/eval.md"
 fi
 
 if run 7; then

@@ -18,7 +18,7 @@ family             presets (module)
                    pretraining) can use
 ``unispeech``      ``unispeech_tiny``, ``unispeech_base``, ``unispeech_large``, ``unispeech_fbank_tiny``
                    (:mod:`speechlab.models.unispeech`)
-``codec``          ``codec_16khz``, ``codec_16khz_low_rate``, ``codec_16khz_causal``, ``codec_tiny``
+``codec``          ``codec_16khz``, ``codec_16khz_low_rate``, ``codec_16khz_causal``, ``codec_tiny``, ``codec_mini``
                    (:mod:`speechlab.models.codec`)
 =================  ==========================================================================================
 

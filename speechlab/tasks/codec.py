@@ -125,8 +125,8 @@ class CodecTask(SpeechTask):
     """Train a :class:`~speechlab.models.codec.Codec` adversarially.
 
     Args:
-        codec: preset name (``codec_16khz``, ``codec_16khz_low_rate``, ``codec_16khz_causal``, ``codec_tiny``) or
-            a :class:`CodecConfig`.
+        codec: preset name (``codec_16khz``, ``codec_16khz_low_rate``, ``codec_16khz_causal``, ``codec_tiny``,
+            ``codec_mini``) or a :class:`CodecConfig`.
         codec_overrides: CodecConfig fields to change on top of the preset.
         loss: loss weights and adversarial loss kind.
         discriminator: discriminator architecture.
