@@ -86,6 +86,8 @@ def test_the_main_job_runs_every_stage_and_writes_the_results_table(tmp_path):
     for run in ("ctc_phoneme_fbank", "wavlm_fbank", "wavlm_ctc_phoneme_fbank", "codec"):
         assert (exp / "plots" / f"{run}.png").stat().st_size > 1000, run
     assert (exp / "ctc_phoneme_fbank" / "test_transcripts.jsonl").read_text().count("\n") == 12
+    levels = (exp / "codec" / "levels.txt").read_text()
+    assert "n_q 4" in levels and "unquantized" in levels and levels.split("\n", 1)[1] in results, levels
 
 
 # The fit() of the README's diagnosis block, as printed there; the test swaps in one that also shrinks the run.

@@ -119,6 +119,8 @@ if run 6; then
   fit $conf/codec.yaml
   OMP_NUM_THREADS=$(threads) speechlab codec-eval --manifest "$exp/data/lj_test.jsonl" --max-seconds 4 --n-q 1,4 \
     --codec preset:codec_mini --codec "$exp/codec/pretrained" --output "$exp/codec/eval.md"
+  OMP_NUM_THREADS=$(threads) python recipes/mini/local/codec_levels.py "$exp/codec/pretrained" \
+    --manifest "$exp/data/lj_test.jsonl" > "$exp/codec/levels.txt"
 fi
 
 if run 7; then
