@@ -2,6 +2,7 @@
 
 import itertools
 import logging
+import threading
 
 import numpy as np
 import pytest
@@ -246,6 +247,34 @@ def test_loaders_work_with_worker_processes(ljspeech_manifest):
     assert all(isinstance(b, Batch) and b.targets is not None for b in batches)
     assert [b.ids for b in batches] == [
         [dm.train_items[i]["id"] for i in b] for b in list(dm.train_sampler)[:2]
+    ]
+
+
+def test_ddp_workers_start_from_a_fork_server_while_threads_come_and_go(ljspeech_manifest, monkeypatch):
+    """Under DDP a fork of the threaded trainer can deadlock the child (datamodule.worker_context): there workers
+    start from a fork server, also while other threads start and end at that moment; one process keeps fork."""
+    dm = SpeechDataModule(str(ljspeech_manifest), tokenizer="char", num_workers=2, max_batch_size=2)
+    assert dm.train_dataloader().multiprocessing_context is None
+    monkeypatch.setattr(SpeechDataModule, "_world", lambda self: (2, 0))
+    loader = dm.train_dataloader()
+    assert loader.multiprocessing_context.get_start_method() == "forkserver"
+    stop = threading.Event()
+
+    def churn() -> None:  # threads that come and go, as gloo's and the queue feeders do
+        while not stop.is_set():
+            threading.Thread(target=lambda: None).start()
+
+    busy = [threading.Thread(target=churn) for _ in range(2)]
+    for thread in busy:
+        thread.start()
+    try:
+        batch = next(iter(loader))
+    finally:
+        stop.set()
+        for thread in busy:
+            thread.join()
+    assert isinstance(batch, Batch) and batch.ids == [
+        dm.train_items[i]["id"] for i in next(iter(dm.train_sampler))
     ]
 
 

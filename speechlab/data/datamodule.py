@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
+from multiprocessing.context import BaseContext
 from pathlib import Path
 
 import lightning as L
@@ -25,6 +27,25 @@ from speechlab.validate import check_number
 __all__ = ["SpeechDataModule"]
 
 log = logging.getLogger(__name__)
+
+
+def worker_context(world_size: int) -> BaseContext | None:
+    """How DataLoader workers start under DDP: from a fork server, not by forking the trainer (None: by fork).
+
+    By the time a rank starts its workers, gloo's threads call into Python (they free finished work's tensors), and
+    on Python 3.11 a child forked while such a thread creates or deletes its thread state deadlocks in
+    ``PyOS_AfterFork_Child`` before it runs a line (3.12 takes that lock around fork): in a 2-rank CPU rehearsal one
+    rank waited forever on a worker that never started, the other in a collective. The fork server is a
+    single-threaded process that imports this module once (~3 s, once per rank); workers fork from it. Like spawn,
+    it needs the main script import-safe (``if __name__ == "__main__":``), as ``speechlab fit`` is and as Lightning's
+    DDP launcher already expects. One process has no such threads and keeps plain fork.
+    """
+    if world_size <= 1 or "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])  # what unpickling the dataset imports (Lightning included)
+    return context
+
 
 _TOKENIZER_FIELDS = {
     "char": CharTokenizer.field,
@@ -237,6 +258,7 @@ class SpeechDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            multiprocessing_context=worker_context(self._world()[0]) if self.num_workers > 0 else None,
         )
 
     def _durations(self, items: list[dict]) -> list[float]:
