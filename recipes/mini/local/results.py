@@ -220,10 +220,9 @@ def codec_section(exp: Path) -> list[str]:
         "(`codebook_usage`: mean over the levels used; `usage_min`: the least-used level)",
         "",
     ]
+    # local/codec_levels.py: the mel distance at every level count and the decoder's floor (unquantized latent)
     levels = exp / "codec" / "levels.txt"
-    if (
-        levels.is_file()
-    ):  # local/codec_levels.py: every level count, and the decoder's floor (unquantized latent)
+    if levels.is_file():
         lines += ["```", levels.read_text(encoding="utf-8").strip(), "```", ""]
     trained = {row["n_q"]: row for row in markdown_table(text) if not row["codec"].startswith("preset:")}
     if "1" not in trained or "4" not in trained:
