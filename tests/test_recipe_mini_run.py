@@ -129,3 +129,32 @@ def test_the_readme_diagnosis_commands_run(tmp_path):
     assert names == [f"d{i}" for i in range(8)], names
     for name in names:
         assert list((runs / name / "checkpoints").glob("*.ckpt")), name
+
+
+def _commands(bash: str) -> list[str]:
+    """The commands of a bash snippet, continuation lines joined, comments and blank lines dropped."""
+    joined = bash.replace("\\\n", " ")
+    return [
+        " ".join(line.split())
+        for line in joined.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+
+
+def test_the_readme_codec_commands_are_what_stage_6_runs():
+    """The mini README's codec block, as printed, is what the main job's stage 6 runs (which the slow main-job
+    test executes): the stage's ``fit`` / ``$exp`` / ``$conf`` / thread count spelled out."""
+    readme = (MINI / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## A codec that uses its codebooks (stage 6)") :]
+    start = section.index("```bash\n") + len("```bash\n")
+    block = _commands(section[start : section.index("\n```", start)])
+    script = (MINI / "run.sh").read_text(encoding="utf-8")
+    stage = script[script.index("if run 6; then") : script.index("if run 7; then")]
+    stage = (
+        stage.replace("OMP_NUM_THREADS=$(threads) ", "")
+        .replace("fit $conf/", "speechlab fit --config recipes/mini/conf/")
+        .replace("$exp/", "recipes/mini/exp/")
+        .replace('"', "")
+    )
+    ran = _commands(stage)
+    assert len(block) == 2 and all(command in ran for command in block), (block, ran)
