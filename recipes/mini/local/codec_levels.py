@@ -29,10 +29,9 @@ def level_distances(codec, clips: list[torch.Tensor]) -> dict[str, float]:
     totals: dict[str, float] = {}
     for clip in clips:
         audio = clip[None]
-        rows = {}
-        for n_q in range(1, codec.num_quantizers + 1):
-            codes, frame_lengths = codec.encode(audio, n_q=n_q)
-            rows[f"n_q {n_q}"] = codec.decode(codes, frame_lengths)
+        # one encoding: residual VQ's first n levels are the same codes whatever n_q it was asked for
+        codes, frame_lengths = codec.encode(audio)
+        rows = {f"n_q {n}": codec.decode(codes[:, :n], frame_lengths) for n in range(1, codes.shape[1] + 1)}
         latent, frame_lengths = codec.encode_latent(audio)
         rows["unquantized"] = codec.decode_latent(latent, frame_lengths)
         for name, recon in rows.items():
