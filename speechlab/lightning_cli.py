@@ -131,7 +131,9 @@ def run(argv: list[str]) -> int:
     file) ends with one line on stderr and exit status 2, like the tool commands.
     """
     try:
-        SpeechLabCLI(args=argv)
+        # Lightning warns when it is handed args while sys.argv holds some: the console script's own argv is
+        # what it would read anyway, so it is given none then (a caller's other argv is passed on).
+        SpeechLabCLI(args=None if argv == sys.argv[1:] else argv)
     except CheckpointError as error:
         message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
         print(f"speechlab {argv[0]}: {message}", file=sys.stderr)

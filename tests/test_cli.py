@@ -66,3 +66,28 @@ def test_speechlab_cli_class_is_still_importable_from_cli():
     from speechlab.lightning_cli import SpeechLabCLI
 
     assert cli.SpeechLabCLI is SpeechLabCLI
+
+
+def test_fit_takes_the_mini_readme_seed_flags_without_lightnings_args_warning():
+    """``speechlab fit`` as a user types it: the codec seed flags the mini README prints reach the config, and
+    Lightning's "args and command line arguments" warning is not shown."""
+    readme = (REPO / "recipes" / "mini" / "README.md").read_text(encoding="utf-8")
+    flags = readme.split("The same config with seeds 1 and 2 (`", 1)[1].split("`", 1)[0]
+    assert flags == "--seed_everything N --model.init_args.seed N --data.init_args.seed N", flags
+    argv = [
+        "fit",
+        "--config",
+        "recipes/mini/conf/codec.yaml",
+        *flags.replace("N", "2").split(),
+        "--print_config",
+    ]
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "speechlab"), *argv],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "seed_everything: 2" in result.stdout and result.stdout.count("    seed: 2") == 2, result.stdout
+    assert "args parameter is intended" not in result.stderr, result.stderr
