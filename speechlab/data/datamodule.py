@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+from functools import partial
 from multiprocessing.context import BaseContext
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from speechlab.data.collate import collate
-from speechlab.data.dataset import AudioDataset
+from speechlab.data.dataset import AudioDataset, seed_worker
 from speechlab.data.manifest import SkipReport, read_manifest
 from speechlab.data.sampler import BucketBatchSampler
 from speechlab.data.text import (
@@ -36,15 +37,17 @@ def worker_context(world_size: int) -> BaseContext | None:
     tensors; Lightning's and the queues' Python threads), and on Python 3.11 a child forked while one of them holds
     the interpreter's thread-state lock can deadlock in ``PyOS_AfterFork_Child`` before it runs a line: in a 2-rank
     CPU rehearsal one rank waited forever on such a worker (gdb: ``_PyThreadState_DeleteExcept`` waiting on that
-    lock), the other in a collective. Which thread held it was not found. The fork server is a
-    single-threaded process that imports this module once (~3 s, once per rank); workers fork from it. Like spawn,
-    it needs the main script import-safe (``if __name__ == "__main__":``), as ``speechlab fit`` is and as Lightning's
-    DDP launcher already expects. One process (no gloo threads) keeps plain fork, which starts 8 workers in 0.1 s.
+    lock), the other in a collective. Which thread held it was not found. The fork server is a single-threaded
+    process that imports what a worker unpickles (the dataset with its tokenizer, ``collate``, ``seed_worker``:
+    ~1 s, once per rank, no Lightning); workers fork from it. Like spawn, it needs the main script import-safe
+    (``if __name__ == "__main__":``), as ``speechlab fit`` is and as Lightning's DDP launcher already expects. One
+    process (no gloo threads) keeps plain fork, which starts 8 workers in 0.1 s.
     """
     if world_size <= 1 or "forkserver" not in multiprocessing.get_all_start_methods():
         return None
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])  # what unpickling the dataset imports (Lightning included)
+    # not this module: its Lightning import (torchmetrics, transformers) costs ~4 s of every rank's start
+    context.set_forkserver_preload([AudioDataset.__module__, collate.__module__])
     return context
 
 
@@ -260,6 +263,7 @@ class SpeechDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
             multiprocessing_context=worker_context(self._world()[0]) if self.num_workers > 0 else None,
+            worker_init_fn=partial(seed_worker, rank=self._world()[1]),
         )
 
     def _durations(self, items: list[dict]) -> list[float]:

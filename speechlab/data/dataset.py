@@ -3,18 +3,36 @@
 from __future__ import annotations
 
 import logging
+import random
 from collections import Counter
 from collections.abc import Sequence
 
+import numpy as np
+import torch
 from torch.utils.data import Dataset
 
 from speechlab.audio import AudioError
 from speechlab.data.manifest import load_item_audio
 from speechlab.data.text import Tokenizer, UnknownUnitError
 
-__all__ = ["AudioDataset", "parse_units"]
+__all__ = ["AudioDataset", "parse_units", "seed_worker"]
 
 log = logging.getLogger(__name__)
+
+
+def seed_worker(worker_id: int, rank: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: torch, ``random`` and numpy streams distinct per (base seed, worker, rank).
+
+    PyTorch seeds a worker from the loader's base seed and its id only, and the base seed is the same on every
+    rank after a shared ``seed_everything``; mixing in the rank is what Lightning's own init function does. This
+    one lives here, beside the dataset, because a fork-server worker imports the module of every function it is
+    handed (Lightning's would import Lightning, torchmetrics and transformers into each of 8 workers a rank).
+    """
+    base_seed = torch.initial_seed() - worker_id
+    state = np.random.SeedSequence([base_seed, worker_id, rank]).generate_state(4, dtype=np.uint64)
+    torch.manual_seed(int(state[0]))
+    random.seed(int(state[1]))
+    np.random.seed(np.random.SeedSequence(int(state[2])).generate_state(4))
 
 
 def parse_units(value: str | Sequence[int]) -> list[int]:
