@@ -4,6 +4,7 @@ as the shipped-config rehearsal, :mod:`tests.test_recipe_configs`)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -88,6 +89,31 @@ def test_the_main_job_runs_every_stage_and_writes_the_results_table(tmp_path):
     assert (exp / "ctc_phoneme_fbank" / "test_transcripts.jsonl").read_text().count("\n") == 12
     levels = (exp / "codec" / "levels.txt").read_text()
     assert "n_q 4" in levels and "unquantized" in levels and levels.split("\n", 1)[1] in results, levels
+
+    # stage 9 (separate): the two CTC models on speech data/ does not hold, here 3 English items of a stand-in corpus
+    corpora = tmp_path / "corpora"
+    (corpora / "espeak").mkdir(parents=True)
+    english = [
+        json.loads(line) for line in (REPO / "data" / "espeak" / "manifest.jsonl").open(encoding="utf-8")
+    ]
+    english = [it for it in english if it["language"] == "en"][:3]
+    unseen = [
+        {**it, "id": f"{it['id']}-unseen", "audio": str(REPO / "data" / "espeak" / it["audio"])}
+        for it in english
+    ]
+    (corpora / "espeak" / "manifest.jsonl").write_text("".join(json.dumps(it) + "\n" for it in unseen))
+    done = subprocess.run(
+        ["bash", str(root / "recipes" / "mini" / "run.sh"), "--stage", "9", "--stop-stage", "9"],
+        cwd=tmp_path,
+        env={**env, "CORPORA": str(corpora)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-5000:])
+    table = (exp / "unseen.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and line.endswith(" | 3 |")]
+    assert len(rows) == 2 and table.count("unseen PER") >= 3, table
 
 
 # The fit() of the README's diagnosis block, as printed there; the test swaps in one that also shrinks the run.

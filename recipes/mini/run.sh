@@ -17,8 +17,11 @@
 #   6  neural codec: train, evaluate on held-out LJ Speech at 1 and 4 levels   -> exp/codec/
 #   7  use the stage-2 model: export it (with its round-trip report), transcribe the test split
 #   8  results from the logs and curves as PNG                                 -> exp/results.md, exp/plots/
-# Environment: ANCHOR_CPU_MINUTES (default 12) is the anchor's budget, here and in stage 10.
+# Environment: ANCHOR_CPU_MINUTES (default 12) is the anchor's budget, here and in stage 10; CORPORA (default
+# ../shared/corpora beside the checkout) is where stage 9 finds speech that data/ does not hold.
 # Separate stages (not in the main job; each prints its own wall time):
+#   9  the CTC models of stages 2 and 4 (and of stage 10's seeds, where run) on the espeak English of $CORPORA
+#      that data/ does not hold                                               -> exp/unseen.md
 #  10  stages 2-4 for seeds 0, 1, 2: mean +- sd of the test PERs               -> exp/seeds/results.md
 #  11  the UniSpeech low-resource table: rows (a)-(d) x sw/tr/cy x 3 seeds     -> exp/unispeech_table/results.md
 #  12  the raw-waveform WavLM (wavlm_tiny, the paper's architecture at tiny width): CTC from scratch, MFCC and
@@ -31,7 +34,7 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --stage) stage="$2"; shift 2 ;;
     --stop-stage) stop_stage="$2"; shift 2 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -144,6 +147,23 @@ if run 8; then
   python recipes/mini/local/results.py --exp "$exp" | tee "$exp/results.md"
 fi
 wait_anchor
+
+if run 9; then
+  log 9 "the CTC models on unseen English speech (espeak English of ${CORPORA:-../shared/corpora} not in data/)"
+  corpora=${CORPORA:-../shared/corpora}
+  [[ -f $corpora/espeak/manifest.jsonl ]] || { echo "stage 9 needs $corpora/espeak (set CORPORA)" >&2; exit 2; }
+  python recipes/mini/local/unseen.py --corpus "$corpora/espeak" --bundled data/espeak --language en \
+    --output "$exp/data/en_unseen.jsonl"
+  for base in "$exp" "$exp"/seeds/seed1 "$exp"/seeds/seed2; do
+    for run_dir in ctc_phoneme_fbank wavlm_ctc_phoneme_fbank; do
+      [[ -d $base/$run_dir/checkpoints ]] || continue
+      OMP_NUM_THREADS=2 speechlab transcribe --model "$base/$run_dir" --ckpt best "$exp/data/en_unseen.jsonl" \
+        --format jsonl --no-progress --output "$base/$run_dir/unseen_transcripts.jsonl"
+    done
+  done
+  finish_stage
+  python recipes/mini/local/results.py --exp "$exp" --unseen | tee "$exp/unseen.md"
+fi
 
 if run 10; then
   log 10 "stages 2-4 for seeds 0, 1, 2 (mean +- sd)"

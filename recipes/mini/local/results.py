@@ -2,6 +2,7 @@
 
     python recipes/mini/local/results.py --exp recipes/mini/exp            # the main job (run.sh stage 8)
     python recipes/mini/local/results.py --exp recipes/mini/exp --seeds    # seeds 0-2 (stage 10)
+    python recipes/mini/local/results.py --exp recipes/mini/exp --unseen   # unseen English speech (stage 9)
 
 Every figure is read from what the stages wrote; a stage that did not run is reported as missing, and each claim
 of issue 15 ("learns", "pays", "no collapse") is printed as a check with the numbers it compares.
@@ -18,6 +19,8 @@ import statistics
 from pathlib import Path
 
 import torch
+
+from speechlab.metrics import error_rates
 
 # (run folder under exp/, what it is) of the main job's phoneme CTC comparison
 CTC_RUNS = [
@@ -279,7 +282,7 @@ def seeds_table(exp: Path, wall_seconds: int | None) -> str:
         "wavlm_ctc_phoneme_fbank": [],
     }
     for seed in (0, 1, 2):
-        base = exp if seed == 0 else out / f"seed{seed}"
+        base = seed_dir(exp, seed)
         anchor = anchor_result(base / "anchor" / "result.json") or anchor_result(
             out / f"seed{seed}" / "anchor" / "result.json"
         )
@@ -327,6 +330,49 @@ def seeds_table(exp: Path, wall_seconds: int | None) -> str:
     return "\n".join(lines)
 
 
+def seed_dir(exp: Path, seed: int) -> Path:
+    """Where stage 10 keeps seed ``seed``'s runs (seed 0: the main job's)."""
+    return exp if seed == 0 else exp / "seeds" / f"seed{seed}"
+
+
+def unseen_per(transcripts: Path) -> tuple[float, int] | None:
+    """(corpus PER, utterances) of a ``speechlab transcribe --format jsonl`` output with references."""
+    if not transcripts.is_file():
+        return None
+    records = [json.loads(line) for line in transcripts.read_text(encoding="utf-8").splitlines() if line]
+    refs = [r["reference"] for r in records]
+    return error_rates(refs, [r["text"] for r in records], phonemes=True)["per"], len(refs)
+
+
+def unseen_table(exp: Path) -> str:
+    """Stage 9: the test PER on ``en_test`` beside the PER on the unseen espeak English, per seed present."""
+    lines = [
+        "# Phoneme CTC on unseen English speech (`run.sh` stage 9)",
+        "",
+        header().replace("seed 0; ", ""),
+        "",
+        "Unseen: the espeak English items of the corpus that `data/` does not hold (`local/unseen.py`), transcribed "
+        "greedily by the best-val checkpoint of each run; PER over the whole set (jiwer).",
+        "",
+        "| model | seed | test PER (`en_test`, 12 utterances) | unseen PER | unseen utterances |",
+        "|---|---|---|---|---|",
+    ]
+    per_run: dict[str, list[float]] = {}
+    for run, what in CTC_RUNS:
+        for seed in (0, 1, 2):
+            base = seed_dir(exp, seed)
+            unseen = unseen_per(base / run / "unseen_transcripts.jsonl")
+            if unseen is None:
+                continue
+            per_run.setdefault(run, []).append(unseen[0])
+            test = last(logged_values(base / run, "test/per"))
+            lines.append(f"| {what} | {seed} | {fmt(test)} | {unseen[0]:.3f} | {unseen[1]} |")
+    lines.append("")
+    for run, what in CTC_RUNS:
+        lines.append(f"- {what}: unseen PER {mean_sd(per_run.get(run, []))}")
+    return "\n".join(lines)
+
+
 def learning_speed(exp: Path, out: Path, steps: tuple[int, ...] = (199, 399, 799, 1499)) -> list[str]:
     """Val PER of scratch and fine-tuned runs at the same steps, mean ± sd over the seeds (what pretraining buys
     along the way, not only at the end)."""
@@ -349,9 +395,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--exp", type=Path, default=Path(__file__).resolve().parents[1] / "exp")
     parser.add_argument("--seeds", action="store_true", help="the 3-seed table of stage 10 instead")
+    parser.add_argument("--unseen", action="store_true", help="the unseen-speech table of stage 9 instead")
     parser.add_argument("--wall-seconds", type=int, help="the stage's wall time, printed with the table")
     args = parser.parse_args()
-    print(seeds_table(args.exp, args.wall_seconds) if args.seeds else main_job(args.exp))
+    if args.unseen:
+        print(unseen_table(args.exp))
+    else:
+        print(seeds_table(args.exp, args.wall_seconds) if args.seeds else main_job(args.exp))
 
 
 if __name__ == "__main__":
