@@ -184,3 +184,23 @@ def test_the_readme_codec_commands_are_what_stage_6_runs():
     )
     ran = _commands(stage)
     assert len(block) == 2 and all(command in ran for command in block), (block, ran)
+
+
+def test_the_readme_unseen_speech_commands_are_what_stage_9_runs():
+    """The mini README's stage-9 block, as printed, is what run.sh stage 9 runs for the stage-2 model (the slow
+    main-job test executes the stage): its ``$corpora`` / ``$exp`` / loop variables spelled out."""
+    readme = (MINI / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Unseen English speech (stage 9)") :]
+    start = section.index("```bash\n") + len("```bash\n")
+    block = _commands(section[start : section.index("\n```", start)])
+    script = (MINI / "run.sh").read_text(encoding="utf-8")
+    stage = script[script.index("if run 9; then") : script.index("if run 10; then")]
+    stage = (
+        stage.replace("OMP_NUM_THREADS=2 ", "")
+        .replace("$base/$run_dir", "recipes/mini/exp/ctc_phoneme_fbank")
+        .replace("$corpora/", "../shared/corpora/")
+        .replace("$exp/", "recipes/mini/exp/")
+        .replace('"', "")
+    )
+    ran = _commands(stage)
+    assert len(block) == 2 and all(command in ran for command in block), (block, ran)
