@@ -167,40 +167,49 @@ def _commands(bash: str) -> list[str]:
     ]
 
 
+def _readme_block(heading: str) -> list[str]:
+    """The commands of the first bash block under ``heading`` in the mini README."""
+    readme = (MINI / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index(heading) :]
+    start = section.index("```bash\n") + len("```bash\n")
+    return _commands(section[start : section.index("\n```", start)])
+
+
+def _stage_commands(stage: int, spelled_out: dict[str, str]) -> list[str]:
+    """The commands of run.sh's stage ``stage``, its variables replaced as ``spelled_out`` says, quotes dropped."""
+    script = (MINI / "run.sh").read_text(encoding="utf-8")
+    text = script[script.index(f"if run {stage}; then") : script.index(f"if run {stage + 1}; then")]
+    for variable, value in spelled_out.items():
+        text = text.replace(variable, value)
+    return _commands(text.replace('"', ""))
+
+
 def test_the_readme_codec_commands_are_what_stage_6_runs():
     """The mini README's codec block, as printed, is what the main job's stage 6 runs (which the slow main-job
     test executes): the stage's ``fit`` / ``$exp`` / ``$conf`` / thread count spelled out."""
-    readme = (MINI / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("## A codec that uses its codebooks (stage 6)") :]
-    start = section.index("```bash\n") + len("```bash\n")
-    block = _commands(section[start : section.index("\n```", start)])
-    script = (MINI / "run.sh").read_text(encoding="utf-8")
-    stage = script[script.index("if run 6; then") : script.index("if run 7; then")]
-    stage = (
-        stage.replace("OMP_NUM_THREADS=$(threads) ", "")
-        .replace("fit $conf/", "speechlab fit --config recipes/mini/conf/")
-        .replace("$exp/", "recipes/mini/exp/")
-        .replace('"', "")
+    block = _readme_block("## A codec that uses its codebooks (stage 6)")
+    ran = _stage_commands(
+        6,
+        {
+            "OMP_NUM_THREADS=$(threads) ": "",
+            "fit $conf/": "speechlab fit --config recipes/mini/conf/",
+            "$exp/": "recipes/mini/exp/",
+        },
     )
-    ran = _commands(stage)
     assert len(block) == 2 and all(command in ran for command in block), (block, ran)
 
 
 def test_the_readme_unseen_speech_commands_are_what_stage_9_runs():
     """The mini README's stage-9 block, as printed, is what run.sh stage 9 runs for the stage-2 model (the slow
     main-job test executes the stage): its ``$corpora`` / ``$exp`` / loop variables spelled out."""
-    readme = (MINI / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("## Unseen English speech (stage 9)") :]
-    start = section.index("```bash\n") + len("```bash\n")
-    block = _commands(section[start : section.index("\n```", start)])
-    script = (MINI / "run.sh").read_text(encoding="utf-8")
-    stage = script[script.index("if run 9; then") : script.index("if run 10; then")]
-    stage = (
-        stage.replace("OMP_NUM_THREADS=2 ", "")
-        .replace("$base/$run_dir", "recipes/mini/exp/ctc_phoneme_fbank")
-        .replace("$corpora/", "../shared/corpora/")
-        .replace("$exp/", "recipes/mini/exp/")
-        .replace('"', "")
+    block = _readme_block("## Unseen English speech (stage 9)")
+    ran = _stage_commands(
+        9,
+        {
+            "OMP_NUM_THREADS=2 ": "",
+            "$base/$run_dir": "recipes/mini/exp/ctc_phoneme_fbank",
+            "$corpora/": "../shared/corpora/",
+            "$exp/": "recipes/mini/exp/",
+        },
     )
-    ran = _commands(stage)
     assert len(block) == 2 and all(command in ran for command in block), (block, ran)
