@@ -255,6 +255,7 @@ class SpeechDataModule(L.LightningDataModule):
         )
 
     def _loader(self, dataset: AudioDataset, sampler: BucketBatchSampler) -> DataLoader:
+        world_size, rank = self._world()
         return DataLoader(
             dataset,
             batch_sampler=sampler,
@@ -262,8 +263,8 @@ class SpeechDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
-            multiprocessing_context=worker_context(self._world()[0]) if self.num_workers > 0 else None,
-            worker_init_fn=partial(seed_worker, rank=self._world()[1]),
+            multiprocessing_context=worker_context(world_size) if self.num_workers > 0 else None,
+            worker_init_fn=partial(seed_worker, rank=rank),
         )
 
     def _durations(self, items: list[dict]) -> list[float]:

@@ -29,10 +29,10 @@ def seed_worker(worker_id: int, rank: int = 0) -> None:
     handed (Lightning's would import Lightning, torchmetrics and transformers into each of 8 workers a rank).
     """
     base_seed = torch.initial_seed() - worker_id
-    state = np.random.SeedSequence([base_seed, worker_id, rank]).generate_state(4, dtype=np.uint64)
+    state = np.random.SeedSequence([base_seed, worker_id, rank]).generate_state(3, dtype=np.uint64)
     torch.manual_seed(int(state[0]))
     random.seed(int(state[1]))
-    np.random.seed(np.random.SeedSequence(int(state[2])).generate_state(4))
+    np.random.seed(state[2:].view(np.uint32))  # numpy's legacy seed takes 32-bit words
 
 
 def parse_units(value: str | Sequence[int]) -> list[int]:
