@@ -81,10 +81,13 @@ class ExactResume(Callback):
       restoring a saved RNG state instead is not enough, since whatever runs between a checkpoint and the next
       batch (the next epoch's DataLoader iterator, validation) draws from the same generators and differs between
       a resumed and an uninterrupted run (at an epoch end, for one).
+    * CPU threads: the thread count changes the order of float sums (results differ in the last bits, then
+      drift apart over steps), so it is saved too, and a CPU run resumed with another count says so once.
     """
 
     def __init__(self) -> None:
         self.base_seed: int | None = None
+        self.saved_threads: int | None = None  # the interrupted run's torch.get_num_threads()
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Before the checkpoint is restored (which overrides it); ``initial_seed`` draws nothing from the RNG.
@@ -111,12 +114,27 @@ class ExactResume(Callback):
         if sampler is not None:
             sampler.position = trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        threads, saved = torch.get_num_threads(), self.saved_threads
+        on_cpu = trainer.strategy.root_device.type == "cpu"
+        if on_cpu and saved is not None and saved != threads and trainer.is_global_zero:
+            log.warning(
+                "resuming with %d CPU threads per process where the checkpoint was trained with %d: the result "
+                "will differ from an uninterrupted run in the last bits, growing over the steps (for bit-identical "
+                "weights resume with OMP_NUM_THREADS=%d)",
+                threads,
+                saved,
+                saved,
+            )
+
     def state_dict(self) -> dict[str, Any]:
-        return {"base_seed": self.base_seed}
+        return {"base_seed": self.base_seed, "cpu_threads": torch.get_num_threads()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("base_seed") is not None:
             self.base_seed = int(state_dict["base_seed"])
+        if state_dict.get("cpu_threads") is not None:
+            self.saved_threads = int(state_dict["cpu_threads"])
 
 
 class GracefulSigterm(Callback):

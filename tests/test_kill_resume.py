@@ -32,6 +32,7 @@ class Family:
     model: str
     data: Callable[[Path], str]
     max_steps: int
+    trainer: dict[str, Any] | None = None  # more trainer settings
 
 
 def _ctc_data(folder: Path) -> str:
@@ -40,6 +41,26 @@ def _ctc_data(folder: Path) -> str:
 
 
 CTC = Family("ctc", kh.CTC_MODEL, _ctc_data, max_steps=10)
+
+# The mini recipe's stage-2 shape: the fbank + Conformer encoder (BatchNorm statistics, its own dropout), and a
+# validation run every 3 steps (mid-epoch: 4 batches an epoch), so a resume restarts between validations.
+CTC_FBANK_VALIDATED = Family(
+    "ctc_fbank_validated",
+    """model:
+  class_path: speechlab.tasks.ctc.CTCTask
+  init_args:
+    encoder: fbank_conformer_tiny
+    encoder_overrides: {num_layers: 1, hidden_size: 48, ffn_size: 96}
+    mask_prob: 0.2
+    mask_length: 2
+    optim: {lr: 3.0e-3, warmup_steps: 2}
+""",
+    lambda folder: kh.ctc_data(
+        kh.tiny_manifest(folder / "train.jsonl", 8), kh.tiny_manifest(folder / "val.jsonl", 4)
+    ),
+    max_steps=10,
+    trainer={"val_check_interval": 3, "check_val_every_n_epoch": None},
+)
 
 
 def _wavlm_model(mixing: bool) -> str:
@@ -120,6 +141,7 @@ def _config(family: Family, root: Path, slow_write: float = 0.0) -> Path:
         model=family.model,
         data=family.data(root.parent),
         max_steps=family.max_steps,
+        trainer_extra=family.trainer,
         recorder={"slow_checkpoint_write": slow_write},
     )
 
@@ -263,6 +285,7 @@ def test_ctc_sigterm_saves_the_current_step_and_resumes_exactly(tmp_path):
         WAVLM_MIXING,
         UNISPEECH,
         CODEC,
+        CTC_FBANK_VALIDATED,
     ],
     ids=lambda f: f.name,
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -119,6 +120,29 @@ def test_killed_mid_epoch_run_resumes_to_identical_weights(small_manifest, tmp_p
         reference.state_dict().items(), resumed.state_dict().items(), strict=True
     ):
         assert torch.equal(expected, actual), name
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_cpu_run_resumed_with_another_thread_count_says_it_will_not_be_bit_identical(
+    small_manifest, tmp_path, caplog, restore_threads
+):
+    torch.set_num_threads(1)
+    _fit(tmp_path, small_manifest, max_steps=3, crash_at=2)
+    warning = "resuming with 2 CPU threads per process where the checkpoint was trained with 1"
+    torch.set_num_threads(2)
+    with caplog.at_level(logging.WARNING, logger="speechlab.train"):
+        _fit(tmp_path, small_manifest, max_steps=4, ckpt_path="last")
+    assert warning in caplog.text and "OMP_NUM_THREADS=1" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="speechlab.train"):  # trained on with 2 threads since
+        _fit(tmp_path, small_manifest, max_steps=5, ckpt_path="last")
+    assert "CPU threads" not in caplog.text
 
 
 def test_checkpoint_write_is_atomic_when_interrupted(tmp_path, monkeypatch):
