@@ -46,21 +46,17 @@ CTC = Family("ctc", kh.CTC_MODEL, _ctc_data, max_steps=10)
 # validation run every 3 steps (mid-epoch: 4 batches an epoch), so a resume restarts between validations.
 CTC_FBANK_VALIDATED = Family(
     "ctc_fbank_validated",
-    """model:
-  class_path: speechlab.tasks.ctc.CTCTask
-  init_args:
-    encoder: fbank_conformer_tiny
-    encoder_overrides: {num_layers: 1, hidden_size: 48, ffn_size: 96}
-    mask_prob: 0.2
-    mask_length: 2
-    optim: {lr: 3.0e-3, warmup_steps: 2}
-""",
+    kh.CTC_MODEL.replace(
+        "encoder: wavlm_tiny\n    encoder_overrides: {layerdrop: 0.0, num_layers: 1, dropout: 0.1}",
+        "encoder: fbank_conformer_tiny\n    encoder_overrides: {num_layers: 1, hidden_size: 48, ffn_size: 96}",
+    ),
     lambda folder: kh.ctc_data(
         kh.tiny_manifest(folder / "train.jsonl", 8), kh.tiny_manifest(folder / "val.jsonl", 4)
     ),
     max_steps=10,
     trainer={"val_check_interval": 3, "check_val_every_n_epoch": None},
 )
+assert "fbank_conformer_tiny" in CTC_FBANK_VALIDATED.model, "kh.CTC_MODEL's encoder lines changed"
 
 
 def _wavlm_model(mixing: bool) -> str:
