@@ -1,6 +1,7 @@
 """The README's main job, ``bash recipes/mini/run.sh``, runs end to end — every stage, the background anchor, the
 timings and the results table — on the shipped mini configs shrunk in width and steps only (the same shrinking
-as the shipped-config rehearsal, :mod:`tests.test_recipe_configs`)."""
+as the shipped-config rehearsal, :mod:`tests.test_recipe_configs`); so do the README's other ``run.sh`` commands
+(a rerun of stages 2-4, the separate stages 9, 10 and 11), in the same shrunk tree."""
 
 from __future__ import annotations
 
@@ -114,6 +115,46 @@ def test_the_main_job_runs_every_stage_and_writes_the_results_table(tmp_path):
     table = (exp / "unseen.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and line.endswith(" | 3 |")]
     assert len(rows) == 2 and table.count("unseen PER") >= 3, table
+
+    # the README's other commands: a rerun of stages 2-4 (every fit resumes its finished run), the separate
+    # stages 10 (seeds) and 11 (UniSpeech table), then stage 9 again, which now finds the seeds' models too
+    def stage(first: int, last: int) -> str:
+        command = [
+            "bash",
+            str(root / "recipes" / "mini" / "run.sh"),
+            "--stage",
+            str(first),
+            "--stop-stage",
+            str(last),
+        ]
+        done = subprocess.run(
+            command,
+            cwd=tmp_path,
+            env={**env, "CORPORA": str(corpora)},
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
+        assert done.returncode == 0, (command, done.stdout[-3000:], done.stderr[-5000:])
+        return done.stdout
+
+    assert "=== stage 4:" in stage(2, 4)
+    stage(10, 10)
+    seeds = (exp / "seeds" / "results.md").read_text()
+    assert "| model | seed 0 | seed 1 | seed 2 | mean ± sd |" in seeds and seeds.count(" ± ") >= 6, seeds
+    stage(11, 11)
+    table = (exp / "unispeech_table" / "results.md").read_text()
+    for row in (
+        "(a) CTC from scratch",
+        "(b) contrastive-only",
+        "(c) multitask, swap 0",
+        "(d) UniSpeech, swap 0.5",
+    ):
+        assert f"| {row}" in table, (row, table)
+    stage(9, 9)
+    table = (exp / "unseen.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and line.endswith(" | 3 |")]
+    assert len(rows) == 6, table
 
 
 # The fit() of the README's diagnosis block, as printed there; the test swaps in one that also shrinks the run.
