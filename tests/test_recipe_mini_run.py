@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -199,13 +200,11 @@ def test_the_readme_diagnosis_commands_run(tmp_path):
 
 
 def _commands(bash: str) -> list[str]:
-    """The commands of a bash snippet, continuation lines joined, comments and blank lines dropped."""
+    """The commands of a bash snippet, continuation lines joined, comments (also after a command) and blank lines
+    dropped."""
     joined = bash.replace("\\\n", " ")
-    return [
-        " ".join(line.split())
-        for line in joined.splitlines()
-        if line.strip() and not line.lstrip().startswith("#")
-    ]
+    lines = (re.sub(r"\s#\s.*$", "", line) for line in joined.splitlines())
+    return [" ".join(line.split()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
 def _readme_block(heading: str) -> list[str]:
@@ -254,3 +253,41 @@ def test_the_readme_unseen_speech_commands_are_what_stage_9_runs():
         },
     )
     assert len(block) == 2 and all(command in ran for command in block), (block, ran)
+
+
+# run.sh's helpers and variables as the README spells them out
+_AS_PRINTED = {
+    "OMP_NUM_THREADS=$(threads) ": "",
+    ' > "$exp/anchor/train.log" 2>&1 &': "",
+    '"${ANCHOR_CPU_MINUTES:-12}"': "12",
+    "fit $conf/": "speechlab fit --config recipes/mini/conf/",
+    "$units": "$exp/wavlm/units_mfcc",
+    '"$exp"': "recipes/mini/exp",
+    "$exp/": "recipes/mini/exp/",
+}
+
+
+@pytest.mark.parametrize(
+    "heading, stages",
+    [
+        ("## Phoneme CTC from scratch that learns (stage 2) against the anchor (stage 1)", [1, 2]),
+        ("## WavLM-style pretraining, then fine-tuning (stages 3-4)", [3, 4]),
+        ("## UniSpeech on the bundled espeak corpus (stage 5; the table: stage 11)", [5, 11]),
+    ],
+)
+def test_the_readme_stage_blocks_are_what_run_sh_runs(heading, stages):
+    """Each section's bash block is what those run.sh stages run (the slow main-job test executes them)."""
+    ran = []
+    for stage in stages:
+        commands = _stage_commands(stage, _AS_PRINTED)
+        # test_best X = speechlab test --config X --ckpt_path best
+        ran += [
+            re.sub(
+                r"^test_best \$conf/(\S+)",
+                r"speechlab test --config recipes/mini/conf/\1 --ckpt_path best",
+                c,
+            )
+            for c in commands
+        ]
+    block = _readme_block(heading)
+    assert len(block) >= 3 and all(command in ran for command in block), (block, ran)
