@@ -24,10 +24,12 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from speechlab.checkpoints.safe_load import load_torch_checkpoint
@@ -202,14 +204,38 @@ def rehearsal_config(path: Path, work: Path, init_from: Path | None = None) -> t
     return config, devices
 
 
-def _fit(config_path: Path, devices: int, extra: list[str], log: Path) -> None:
-    """``speechlab fit`` in a subprocess (Lightning's DDP launcher starts the second rank from its argv), in a
-    session of its own so that no rank outlives the test, whatever happens."""
+def _fit(config_path: Path, devices: int, extra: list[str], log: Path, workers: int) -> None:
+    """``speechlab fit --config config_path *extra``.
+
+    A run that starts other processes (a second rank, DataLoader workers) runs as a subprocess in a session of
+    its own, so that a hang fails within :data:`TIMEOUT` and no process outlives the test. A run that starts
+    none runs here, through the same entry point the console script calls (:func:`speechlab.cli.main`), which
+    saves the ~10 s import of Lightning a process costs; it gets what the subprocess would (one CPU thread,
+    the repository as working directory, warnings off) and the process state is restored after it.
+    """
+    argv = ["fit", "--config", str(config_path), *extra]
+    if devices == 1 and workers == 0:
+        code = _fit_here(argv, log)
+    else:
+        code = _fit_in_subprocess(argv, log)
+    text = log.read_text(errors="replace")
+    assert code is not None, (
+        f"{config_path.name} ({devices} process(es)) ran past {TIMEOUT} s:\n{text[-4000:]}"
+    )
+    assert code == 0, f"{config_path.name} ({devices} process(es)) failed:\n{text[-4000:]}"
+
+
+def _fit_in_subprocess(argv: list[str], log: Path) -> int | None:
+    """The exit status, or None when the run was killed after :data:`TIMEOUT` seconds."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
-    command = [sys.executable, "-m", "speechlab.cli", "fit", "--config", str(config_path), *extra]
     with log.open("ab") as out:
         process = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            [sys.executable, "-m", "speechlab.cli", *argv],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         try:
             code = process.wait(timeout=TIMEOUT)
@@ -219,11 +245,33 @@ def _fit(config_path: Path, devices: int, extra: list[str], log: Path) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-    text = log.read_text(errors="replace")
-    assert code is not None, (
-        f"{config_path.name} ({devices} process(es)) ran past {TIMEOUT} s:\n{text[-4000:]}"
-    )
-    assert code == 0, f"{config_path.name} ({devices} process(es)) failed:\n{text[-4000:]}"
+    return code
+
+
+def _fit_here(argv: list[str], log: Path) -> int:
+    """The exit status of ``speechlab.cli.main(argv)`` run in this process, its output appended to ``log``."""
+    from speechlab.cli import main
+
+    environ, cwd, threads = dict(os.environ), Path.cwd(), torch.get_num_threads()
+    try:
+        os.chdir(REPO)
+        torch.set_num_threads(1)
+        with (
+            log.open("a", encoding="utf-8") as out,
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(out),
+            warnings.catch_warnings(),
+        ):
+            warnings.simplefilter("ignore")
+            try:
+                return main(argv)
+            except SystemExit as stop:  # a refused config: the log holds the parser's message
+                return stop.code if isinstance(stop.code, int) else 1
+    finally:
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 _REHEARSED: dict[Path, Path] = {}  # shipped config -> run folder of its rehearsal (producers are reused)
@@ -244,10 +292,12 @@ def rehearse(path: Path, tmp_root: Path) -> Path:
     config_path = work / "rehearsal.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     log = work / "fit.log"
-    _fit(config_path, devices, [], log)
+    workers = int(config["data"]["init_args"].get("num_workers", 0))
+    _fit(config_path, devices, [], log, workers)
     last = work / "run" / "checkpoints" / "last.ckpt"
     assert load_torch_checkpoint(last)["global_step"] == _steps(config, 1), log.read_text()[-3000:]
-    _fit(config_path, devices, ["--trainer.max_steps", str(_steps(config, 2)), "--ckpt_path", "last"], log)
+    resume = ["--trainer.max_steps", str(_steps(config, 2)), "--ckpt_path", "last"]
+    _fit(config_path, devices, resume, log, workers)
     assert load_torch_checkpoint(last)["global_step"] == _steps(config, 2), log.read_text()[-3000:]
     _REHEARSED[path] = work / "run"
     return work / "run"
