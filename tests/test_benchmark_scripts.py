@@ -41,6 +41,7 @@ def test_every_benchmark_command_in_the_readme_uses_existing_options():
                 )
 
 
+@pytest.mark.slow  # a benchmark run as a test, with two DDP processes
 def test_ddp_find_unused_benchmark_runs_and_reports_both_modes():
     done = _run(["benchmarks/ddp_find_unused.py", "--steps", "2", "--warmup", "1", "--seconds", "0.5"])
     assert done.returncode == 0, done.stderr[-3000:]

@@ -195,6 +195,7 @@ def _val_losses(root: Path) -> list[float]:
     return [float(r["val/loss"]) for r in rows if r.get("val/loss")]
 
 
+@pytest.mark.slow  # multi-process DDP (the default run rehearses every shipped DDP config)
 def test_two_process_cpu_ddp_trains_like_a_single_process(small_manifest, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     runs = {"single": "  devices: 1", "ddp": "  devices: 2\n  strategy: ddp"}
