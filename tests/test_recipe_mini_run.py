@@ -61,26 +61,26 @@ def _env() -> dict[str, str]:
     }
 
 
+def _run_sh(root: Path, *args: str, env: dict[str, str], timeout: float) -> str:
+    """``bash recipes/mini/run.sh ARGS`` of the shrunk tree ``root``, run from its parent; its stdout."""
+    command = ["bash", str(root / "recipes" / "mini" / "run.sh"), *args]
+    done = subprocess.run(command, cwd=root.parent, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, (command, done.stdout[-3000:], done.stderr[-5000:])
+    return done.stdout
+
+
 @pytest.mark.slow
 def test_the_main_job_runs_every_stage_and_writes_the_results_table(tmp_path):
     root = _shrunk_tree(tmp_path)
     env = _env()
-    done = subprocess.run(
-        ["bash", str(root / "recipes" / "mini" / "run.sh")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
-    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-5000:])
+    stdout = _run_sh(root, env=env, timeout=1500)
     exp = root / "recipes" / "mini" / "exp"
     for stage in range(9):
-        assert f"=== stage {stage}:" in done.stdout, stage
+        assert f"=== stage {stage}:" in stdout, stage
     stages = [line.split("\t")[0] for line in (exp / "timings.tsv").read_text().splitlines()]
     assert set(stages) == {*map(str, range(9)), "total"}, stages
     results = (exp / "results.md").read_text()
-    assert results == done.stdout[done.stdout.index("# Mini recipe results") :].strip() + "\n"
+    assert results == stdout[stdout.index("# Mini recipe results") :].strip() + "\n"
     for section in ("Phoneme CTC on espeak English", "UniSpeech", "Codec on held-out LJ Speech"):
         assert section in results, section
     assert "missing" not in results, results
@@ -104,15 +104,8 @@ def test_the_main_job_runs_every_stage_and_writes_the_results_table(tmp_path):
         for it in english
     ]
     (corpora / "espeak" / "manifest.jsonl").write_text("".join(json.dumps(it) + "\n" for it in unseen))
-    done = subprocess.run(
-        ["bash", str(root / "recipes" / "mini" / "run.sh"), "--stage", "9", "--stop-stage", "9"],
-        cwd=tmp_path,
-        env={**env, "CORPORA": str(corpora)},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-5000:])
+    env = {**env, "CORPORA": str(corpora)}
+    _run_sh(root, "--stage", "9", "--stop-stage", "9", env=env, timeout=600)
     table = (exp / "unseen.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and line.endswith(" | 3 |")]
     assert len(rows) == 2 and table.count("unseen PER") >= 3, table
@@ -120,24 +113,7 @@ def test_the_main_job_runs_every_stage_and_writes_the_results_table(tmp_path):
     # the README's other commands: a rerun of stages 2-4 (every fit resumes its finished run), the separate
     # stages 10 (seeds) and 11 (UniSpeech table), then stage 9 again, which now finds the seeds' models too
     def stage(first: int, last: int) -> str:
-        command = [
-            "bash",
-            str(root / "recipes" / "mini" / "run.sh"),
-            "--stage",
-            str(first),
-            "--stop-stage",
-            str(last),
-        ]
-        done = subprocess.run(
-            command,
-            cwd=tmp_path,
-            env={**env, "CORPORA": str(corpora)},
-            capture_output=True,
-            text=True,
-            timeout=1200,
-        )
-        assert done.returncode == 0, (command, done.stdout[-3000:], done.stderr[-5000:])
-        return done.stdout
+        return _run_sh(root, "--stage", str(first), "--stop-stage", str(last), env=env, timeout=1200)
 
     assert "=== stage 4:" in stage(2, 4)
     stage(10, 10)
@@ -215,6 +191,18 @@ def _readme_block(heading: str) -> list[str]:
     return _commands(section[start : section.index("\n```", start)])
 
 
+# run.sh's helpers and variables as the README spells them out
+_AS_PRINTED = {
+    "OMP_NUM_THREADS=$(threads) ": "",
+    ' > "$exp/anchor/train.log" 2>&1 &': "",
+    '"${ANCHOR_CPU_MINUTES:-12}"': "12",
+    "fit $conf/": "speechlab fit --config recipes/mini/conf/",
+    "$units": "$exp/wavlm/units_mfcc",
+    '"$exp"': "recipes/mini/exp",
+    "$exp/": "recipes/mini/exp/",
+}
+
+
 def _stage_commands(stage: int, spelled_out: dict[str, str]) -> list[str]:
     """The commands of run.sh's stage ``stage``, its variables replaced as ``spelled_out`` says, quotes dropped."""
     script = (MINI / "run.sh").read_text(encoding="utf-8")
@@ -228,14 +216,7 @@ def test_the_readme_codec_commands_are_what_stage_6_runs():
     """The mini README's codec block, as printed, is what the main job's stage 6 runs (which the slow main-job
     test executes): the stage's ``fit`` / ``$exp`` / ``$conf`` / thread count spelled out."""
     block = _readme_block("## A codec that uses its codebooks (stage 6)")
-    ran = _stage_commands(
-        6,
-        {
-            "OMP_NUM_THREADS=$(threads) ": "",
-            "fit $conf/": "speechlab fit --config recipes/mini/conf/",
-            "$exp/": "recipes/mini/exp/",
-        },
-    )
+    ran = _stage_commands(6, _AS_PRINTED)
     assert len(block) == 2 and all(command in ran for command in block), (block, ran)
 
 
@@ -253,18 +234,6 @@ def test_the_readme_unseen_speech_commands_are_what_stage_9_runs():
         },
     )
     assert len(block) == 2 and all(command in ran for command in block), (block, ran)
-
-
-# run.sh's helpers and variables as the README spells them out
-_AS_PRINTED = {
-    "OMP_NUM_THREADS=$(threads) ": "",
-    ' > "$exp/anchor/train.log" 2>&1 &': "",
-    '"${ANCHOR_CPU_MINUTES:-12}"': "12",
-    "fit $conf/": "speechlab fit --config recipes/mini/conf/",
-    "$units": "$exp/wavlm/units_mfcc",
-    '"$exp"': "recipes/mini/exp",
-    "$exp/": "recipes/mini/exp/",
-}
 
 
 @pytest.mark.parametrize(
