@@ -1,7 +1,7 @@
 """Feature-extraction speed and long-input memory: speechlab FeatureExtractor vs transformers, same weights.
 
     python benchmarks/extract.py            # --quick: 4 utterances of 5/4/3/2 s, 3 rounds, 10-minute long input
-    python benchmarks/extract.py --full     # perf.md batch: 10/8/6/4 s padded to 10 s, 5 rounds, 1-hour input
+    python benchmarks/extract.py --full     # 10/8/6/4 s padded to 10 s (the benchmark batch of wavlm.py), 5 rounds, 1-hour input
 
 Model: WavLM Base (94.4 M parameters, random init from ``transformers.WavLMConfig()``), copied into speechlab through
 ``save_pretrained`` + ``speechlab.load``. CPU, ``torch.set_num_threads(2)`` (``--threads``). Implementations are
@@ -238,7 +238,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--full", action="store_true", help="perf.md batch (10/8/6/4 s), 5 rounds, 1-hour input"
+        "--full",
+        action="store_true",
+        help="4 utterances of 10/8/6/4 s (as benchmarks/wavlm.py), 5 rounds, 1-hour input",
     )
     parser.add_argument(
         "--quick", action="store_true", help="the default: short batch, 3 rounds, 10-minute input"

@@ -63,7 +63,7 @@ SAMPLE_RATE = 16000
 NUM_CLASSES = 504
 PRESETS = {"base": "wavlm_base", "base_plus": "wavlm_base_plus", "large": "wavlm_large", "tiny": "wavlm_tiny"}
 SYNC_WARNING = "called a synchronizing CUDA operation"
-GOAL_AUDIO_S_PER_GPU_S = 4000  # H100/H200 goal (perf.md section 8), stretch 7700
+GOAL_AUDIO_S_PER_GPU_S = 4000  # H100/H200 goal (benchmarks/README.md), stretch 7700
 
 
 # ----------------------------------------------------------------------------------------------- setup

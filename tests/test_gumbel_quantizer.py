@@ -1,26 +1,20 @@
-import math
-
 import pytest
 import torch
 
-from speechlab.nn.gumbel_quantizer import (
-    GumbelProductQuantizer,
-    GumbelQuantizerConfig,
-    gumbel_temperature,
-)
+from speechlab.models.unispeech import UniSpeechConfig
+from speechlab.nn.gumbel_quantizer import GumbelProductQuantizer, gumbel_temperature
 
 
 def _quantizer(**overrides) -> GumbelProductQuantizer:
     torch.manual_seed(0)
-    config = GumbelQuantizerConfig(input_dim=16, num_groups=2, num_entries=8, codevector_dim=12, **overrides)
-    return GumbelProductQuantizer(config)
+    return GumbelProductQuantizer(16, num_groups=2, num_entries=8, codevector_dim=12, **overrides)
 
 
 def test_temperature_schedule_decays_per_step_and_stops_at_minimum():
     assert gumbel_temperature(0, 2.0, 0.5, 0.999995) == 2.0
     assert gumbel_temperature(1000, 2.0, 0.5, 0.999995) == pytest.approx(2.0 * 0.999995**1000)
     assert gumbel_temperature(10_000_000, 2.0, 0.5, 0.999995) == 0.5
-    quantizer = _quantizer(temperature_max=2.0, temperature_min=0.1, temperature_decay=0.99)
+    quantizer = _quantizer(temperature=(2.0, 0.1, 0.99))
     assert quantizer.set_step(100) == pytest.approx(2.0 * 0.99**100)
     assert quantizer.temperature == pytest.approx(2.0 * 0.99**100)
 
@@ -94,13 +88,29 @@ def test_perplexity_counts_uniform_usage_and_ignores_padded_frames():
     assert 1.0 <= c.code_perplexity.item() <= 2 * 3  # at most one distinct entry per frame and group
 
 
-def test_config_rejects_codevector_dim_not_divisible_by_groups():
-    with pytest.raises(ValueError, match="codevector_dim"):
-        GumbelQuantizerConfig(num_groups=2, codevector_dim=7)
+@pytest.mark.parametrize(
+    ("groups", "dim", "temperature", "message"),
+    [
+        (2, 7, (2.0, 0.1, 0.999995), "codevector_dim=7 must be divisible by the 2 codebook groups"),
+        (2, 8, (2.0, 0.1), "temperature must be"),
+        (2, 8, (0.1, 2.0, 0.999995), "0 < min <= max"),
+        (2, 8, (2.0, 0.1, 1.5), "decay must be in"),
+    ],
+)
+def test_quantizer_and_unispeech_config_reject_the_same_bad_arguments_by_name(
+    groups, dim, temperature, message
+):
+    with pytest.raises(ValueError, match=f"GumbelProductQuantizer: .*{message}"):
+        GumbelProductQuantizer(4, num_groups=groups, codevector_dim=dim, temperature=temperature)
+    with pytest.raises(ValueError, match=f"UniSpeechConfig: .*{message}"):
+        UniSpeechConfig(num_codevector_groups=groups, codevector_dim=dim, temperature=temperature)
 
 
 def test_paper_defaults():
-    config = GumbelQuantizerConfig()
-    assert (config.num_groups, config.num_entries) == (2, 320)
-    assert (config.temperature_max, config.temperature_min, config.temperature_decay) == (2.0, 0.1, 0.999995)
-    assert math.isclose(GumbelProductQuantizer(config).codevectors.shape[-1], 384)
+    quantizer = GumbelProductQuantizer(512)
+    assert (quantizer.num_groups, quantizer.num_entries, quantizer.codevectors.shape) == (
+        2,
+        320,
+        (1, 640, 384),
+    )
+    assert quantizer.schedule == (2.0, 0.1, 0.999995) and quantizer.temperature == 2.0

@@ -85,7 +85,9 @@ def test_eval_never_swaps_and_is_deterministic():
 def test_padded_frames_do_not_change_outputs_of_real_frames():
     torch.manual_seed(0)
     config = _no_dropout(unispeech_tiny(num_ctc_classes=12))
-    config.encoder.conv_norm = "layer"  # the group-norm CNN is padding-sensitive by design (spec §10.8)
+    config.encoder.conv_norm = (
+        "layer"  # the group-norm CNN is padding-sensitive by design (docs/pitfalls.md, 1)
+    )
     model = UniSpeech(config).eval()
     audio = torch.randn(1, 12000)
     alone = model(audio)

@@ -6,7 +6,7 @@ backbone + ``quantizer``, ``project_q``, ``project_hid``, ``ctc_proj``) or ``Uni
 
 The backbone keys and config fields are mapped by :mod:`speechlab.checkpoints.hf_ssl` (shared with WavLM / HuBERT /
 wav2vec 2.0); this module adds the UniSpeech heads: ``quantizer.{codevectors,weight_proj}``, ``project_q``,
-``project_hid`` -> ``final_proj`` (Linear(proj_codevector_dim -> hidden), spec §10.13), ``ctc_proj``.
+``project_hid`` -> ``final_proj`` (Linear(proj_codevector_dim -> hidden), docs/pitfalls.md, 9), ``ctc_proj``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""UniSpeech: wav2vec 2.0 backbone + Gumbel product quantizer + phonetic CTC head with the swap (spec §7).
+"""UniSpeech: wav2vec 2.0 backbone + Gumbel product quantizer + phonetic CTC head with the swap (UniSpeech, Wang et al. 2021, §2).
 
 Data flow (training, one utterance batch)::
 
@@ -9,7 +9,7 @@ Data flow (training, one utterance batch)::
 ``y'`` is a second, independently sampled quantization of the same features (the reference code quantizes twice),
 projected to the model width like the contrastive targets; CTC gradients flow through it into the codebook
 (straight-through), which is what makes the codebook phonetic. ``swap_prob = 0`` is exactly plain multitask
-learning (CTC on ``c``). In eval mode nothing is swapped (the released code swaps at eval too: spec §10.17).
+learning (CTC on ``c``). In eval mode nothing is swapped (the released code swaps at eval too: docs/pitfalls.md, 8).
 
 The backbone is the paper's wav2vec 2.0 encoder (``SSLEncoder``; presets ``unispeech_base`` / ``unispeech_large`` /
 ``unispeech_tiny``) or, for small CPU experiments, the fbank + Conformer encoder of
@@ -37,14 +37,15 @@ from speechlab.models.fbank_conformer import FbankConformerConfig, FbankConforme
 from speechlab.models.registry import preset
 from speechlab.models.ssl_encoder import SSLEncoder, SSLEncoderConfig
 from speechlab.models.wavlm import LARGE_SIZE
-from speechlab.nn.gumbel_quantizer import GumbelProductQuantizer, GumbelQuantizerConfig
+from speechlab.nn.gumbel_quantizer import LARGE_TEMPERATURE, GumbelProductQuantizer, check_quantizer_arguments
 
 FBANK_SPAN_MASK = (0.5, 5)
 
 
 @dataclass
 class UniSpeechConfig:
-    """UniSpeech hyper-parameters; defaults are the released Large recipe (spec §7.1-7.6).
+    """UniSpeech hyper-parameters; defaults are the released Large recipe (microsoft/UniSpeech
+    ``src/examples/unispeech/scripts``).
 
     encoder: the backbone (``unispeech_large()`` etc. fill it): an ``SSLEncoderConfig`` (wav2vec 2.0, the paper's),
       or a ``FbankConformerConfig`` (fbank + Conformer, ``unispeech_fbank_tiny()``).
@@ -66,7 +67,7 @@ class UniSpeechConfig:
     num_codevectors_per_group: int = 320
     codevector_dim: int = 768
     proj_codevector_dim: int = 768
-    temperature: tuple[float, float, float] = (2.0, 0.1, 0.999995)
+    temperature: tuple[float, float, float] = LARGE_TEMPERATURE
     quantizer_dropout: float = 0.1
     num_ctc_classes: int = 80
     final_dropout: float = 0.1
@@ -77,8 +78,9 @@ class UniSpeechConfig:
         if isinstance(self.encoder, dict):  # read back from config.json / a checkpoint's hyper-parameters
             self.encoder = encoder_config_from_dict(self.encoder)
         self.temperature = tuple(float(t) for t in self.temperature)
-        if len(self.temperature) != 3:
-            raise ValueError(f"UniSpeechConfig.temperature must be (max, min, decay), got {self.temperature}")
+        check_quantizer_arguments(
+            self.num_codevector_groups, self.codevector_dim, self.temperature, "UniSpeechConfig"
+        )
         if not 0.0 <= self.swap_prob <= 1.0:
             raise ValueError(f"UniSpeechConfig.swap_prob must be in [0, 1], got {self.swap_prob}")
         if self.num_ctc_classes < 2:
@@ -104,23 +106,11 @@ class UniSpeechConfig:
             return FBANK_SPAN_MASK
         return self.encoder.mask_prob, self.encoder.mask_length
 
-    def quantizer_config(self) -> GumbelQuantizerConfig:
-        maximum, minimum, decay = self.temperature
-        return GumbelQuantizerConfig(
-            input_dim=self.feature_dim,
-            num_groups=self.num_codevector_groups,
-            num_entries=self.num_codevectors_per_group,
-            codevector_dim=self.codevector_dim,
-            temperature_max=maximum,
-            temperature_min=minimum,
-            temperature_decay=decay,
-        )
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-# the released recipe's regularisation (spec §7.1, §7.6), shared by the Large and tiny presets
+# the released recipe's regularisation (its Large scripts), shared by the Large and tiny presets
 _RECIPE_REGULARISATION = dict(
     layer_norm_first=True,
     dropout=0.1,
@@ -149,11 +139,11 @@ def _unispeech_preset(
 @preset("unispeech")
 def unispeech_large(num_ctc_classes: int = 80) -> UniSpeechConfig:
     """Released UniSpeech Large (EN 1350 h): w2v2 Large backbone with conv bias, pre-LN, final_dim 768, mask 0.5,
-    layerdrop 0, feature_grad_mult 1, dropouts 0.1, τ (2, 0.1, 0.999995) (spec §7.1, §7.6 stage 1)."""
+    layerdrop 0, feature_grad_mult 1, dropouts 0.1, τ (2, 0.1, 0.999995) (the released stage-1 script)."""
     encoder = SSLEncoderConfig(
         **{**LARGE_SIZE, **_RECIPE_REGULARISATION}, conv_bias=True, mask_length=10, feature_grad_mult=1.0
     )
-    return _unispeech_preset(encoder, 768, num_ctc_classes, temperature=(2.0, 0.1, 0.999995))
+    return _unispeech_preset(encoder, 768, num_ctc_classes, temperature=LARGE_TEMPERATURE)
 
 
 @preset("unispeech")
@@ -229,7 +219,13 @@ class UniSpeech(nn.Module):
         self.config = config
         self.encoder: SSLEncoder | FbankConformerEncoder = build_encoder(config.encoder)
         self.quantizer_dropout = nn.Dropout(config.quantizer_dropout)
-        self.quantizer = GumbelProductQuantizer(config.quantizer_config())
+        self.quantizer = GumbelProductQuantizer(
+            config.feature_dim,
+            config.num_codevector_groups,
+            config.num_codevectors_per_group,
+            config.codevector_dim,
+            config.temperature,
+        )
         self.project_q = nn.Linear(config.codevector_dim, config.proj_codevector_dim)
         self.final_proj = nn.Linear(config.proj_codevector_dim, config.encoder.hidden_size)
         self.final_dropout = nn.Dropout(config.final_dropout)

@@ -1,4 +1,4 @@
-"""wav2vec 2.0 / UniSpeech contrastive objective (spec §7.2-7.3).
+"""wav2vec 2.0 / UniSpeech contrastive objective (wav2vec 2.0, Baevski et al. 2020, §3.2, eq. 3-4).
 
 For every masked frame t the context vector c_t must pick its own quantized target y_t among K distractors drawn
 uniformly from the other (non-padded) frames of the same utterance:

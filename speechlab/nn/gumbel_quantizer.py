@@ -1,4 +1,4 @@
-"""Gumbel-softmax product quantizer (wav2vec 2.0 §2, UniSpeech §7.2 of the spec).
+"""Gumbel-softmax product quantizer (wav2vec 2.0, Baevski et al. 2020, §2; used as is by UniSpeech).
 
 The input feature vector is projected to ``groups × entries`` logits. Each group picks one entry of its own codebook
 (hard straight-through Gumbel-softmax in training, argmax in eval) and the chosen entries of all groups are
@@ -15,41 +15,27 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+# UniSpeech / wav2vec 2.0 Large: τ anneals from 2 to 0.1 by 0.999995 per step (Base: to 0.5)
+LARGE_TEMPERATURE = (2.0, 0.1, 0.999995)
 
-@dataclass
-class GumbelQuantizerConfig:
-    """Product quantizer hyper-parameters; defaults = UniSpeech / wav2vec 2.0 Large.
 
-    input_dim: size of the features to quantize (the 512-d CNN features).
-    num_groups (G), num_entries (V): G codebooks of V entries each (G·V = 640 code vectors).
-    codevector_dim: size of the concatenated code vector (each entry has codevector_dim / G values).
-    temperature_max / temperature_min / temperature_decay: τ(step) = max(τ_max · decay^step, τ_min);
-      (2, 0.1, 0.999995) for UniSpeech / wav2vec 2.0 Large, (2, 0.5, 0.999995) for wav2vec 2.0 Base.
-    """
-
-    input_dim: int = 512
-    num_groups: int = 2
-    num_entries: int = 320
-    codevector_dim: int = 768
-    temperature_max: float = 2.0
-    temperature_min: float = 0.1
-    temperature_decay: float = 0.999995
-
-    def __post_init__(self) -> None:
-        if self.codevector_dim % self.num_groups != 0:
-            raise ValueError(
-                f"GumbelQuantizerConfig.codevector_dim={self.codevector_dim} must be divisible by "
-                f"num_groups={self.num_groups}: each group contributes codevector_dim / num_groups values."
-            )
-        if not 0.0 < self.temperature_min <= self.temperature_max:
-            raise ValueError(
-                f"GumbelQuantizerConfig needs 0 < temperature_min <= temperature_max, got "
-                f"min={self.temperature_min}, max={self.temperature_max}."
-            )
-        if not 0.0 < self.temperature_decay <= 1.0:
-            raise ValueError(
-                f"GumbelQuantizerConfig.temperature_decay must be in (0, 1], got {self.temperature_decay}."
-            )
+def check_quantizer_arguments(
+    num_groups: int, codevector_dim: int, temperature: tuple[float, float, float], owner: str
+) -> None:
+    """Raise a ValueError naming ``owner`` unless the code vector splits evenly into ``num_groups`` parts and
+    ``temperature`` = (max, min, decay) is a schedule: 0 < min <= max, 0 < decay <= 1."""
+    if num_groups < 1 or codevector_dim % num_groups != 0:
+        raise ValueError(
+            f"{owner}: codevector_dim={codevector_dim} must be divisible by the {num_groups} codebook groups: "
+            "each group contributes codevector_dim / groups values."
+        )
+    if len(temperature) != 3:
+        raise ValueError(f"{owner}: temperature must be (max, min, decay), got {tuple(temperature)}")
+    maximum, minimum, decay = temperature
+    if not 0.0 < minimum <= maximum:
+        raise ValueError(f"{owner}: temperature needs 0 < min <= max, got max={maximum}, min={minimum}")
+    if not 0.0 < decay <= 1.0:
+        raise ValueError(f"{owner}: the temperature decay must be in (0, 1], got {decay}")
 
 
 def gumbel_temperature(step: int, maximum: float, minimum: float, decay: float) -> float:
@@ -87,20 +73,33 @@ def _perplexity(probs: Tensor, valid: Tensor | None) -> Tensor:
 class GumbelProductQuantizer(nn.Module):
     """Gumbel-softmax product quantizer.
 
+    input_dim: size of the features to quantize (the 512-d CNN features).
+    num_groups (G), num_entries (V): G codebooks of V entries each (G·V = 640 code vectors).
+    codevector_dim: size of the concatenated code vector (each entry has codevector_dim / G values).
+    temperature: (max, min, decay), τ(step) = max(max · decay^step, min); defaults = UniSpeech / wav2vec 2.0 Large.
+
     ``forward(features (..., input_dim), valid_mask (...) bool | None, generator=None) -> QuantizerOutput``.
     Call ``set_step(global_step)`` every training step to anneal the temperature (it is not automatic).
     """
 
-    def __init__(self, config: GumbelQuantizerConfig):
+    def __init__(
+        self,
+        input_dim: int,
+        num_groups: int = 2,
+        num_entries: int = 320,
+        codevector_dim: int = 768,
+        temperature: tuple[float, float, float] = LARGE_TEMPERATURE,
+    ) -> None:
         super().__init__()
-        self.config = config
-        self.num_groups = config.num_groups
-        self.num_entries = config.num_entries
-        self.weight_proj = nn.Linear(config.input_dim, config.num_groups * config.num_entries)
+        check_quantizer_arguments(num_groups, codevector_dim, temperature, "GumbelProductQuantizer")
+        self.num_groups = num_groups
+        self.num_entries = num_entries
+        self.schedule = tuple(float(t) for t in temperature)
+        self.weight_proj = nn.Linear(input_dim, num_groups * num_entries)
         self.codevectors = nn.Parameter(
-            torch.empty(1, config.num_groups * config.num_entries, config.codevector_dim // config.num_groups)
+            torch.empty(1, num_groups * num_entries, codevector_dim // num_groups)
         )
-        self.temperature = config.temperature_max
+        self.temperature = self.schedule[0]
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -116,8 +115,7 @@ class GumbelProductQuantizer(nn.Module):
 
     def set_step(self, step: int) -> float:
         """Set τ from the optimiser step count; returns the new temperature."""
-        c = self.config
-        self.temperature = gumbel_temperature(step, c.temperature_max, c.temperature_min, c.temperature_decay)
+        self.temperature = gumbel_temperature(step, *self.schedule)
         return self.temperature
 
     def forward(
