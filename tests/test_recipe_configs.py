@@ -7,9 +7,14 @@ Each config is rehearsed by ``speechlab fit`` with its own trainer, model and da
 * the data: manifests made from the bundled ``data/`` (short espeak utterances with phonemes, text, units and
   languages; the bundled noise clips), two utterances per batch (:data:`MAX_BATCH_SECONDS`), and enough of them
   that every rank completes a whole gradient accumulation within an epoch;
-* ``accelerator: cpu``, and **2 processes (gloo)** wherever the config says ``strategy: ddp``;
+* ``accelerator: cpu``, and **2 processes (gloo)** wherever the config says ``strategy: ddp``; at most
+  :data:`MAX_WORKERS` DataLoader workers a process (the shipped counts size a GPU host's cores; workers stay
+  workers, started as shipped);
 * ``max_steps``: one optimiser update, validation (one batch) every update, then a resume from ``last.ckpt``
-  for one more update;
+  for one more update. DDP ranks start as a cluster starts them (``torchrun`` / SLURM style: every rank at once,
+  with ``LOCAL_RANK`` and ``MASTER_PORT`` set), except in the fit of :data:`LAUNCHER_REHEARSAL`, started as
+  ``recipes/librispeech/run.sh`` starts every fit (one ``speechlab fit``, whose Lightning starts the second
+  rank): the two ways of starting ranks differ only in who starts the processes, not in what a config does;
 * ``init_from`` points at the rehearsed run of the config that writes that checkpoint.
 
 A config that cannot run this way is a bug in the config or in the code.
@@ -19,11 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -94,6 +102,8 @@ def tiny_width(model: dict) -> dict[str, Any]:
 
 
 MAX_BATCH_SECONDS = 6.5  # two of the rehearsal's 2-3.2 s utterances
+MAX_WORKERS = 2  # DataLoader workers a process (2 CPU cores here)
+LAUNCHER_REHEARSAL = "librispeech/wavlm_base_iter1"  # run.sh's first fit
 
 
 # ------------------------------------------------------------------------------------------------ the data
@@ -197,6 +207,8 @@ def rehearsal_config(path: Path, work: Path, init_from: Path | None = None) -> t
         data_args[key] = str(manifests[key])
     if "tokenizer_dir" in data_args:
         data_args["tokenizer_dir"] = str(work / "tokenizer")
+    if data_args.get("num_workers"):
+        data_args["num_workers"] = min(int(data_args["num_workers"]), MAX_WORKERS)
     data_args["max_batch_seconds"] = min(
         float(data_args.get("max_batch_seconds", MAX_BATCH_SECONDS)), MAX_BATCH_SECONDS
     )
@@ -204,20 +216,22 @@ def rehearsal_config(path: Path, work: Path, init_from: Path | None = None) -> t
     return config, devices
 
 
-def _fit(config_path: Path, devices: int, extra: list[str], log: Path, workers: int) -> None:
-    """``speechlab fit --config config_path *extra``.
+def _fit(config_path: Path, devices: int, extra: list[str], log: Path, external_ranks: bool = False) -> None:
+    """``speechlab fit --config config_path *extra``; a hang fails within :data:`TIMEOUT` seconds.
 
-    A run that starts other processes (a second rank, DataLoader workers) runs as a subprocess in a session of
-    its own, so that a hang fails within :data:`TIMEOUT` and no process outlives the test. A run that starts
-    none runs here, through the same entry point the console script calls (:func:`speechlab.cli.main`), which
-    saves the ~10 s import of Lightning a process costs; it gets what the subprocess would (one CPU thread,
-    the repository as working directory, warnings off) and the process state is restored after it.
+    A run on one device runs here, through the entry point the console script calls (:func:`speechlab.cli.main`),
+    which saves the ~10 s import of Lightning a process costs; it gets what a subprocess would (one CPU thread,
+    the repository as working directory, warnings off), its DataLoader workers are forked from this process as
+    they would be from a ``speechlab fit`` process, and the process state is restored after it. A DDP run runs
+    as subprocesses in a process group of their own, so that no process outlives the test: one process that
+    starts its other ranks itself, or with ``external_ranks`` all ``devices`` ranks at once, as ``torchrun``
+    starts them (each rank's import of Lightning then runs beside the others', not after rank 0's).
     """
     argv = ["fit", "--config", str(config_path), *extra]
-    if devices == 1 and workers == 0:
+    if devices == 1:
         code = _fit_here(argv, log)
     else:
-        code = _fit_in_subprocess(argv, log)
+        code = _fit_in_subprocesses(argv, log, devices if external_ranks else 1)
     text = log.read_text(errors="replace")
     assert code is not None, (
         f"{config_path.name} ({devices} process(es)) ran past {TIMEOUT} s:\n{text[-4000:]}"
@@ -225,34 +239,69 @@ def _fit(config_path: Path, devices: int, extra: list[str], log: Path, workers: 
     assert code == 0, f"{config_path.name} ({devices} process(es)) failed:\n{text[-4000:]}"
 
 
-def _fit_in_subprocess(argv: list[str], log: Path) -> int | None:
-    """The exit status, or None when the run was killed after :data:`TIMEOUT` seconds."""
+def _fit_in_subprocesses(argv: list[str], log: Path, ranks: int) -> int | None:
+    """Start ``ranks`` processes (more than one: Lightning's environment variables for ranks started from
+    outside); the first non-zero exit status, or None when the run was killed after :data:`TIMEOUT` seconds."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
+    if ranks > 1:
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), NODE_RANK="0")
+    processes: list[subprocess.Popen] = []
     with log.open("ab") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "speechlab.cli", *argv],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
         try:
-            code = process.wait(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            code = None
+            for rank in range(ranks):
+                processes.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "speechlab.cli", *argv],
+                        cwd=REPO,
+                        env={**env, "LOCAL_RANK": str(rank)} if ranks > 1 else env,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        # one process group for the run, led by rank 0: the killpg below ends them all
+                        process_group=processes[0].pid if rank else 0,
+                    )
+                )
+            code = _wait_all(processes)
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            if processes:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(processes[0].pid, signal.SIGKILL)
+            for process in processes:
+                process.wait()
     return code
 
 
-def _fit_here(argv: list[str], log: Path) -> int:
-    """The exit status of ``speechlab.cli.main(argv)`` run in this process, its output appended to ``log``."""
+def _wait_all(processes: list[subprocess.Popen]) -> int | None:
+    """0 when every process exits 0; the first failure's status as soon as one fails (its peers may be waiting
+    for it in a collective); None after :data:`TIMEOUT` seconds."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        codes = [p.poll() for p in processes]
+        failed = [c for c in codes if c not in (None, 0)]
+        if failed:
+            return failed[0]
+        if all(c == 0 for c in codes):
+            return 0
+        time.sleep(0.2)
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _fit_here(argv: list[str], log: Path) -> int | None:
+    """The exit status of ``speechlab.cli.main(argv)`` run in this process, its output appended to ``log``;
+    None when it ran past :data:`TIMEOUT` seconds."""
     from speechlab.cli import main
 
+    def stop(signum: int, frame: object) -> None:
+        raise TimeoutError(f"the run took more than {TIMEOUT} s")
+
     environ, cwd, threads = dict(os.environ), Path.cwd(), torch.get_num_threads()
+    alarm = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(TIMEOUT)
     try:
         os.chdir(REPO)
         torch.set_num_threads(1)
@@ -265,9 +314,14 @@ def _fit_here(argv: list[str], log: Path) -> int:
             warnings.simplefilter("ignore")
             try:
                 return main(argv)
-            except SystemExit as stop:  # a refused config: the log holds the parser's message
-                return stop.code if isinstance(stop.code, int) else 1
+            except SystemExit as exit_:  # a refused config: the log holds the parser's message
+                return exit_.code if isinstance(exit_.code, int) else 1
+            except TimeoutError:
+                return None
     finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, alarm)
+        gc.collect()  # the run's DataLoader, and with it its persistent workers, ends here
         os.chdir(cwd)
         torch.set_num_threads(threads)
         os.environ.clear()
@@ -292,12 +346,11 @@ def rehearse(path: Path, tmp_root: Path) -> Path:
     config_path = work / "rehearsal.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     log = work / "fit.log"
-    workers = int(config["data"]["init_args"].get("num_workers", 0))
-    _fit(config_path, devices, [], log, workers)
+    _fit(config_path, devices, [], log, external_ranks=_name(path) != LAUNCHER_REHEARSAL)
     last = work / "run" / "checkpoints" / "last.ckpt"
     assert load_torch_checkpoint(last)["global_step"] == _steps(config, 1), log.read_text()[-3000:]
     resume = ["--trainer.max_steps", str(_steps(config, 2)), "--ckpt_path", "last"]
-    _fit(config_path, devices, resume, log, workers)
+    _fit(config_path, devices, resume, log, external_ranks=True)
     assert load_torch_checkpoint(last)["global_step"] == _steps(config, 2), log.read_text()[-3000:]
     _REHEARSED[path] = work / "run"
     return work / "run"
@@ -320,6 +373,10 @@ def test_every_shipped_config_is_rehearsed_and_every_model_has_a_width_override(
     assert len(CONFIGS) >= 16
     classes = {yaml.safe_load(p.read_text())["model"]["class_path"] for p in CONFIGS}
     assert classes <= set(TINY_WIDTH), classes - set(TINY_WIDTH)
+    (launched,) = [p for p in CONFIGS if _name(p) == LAUNCHER_REHEARSAL]
+    assert yaml.safe_load(launched.read_text())["trainer"]["strategy"] == "ddp", (
+        "Lightning's launcher must run"
+    )
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=_name)
