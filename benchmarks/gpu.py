@@ -48,6 +48,7 @@ import warnings
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -57,7 +58,9 @@ from speechlab.augment.mixing import MixingConfig, UtteranceMixer  # noqa: E402
 from speechlab.data.collate import UNIT_PAD, Batch  # noqa: E402
 from speechlab.host_sync import HostSyncCounter, device_path  # noqa: E402
 from speechlab.optim import OptimConfig, build_optimizer  # noqa: E402
-from speechlab.tasks.wavlm_pretrain import WavLMPretrainTask  # noqa: E402
+
+if TYPE_CHECKING:
+    from speechlab.tasks.wavlm_pretrain import WavLMPretrainTask
 
 SAMPLE_RATE = 16000
 NUM_CLASSES = 504
@@ -81,6 +84,9 @@ def encoder_overrides(args) -> dict:
 
 def build_task(args, device: torch.device, seed: int = 0) -> WavLMPretrainTask:
     """WavLM pretraining task of the chosen preset (random init), with noise + speech mixing, on ``device``."""
+    # imported here, not at the top, so that --help does not import Lightning (~7 s)
+    from speechlab.tasks.wavlm_pretrain import WavLMPretrainTask
+
     torch.manual_seed(seed)
     task = WavLMPretrainTask(
         encoder=PRESETS[args.preset],
