@@ -1,7 +1,7 @@
 """Feature-extraction speed and long-input memory: speechlab FeatureExtractor vs transformers, same weights.
 
     python benchmarks/extract.py            # --quick: 4 utterances of 5/4/3/2 s, 3 rounds, 10-minute long input
-    python benchmarks/extract.py --full     # 10/8/6/4 s padded to 10 s (the benchmark batch of wavlm.py), 5 rounds, 1-hour input
+    python benchmarks/extract.py --full     # wavlm.py's batch: 10/8/6/4 s padded to 10 s, 5 rounds, 1-hour input
 
 Model: WavLM Base (94.4 M parameters, random init from ``transformers.WavLMConfig()``), copied into speechlab through
 ``save_pretrained`` + ``speechlab.load``. CPU, ``torch.set_num_threads(2)`` (``--threads``). Implementations are

@@ -1,4 +1,4 @@
-"""UniSpeech: wav2vec 2.0 backbone + Gumbel product quantizer + phonetic CTC head with the swap (UniSpeech, Wang et al. 2021, §2).
+"""UniSpeech: wav2vec 2.0 backbone + Gumbel product quantizer + phonetic CTC head with the swap (Wang et al. 2021, §2).
 
 Data flow (training, one utterance batch)::
 

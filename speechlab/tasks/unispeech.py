@@ -1,4 +1,4 @@
-"""UniSpeech multitask pretraining: α·CTC(swap) + (1 − α)·(InfoNCE + β·diversity) (UniSpeech, Wang et al. 2021, §2).
+"""UniSpeech multitask pretraining: α·CTC(swap) + (1 − α)·(InfoNCE + β·diversity) (Wang et al. 2021, §2).
 
 A batch may mix labeled (high-resource, phone targets) and unlabeled speech: an utterance is *labeled* when it has
 targets and its language is in ``labeled_languages`` (None = every utterance with targets). The contrastive and
