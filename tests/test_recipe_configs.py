@@ -216,7 +216,7 @@ def rehearsal_config(path: Path, work: Path, init_from: Path | None = None) -> t
     return config, devices
 
 
-def _fit(config_path: Path, devices: int, extra: list[str], log: Path, external_ranks: bool = False) -> None:
+def _fit(config_path: Path, devices: int, extra: list[str], log: Path, external_ranks: bool) -> None:
     """``speechlab fit --config config_path *extra``; a hang fails within :data:`TIMEOUT` seconds.
 
     A run on one device runs here, through the entry point the console script calls (:func:`speechlab.cli.main`),
