@@ -90,6 +90,20 @@ def test_the_fused_conv_chain_runs_in_training_and_the_plain_one_when_switched_o
         assert module(audio).grad_fn is None
 
 
+@pytest.mark.parametrize("norm", ["group", "layer"])
+def test_under_cpu_bf16_the_training_chain_runs_time_major(norm):
+    """The time-major chain (tested equal to the plain blocks above) is what runs under CPU bf16 autocast: its output
+    (batch, channels, frames) has channels innermost in memory, and no recomputing block is in the graph."""
+    module = ConvFeatureEncoder(wavlm_tiny().conv_layers, norm=norm)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(torch.randn(2, 4000))
+    assert out.dtype == torch.bfloat16 and out.transpose(1, 2).is_contiguous()
+    assert not any("NormGeluConv1d" in name for name in _graph_nodes(out))
+    if norm == "group":  # the plain chain (and the fp32 recomputing one) keep time innermost
+        with fused.use(False), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not module(torch.randn(2, 4000)).transpose(1, 2).is_contiguous()
+
+
 @pytest.mark.parametrize("bf16", [False, True])
 def test_recomputing_gelu_linear_equals_the_plain_feed_forward(bf16):
     torch.manual_seed(0)

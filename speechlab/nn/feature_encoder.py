@@ -85,14 +85,15 @@ class ConvBlock(nn.Module):
             raise ValueError(f"ConvBlock norm must be 'group', 'layer' or 'none', got {norm!r}")
 
     def normalize(self, x: Tensor, statistics: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """The block's norm (or identity) on the conv output x: (batch, channels, time); ``statistics`` (GroupNorm
-        only): the per-channel ``(mean, var)`` to use instead of x's own (see :class:`Fp32GroupNorm`)."""
+        """The block's norm (or identity) on the conv output x: (batch, channels, time) (or (batch, channels, 1,
+        time), as :func:`speechlab.nn.fused.time_major_conv_chain` runs it); ``statistics`` (GroupNorm only, 3-d x):
+        the per-channel ``(mean, var)`` to use instead of x's own (see :class:`Fp32GroupNorm`)."""
         if statistics is not None and self.norm_kind != "group":
             raise ValueError(
                 f"fixed normalisation statistics need a GroupNorm block, this one has {self.norm_kind!r}"
             )
         if self.norm_kind == "layer":
-            return self.norm(x.transpose(1, 2)).transpose(1, 2)
+            return self.norm(x.movedim(1, -1)).movedim(-1, 1)
         if self.norm_kind == "group":
             return self.norm(x, statistics)
         return x
