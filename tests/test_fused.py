@@ -104,6 +104,22 @@ def test_under_cpu_bf16_the_training_chain_runs_time_major(norm):
             assert not module(torch.randn(2, 4000)).transpose(1, 2).is_contiguous()
 
 
+@pytest.mark.parametrize("fixed_statistics", [False, True])
+def test_time_major_chain_equals_the_plain_blocks_in_bf16_inference(fixed_statistics):
+    """Inference under CPU bf16 (feature extraction) runs the time-major chain too, with the whole-file block-0
+    statistics of chunked extraction as well."""
+    torch.manual_seed(0)
+    module = ConvFeatureEncoder(wavlm_tiny().conv_layers, norm="group").eval()
+    audio = torch.randn(1, 8000) * 0.1
+    statistics = module.block0_statistics(audio[0]) if fixed_statistics else None
+    outputs = []
+    for use_fused in (True, False):
+        with fused.use(use_fused), torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs.append(module(audio, statistics))
+    assert outputs[0].transpose(1, 2).is_contiguous() and not outputs[1].transpose(1, 2).is_contiguous()
+    _assert_close(outputs[0], outputs[1], TOLERANCE[True], "<output>")
+
+
 @pytest.mark.parametrize("bf16", [False, True])
 def test_recomputing_gelu_linear_equals_the_plain_feed_forward(bf16):
     torch.manual_seed(0)

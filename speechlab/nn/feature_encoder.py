@@ -158,10 +158,13 @@ class ConvFeatureEncoder(nn.Module):
         """audio: (batch, samples) float -> features (batch, channels, frames): the chain of :class:`ConvBlock` s.
 
         ``block0_statistics``: ``(mean, var)`` (channels,) for block 0's GroupNorm instead of the batch's own (Base
-        models; :meth:`block0_statistics` of a whole file, for chunked extraction). In a training step with
-        :func:`speechlab.nn.fused.enabled` the same maths runs as :func:`speechlab.nn.fused.conv_feature_encoder`
-        (norm + GELU recomputed in backward: less memory).
+        models; :meth:`block0_statistics` of a whole file, for chunked extraction). With
+        :func:`speechlab.nn.fused.enabled` the same maths runs as :func:`speechlab.nn.fused.time_major_conv_chain`
+        under bf16 autocast on the CPU (faster memory order), else in a training step as
+        :func:`speechlab.nn.fused.conv_feature_encoder` (norm + GELU recomputed in backward: less memory).
         """
+        if fused.enabled() and fused.cpu_bf16(audio):
+            return fused.time_major_conv_chain(self.conv_layers, audio, block0_statistics)
         if block0_statistics is None and fused.for_training(*self.parameters()):
             return fused.conv_feature_encoder(self.conv_layers, audio)
         x = self.conv_layers[0](audio.unsqueeze(1), block0_statistics)

@@ -9,8 +9,9 @@ beyond float rounding.
 
 - :func:`conv_feature_encoder` (training): the conv feature encoder with each norm + GELU fused into the following
   conv by :class:`NormGeluConv1d`, which stores only its input and recomputes norm and GELU in backward: about 80 %
-  less CNN activation memory in a training step. Under bf16 autocast on the CPU it runs the chain in time-major
-  memory instead (:func:`time_major_conv_chain`), where oneDNN's bf16 convolutions are faster.
+  less CNN activation memory in a training step.
+- :func:`time_major_conv_chain` (bf16 autocast on the CPU, training and inference): the conv feature encoder with
+  its activations in time-major memory, where oneDNN's bf16 convolutions are faster.
 - :func:`gelu_linear` (training): ``linear(gelu(pre))`` storing only ``pre`` (:class:`GeluLinear`): one
   (batch, T, ffn) tensor per layer less.
 - :func:`qkv_heads` (inference): the q, k, v projections as one GEMM on the concatenated weights (in training
@@ -161,15 +162,13 @@ def conv_feature_encoder(blocks: Sequence[nn.Module], audio: Tensor) -> Tensor:
     In fp32 block 0 (conv, norm, GELU) is recomputed in backward too, so its output, the largest activation, is not
     stored. Under bf16 autocast block 0 runs as plain autograd instead: recomputing it there (the bf16 conv and the
     fp32 norm with its casts) cost ~0.25 s of a 2.5 s WavLM Base training step on a native-bf16 CPU
-    (benchmarks/wavlm.py), and its stored activations are half the fp32 size. On the CPU under bf16 the whole chain
-    is :func:`time_major_conv_chain` (plain autograd in faster memory order).
+    (benchmarks/wavlm.py), and its stored activations are half the fp32 size. (On the CPU under bf16 the encoder runs
+    :func:`time_major_conv_chain` instead.)
     """
     first = blocks[0].conv
     bf16 = torch.is_autocast_enabled(audio.device.type) and (
         torch.get_autocast_dtype(audio.device.type) == torch.bfloat16
     )
-    if bf16 and audio.device.type == "cpu":
-        return time_major_conv_chain(blocks, audio)
     start = 0
     if bf16 and len(blocks) > 1:  # block 0 stored, not recomputed; the fused chain starts at block 1's conv
         x = blocks[1].conv(blocks[0](audio.unsqueeze(1)))
@@ -190,9 +189,21 @@ def conv_feature_encoder(blocks: Sequence[nn.Module], audio: Tensor) -> Tensor:
     return F.gelu(blocks[-1].normalize(x))
 
 
-def time_major_conv_chain(blocks: Sequence[nn.Module], audio: Tensor) -> Tensor:
+def cpu_bf16(x: Tensor) -> bool:
+    """Whether ``x`` is on the CPU under bf16 autocast (where :func:`time_major_conv_chain` is the faster CNN)."""
+    return (
+        x.device.type == "cpu"
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    )
+
+
+def time_major_conv_chain(
+    blocks: Sequence[nn.Module], audio: Tensor, block0_statistics: tuple[Tensor, Tensor] | None = None
+) -> Tensor:
     """The chain of ``ConvBlock`` s on audio (batch, samples) -> (batch, channels, frames) with the activations stored
-    time-major (strides (frames x channels, 1, channels)), for a training step under bf16 autocast on the CPU.
+    time-major (strides (frames x channels, 1, channels)), for bf16 autocast on the CPU (training and inference;
+    ``block0_statistics`` as in :meth:`ConvBlock.normalize`).
 
     Each conv runs as a conv2d over (batch, channels, 1, time) in ``channels_last`` memory, the layout oneDNN's bf16
     kernels are fastest in, and a LayerNorm over channels needs no transpose there. Block 0's GroupNorm (Base) stays
@@ -202,13 +213,17 @@ def time_major_conv_chain(blocks: Sequence[nn.Module], audio: Tensor) -> Tensor:
     torch 2.11, docs/pitfalls.md, 10.) Plain autograd, nothing recomputed: bf16 activations are half the fp32 size.
     Forward + backward of the WavLM Base CNN on 4 x 4 s, AMX CPU, 2 threads: 0.67 s, against 1.03 s for the
     recomputing channel-major chain and 0.94 s for transformers; Large's LayerNorm CNN 0.98 s against 2.56 s.
+    Inference on 4 x 10 s: 0.77 s against 1.16 s for the plain blocks and 1.04 s for transformers.
     The output's ``transpose(1, 2)`` (batch, frames, channels) is contiguous.
     """
     x, start = audio[:, None, None, :], 0  # (batch, 1, 1, samples)
     if blocks[0].norm_kind == "group":  # GroupNorm's backward is ~6x slower on channels_last memory
         x, norm = blocks[0].conv(audio.unsqueeze(1)), blocks[0].norm
-        with torch.autocast("cpu", enabled=False):  # bf16 in and out, fp32 statistics
-            x = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+        if block0_statistics is not None:
+            x = blocks[0].normalize(x, block0_statistics)
+        else:
+            with torch.autocast("cpu", enabled=False):  # bf16 in and out, fp32 statistics
+                x = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
         x, start = F.gelu(x.unsqueeze(2).contiguous(memory_format=torch.channels_last)), 1
     for block in blocks[start:]:
         conv = block.conv
