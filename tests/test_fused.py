@@ -104,20 +104,37 @@ def test_under_cpu_bf16_the_training_chain_runs_time_major(norm):
             assert not module(torch.randn(2, 4000)).transpose(1, 2).is_contiguous()
 
 
-@pytest.mark.parametrize("fixed_statistics", [False, True])
-def test_time_major_chain_equals_the_plain_blocks_in_bf16_inference(fixed_statistics):
-    """Inference under CPU bf16 (feature extraction) runs the time-major chain too, with the whole-file block-0
-    statistics of chunked extraction as well."""
+@pytest.mark.parametrize(
+    "norm,bf16,fixed_statistics",
+    [("group", True, False), ("group", True, True), ("layer", True, False), ("layer", False, False)],
+)
+def test_time_major_chain_equals_the_plain_blocks_in_inference(norm, bf16, fixed_statistics):
+    """Inference (feature extraction) runs the time-major chain under CPU bf16, with the whole-file block-0
+    statistics of chunked extraction as well, and for a LayerNorm CNN in fp32 too."""
     torch.manual_seed(0)
-    module = ConvFeatureEncoder(wavlm_tiny().conv_layers, norm="group").eval()
+    module = ConvFeatureEncoder(wavlm_tiny().conv_layers, norm=norm).eval()
     audio = torch.randn(1, 8000) * 0.1
     statistics = module.block0_statistics(audio[0]) if fixed_statistics else None
     outputs = []
     for use_fused in (True, False):
-        with fused.use(use_fused), torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with (
+            fused.use(use_fused),
+            torch.inference_mode(),
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
+        ):
             outputs.append(module(audio, statistics))
-    assert outputs[0].transpose(1, 2).is_contiguous() and not outputs[1].transpose(1, 2).is_contiguous()
-    _assert_close(outputs[0], outputs[1], TOLERANCE[True], "<output>")
+            assert fused.runs_time_major(audio, module.conv_layers) == use_fused
+    assert outputs[0].transpose(1, 2).is_contiguous()
+    _assert_close(outputs[0], outputs[1], TOLERANCE[bf16], "<output>")
+
+
+def test_fp32_training_and_a_group_norm_cnn_in_fp32_inference_keep_the_channel_major_chain():
+    for norm in ("group", "layer"):
+        module = ConvFeatureEncoder(wavlm_tiny().conv_layers, norm=norm)
+        audio = torch.randn(1, 4000)
+        assert not fused.runs_time_major(audio, module.conv_layers)  # training: the recomputing chain
+        with torch.no_grad():
+            assert fused.runs_time_major(audio, module.conv_layers) == (norm == "layer")
 
 
 @pytest.mark.parametrize("bf16", [False, True])

@@ -160,10 +160,10 @@ class ConvFeatureEncoder(nn.Module):
         ``block0_statistics``: ``(mean, var)`` (channels,) for block 0's GroupNorm instead of the batch's own (Base
         models; :meth:`block0_statistics` of a whole file, for chunked extraction). With
         :func:`speechlab.nn.fused.enabled` the same maths runs as :func:`speechlab.nn.fused.time_major_conv_chain`
-        under bf16 autocast on the CPU (faster memory order), else in a training step as
+        where that memory order is faster (:func:`speechlab.nn.fused.runs_time_major`), else in a training step as
         :func:`speechlab.nn.fused.conv_feature_encoder` (norm + GELU recomputed in backward: less memory).
         """
-        if fused.enabled() and fused.cpu_bf16(audio):
+        if fused.runs_time_major(audio, self.conv_layers):
             return fused.time_major_conv_chain(self.conv_layers, audio, block0_statistics)
         if block0_statistics is None and fused.for_training(*self.parameters()):
             return fused.conv_feature_encoder(self.conv_layers, audio)

@@ -10,8 +10,9 @@ beyond float rounding.
 - :func:`conv_feature_encoder` (training): the conv feature encoder with each norm + GELU fused into the following
   conv by :class:`NormGeluConv1d`, which stores only its input and recomputes norm and GELU in backward: about 80 %
   less CNN activation memory in a training step.
-- :func:`time_major_conv_chain` (bf16 autocast on the CPU, training and inference): the conv feature encoder with
-  its activations in time-major memory, where oneDNN's bf16 convolutions are faster.
+- :func:`time_major_conv_chain` (CPU: bf16 autocast, and fp32 inference of LayerNorm CNNs; :func:`runs_time_major`):
+  the conv feature encoder with its activations in time-major memory, where oneDNN's convolutions are faster and a
+  LayerNorm over channels needs no transpose.
 - :func:`gelu_linear` (training): ``linear(gelu(pre))`` storing only ``pre`` (:class:`GeluLinear`): one
   (batch, T, ffn) tensor per layer less.
 - :func:`qkv_heads` (inference): the q, k, v projections as one GEMM on the concatenated weights (in training
@@ -189,12 +190,16 @@ def conv_feature_encoder(blocks: Sequence[nn.Module], audio: Tensor) -> Tensor:
     return F.gelu(blocks[-1].normalize(x))
 
 
-def cpu_bf16(x: Tensor) -> bool:
-    """Whether ``x`` is on the CPU under bf16 autocast (where :func:`time_major_conv_chain` is the faster CNN)."""
-    return (
-        x.device.type == "cpu"
-        and torch.is_autocast_enabled("cpu")
-        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+def runs_time_major(audio: Tensor, blocks: Sequence[nn.Module]) -> bool:
+    """Whether the conv feature encoder is faster as :func:`time_major_conv_chain` here: on the CPU, under bf16
+    autocast (training and inference) and, for a LayerNorm CNN (Large), in fp32 inference too (no transposes around
+    its norms). Not in fp32 training (:func:`conv_feature_encoder` stores less) nor on other devices (not measured)."""
+    if not _enabled or audio.device.type != "cpu":
+        return False
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+        return True
+    return blocks[0].norm_kind == "layer" and for_inference(
+        *(p for block in blocks for p in block.parameters())
     )
 
 
@@ -202,8 +207,8 @@ def time_major_conv_chain(
     blocks: Sequence[nn.Module], audio: Tensor, block0_statistics: tuple[Tensor, Tensor] | None = None
 ) -> Tensor:
     """The chain of ``ConvBlock`` s on audio (batch, samples) -> (batch, channels, frames) with the activations stored
-    time-major (strides (frames x channels, 1, channels)), for bf16 autocast on the CPU (training and inference;
-    ``block0_statistics`` as in :meth:`ConvBlock.normalize`).
+    time-major (strides (frames x channels, 1, channels)), where :func:`runs_time_major` says it is faster
+    (``block0_statistics`` as in :meth:`ConvBlock.normalize`).
 
     Each conv runs as a conv2d over (batch, channels, 1, time) in ``channels_last`` memory, the layout oneDNN's bf16
     kernels are fastest in, and a LayerNorm over channels needs no transpose there. Block 0's GroupNorm (Base) stays
@@ -213,7 +218,8 @@ def time_major_conv_chain(
     torch 2.11, docs/pitfalls.md, 10.) Plain autograd, nothing recomputed: bf16 activations are half the fp32 size.
     Forward + backward of the WavLM Base CNN on 4 x 4 s, AMX CPU, 2 threads: 0.67 s, against 1.03 s for the
     recomputing channel-major chain and 0.94 s for transformers; Large's LayerNorm CNN 0.98 s against 2.56 s.
-    Inference on 4 x 10 s: 0.77 s against 1.16 s for the plain blocks and 1.04 s for transformers.
+    Inference on 4 x 10 s: 0.77 s against 1.16 s for the plain blocks and 1.04 s for transformers; Large's CNN in
+    fp32 1.29 s against 2.28 s.
     The output's ``transpose(1, 2)`` (batch, frames, channels) is contiguous.
     """
     x, start = audio[:, None, None, :], 0  # (batch, 1, 1, samples)
