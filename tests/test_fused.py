@@ -41,6 +41,19 @@ def _assert_close(a: torch.Tensor, b: torch.Tensor, tolerance: float, name: str)
     assert (a.float() - b.float()).norm() <= tolerance * b.float().norm() + 1e-12, name
 
 
+def _inference_outputs(forward, bf16: bool) -> tuple:
+    """``forward()`` under ``inference_mode`` (and CPU bf16 autocast when ``bf16``), fused kernels on, then off."""
+    outputs = []
+    for use_fused in (True, False):
+        with (
+            fused.use(use_fused),
+            torch.inference_mode(),
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
+        ):
+            outputs.append(forward())
+    return outputs[0], outputs[1]
+
+
 def _assert_fused_equals_plain(module, inputs, forward, bf16: bool) -> None:
     out_fused, grads_fused = _run(module, inputs, forward, bf16, use_fused=True)
     out_plain, grads_plain = _run(module, inputs, forward, bf16, use_fused=False)
@@ -115,17 +128,13 @@ def test_time_major_chain_equals_the_plain_blocks_in_inference(norm, bf16, fixed
     module = ConvFeatureEncoder(wavlm_tiny().conv_layers, norm=norm).eval()
     audio = torch.randn(1, 8000) * 0.1
     statistics = module.block0_statistics(audio[0]) if fixed_statistics else None
-    outputs = []
-    for use_fused in (True, False):
-        with (
-            fused.use(use_fused),
-            torch.inference_mode(),
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
-        ):
-            outputs.append(module(audio, statistics))
-            assert fused.runs_time_major(audio, module.conv_layers) == use_fused
-    assert outputs[0].transpose(1, 2).is_contiguous()
-    _assert_close(outputs[0], outputs[1], TOLERANCE[bf16], "<output>")
+    with fused.use(False), torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        assert not fused.runs_time_major(audio, module.conv_layers)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        assert fused.runs_time_major(audio, module.conv_layers)
+    out_fused, out_plain = _inference_outputs(lambda: module(audio, statistics), bf16)
+    assert out_fused.transpose(1, 2).is_contiguous()
+    _assert_close(out_fused, out_plain, TOLERANCE[bf16], "<output>")
 
 
 def test_fp32_training_and_a_group_norm_cnn_in_fp32_inference_keep_the_channel_major_chain():
@@ -153,15 +162,8 @@ def test_one_gemm_qkv_projection_equals_three_projections_in_inference(gated, bf
     x = torch.randn(2, 30, 64)
     padding = torch.zeros(2, 30, dtype=torch.bool)
     padding[1, 20:] = True
-    outputs = []
-    for use_fused in (True, False):
-        with (
-            fused.use(use_fused),
-            torch.inference_mode(),
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
-        ):
-            outputs.append(attention(x, padding, bias))
-    _assert_close(outputs[0], outputs[1], TOLERANCE[bf16], "<output>")
+    out_fused, out_plain = _inference_outputs(lambda: attention(x, padding, bias), bf16)
+    _assert_close(out_fused, out_plain, TOLERANCE[bf16], "<output>")
 
 
 @pytest.mark.parametrize("bf16", [False, True])
@@ -188,13 +190,6 @@ def test_whole_encoder_inference_is_the_same_with_and_without_fused_kernels(bf16
     torch.manual_seed(0)
     model = SSLEncoder(wavlm_tiny()).eval()
     audio, lengths = torch.randn(2, 16000) * 0.1, torch.tensor([16000, 12000])
-    states = []
-    for use_fused in (True, False):
-        with (
-            fused.use(use_fused),
-            torch.inference_mode(),
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
-        ):
-            states.append(model(audio, lengths, output_hidden_states=True).hidden_states)
+    states = _inference_outputs(lambda: model(audio, lengths, output_hidden_states=True).hidden_states, bf16)
     for layer, (a, b) in enumerate(zip(*states, strict=True)):
         _assert_close(a, b, TOLERANCE[bf16], f"hidden state {layer}")
