@@ -137,6 +137,14 @@ def test_time_major_chain_equals_the_plain_blocks_in_inference(norm, bf16, fixed
     _assert_close(out_fused, out_plain, TOLERANCE[bf16], "<output>")
 
 
+def test_the_time_major_chain_refuses_block0_statistics_for_a_layer_norm_cnn_as_the_plain_one_does():
+    module = ConvFeatureEncoder(wavlm_tiny().conv_layers, norm="layer").eval()
+    statistics = (torch.zeros(128), torch.ones(128))
+    for use_fused in (True, False):
+        with fused.use(use_fused), torch.inference_mode(), pytest.raises(ValueError, match="GroupNorm"):
+            module(torch.randn(1, 4000), statistics)
+
+
 def test_fp32_training_and_a_group_norm_cnn_in_fp32_inference_keep_the_channel_major_chain():
     for norm in ("group", "layer"):
         module = ConvFeatureEncoder(wavlm_tiny().conv_layers, norm=norm)

@@ -231,12 +231,16 @@ def time_major_conv_chain(
             with torch.autocast("cpu", enabled=False):  # bf16 in and out, fp32 statistics
                 x = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
         x, start = F.gelu(x.unsqueeze(2).contiguous(memory_format=torch.channels_last)), 1
-    for block in blocks[start:]:
-        conv = block.conv
-        x = x.contiguous(memory_format=torch.channels_last)
-        x = F.gelu(
-            block.normalize(F.conv2d(x, conv.weight.unsqueeze(2), conv.bias, stride=(1, conv.stride[0])))
+    for index in range(start, len(blocks)):
+        conv = blocks[index].conv
+        x = F.conv2d(
+            x.contiguous(memory_format=torch.channels_last),
+            conv.weight.unsqueeze(2),
+            conv.bias,
+            stride=(1, conv.stride[0]),
         )
+        statistics = block0_statistics if index == 0 else None  # a LayerNorm block 0 refuses them
+        x = F.gelu(blocks[index].normalize(x, statistics))
     return x.squeeze(2)
 
 
